@@ -1,0 +1,207 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""DToP model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+
+@strict
+class DToPConfig(PreTrainedConfig):
+    r"""
+    Configuration of a DToP segmenter: a plain ViT split into stages by ATM (or FCN) heads, whose auxiliary
+    heads let confident tokens exit early ("Dynamic Token Pruning in Plain Vision Transformers for Semantic
+    Segmentation", Tang et al., ICCV 2023). The defaults give the official ViT-B/16 ADE20K model.
+
+    Backbone (names and meaning as in [`ViTConfig`], so that ViT checkpoints map one to one):
+        hidden_size (`int`, *optional*, defaults to 768): width of the ViT tokens.
+        num_hidden_layers (`int`, *optional*, defaults to 12): number of ViT layers.
+        num_attention_heads (`int`, *optional*, defaults to 12): attention heads per ViT layer.
+        intermediate_size (`int`, *optional*, defaults to 3072): width of the ViT MLP.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`): MLP activation (exact erf GELU, SPEC §1).
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0): dropout on the embeddings and residual branches.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0): dropout on the ViT attention weights.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the truncated-normal initialisation.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6): epsilon of the ViT layer norms.
+        image_size (`int`, *optional*, defaults to 512): side of the square grid the position embeddings are
+            stored for. Other input sizes are served by bicubic resizing of the position embeddings.
+        patch_size (`int`, *optional*, defaults to 16): side of a patch; one token per patch.
+        num_channels (`int`, *optional*, defaults to 3): input channels.
+        qkv_bias (`bool`, *optional*, defaults to `True`): bias in the query/key/value projections.
+        use_cls_token (`bool`, *optional*, defaults to `False`): keep ViT's class token through the layers. The
+            official DToP drops it before the first layer; when kept it never exits and never reaches a head.
+
+    Stages:
+        out_indices (`tuple[int]`, *optional*, defaults to `(5, 7, 11)`): 0-based ViT layers after which a head
+            runs. The last one must be the last layer (the decode head); the others are auxiliary heads, each
+            of which can make tokens exit.
+
+    Heads:
+        head_type (`str`, *optional*, defaults to `"atm"`): `"atm"` (SegViT attention-to-mask head, the official
+            DToP head) or `"fcn"` (SETR-naive per-token classifier).
+        head_hidden_size (`int`, *optional*, defaults to 384): width D of every head.
+        head_num_attention_heads (`int`, *optional*, defaults to 6): attention heads in the ATM decoder layers.
+        head_num_layers (`int`, *optional*, defaults to 3): ATM decoder layers per head.
+        head_intermediate_size (`int`, *optional*): width of the ATM decoder FFN; defaults to `4 * head_hidden_size`.
+        head_dropout (`float`, *optional*, defaults to 0.1): dropout in the ATM decoder layers (training only).
+        head_layer_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the head layer norms.
+
+    Pruning:
+        exit_threshold (`float` or `tuple[float]`, *optional*, defaults to 0.9): a token whose top class score is
+            strictly above this value exits after an auxiliary head. One value for every auxiliary head, or one
+            per auxiliary head. 1.0 switches pruning off (the unpruned baseline). The decode head never prunes.
+        keep_top_k (`int`, *optional*, defaults to 5): per image and per predicted class, the `keep_top_k` most
+            confident exit candidates stay in, to keep context for the hard tokens (SPEC §3).
+
+    Loss (SPEC §4):
+        no_object_weight (`float`, *optional*, defaults to 0.1): class weight of "no object" in the presence loss.
+        mask_focal_weight (`float`, *optional*, defaults to 20.0): weight of the sigmoid focal mask loss.
+        mask_dice_weight (`float`, *optional*, defaults to 1.0): weight of the dice mask loss.
+        focal_alpha (`float`, *optional*, defaults to 0.25): focal loss alpha.
+        focal_gamma (`float`, *optional*, defaults to 2.0): focal loss gamma.
+        stage_loss_weights (`tuple[float]`, *optional*): weight of each head's loss; defaults to 1.0 for all.
+        ignore_pixels_as_negatives (`bool`, *optional*, defaults to `False`): the official code counts ignored
+            pixels as negatives of every mask; by default they are ignored instead.
+        semantic_loss_ignore_index (`int`, *optional*, defaults to 255): label value that is ignored.
+
+    Example:
+
+    ```python
+    >>> from dtop_hf import DToPConfig, DToPForSemanticSegmentation
+
+    >>> config = DToPConfig(num_labels=150)  # ViT-B/16, ADE20K heads, threshold 0.9
+    >>> model = DToPForSemanticSegmentation(config)
+    ```"""
+
+    model_type = "dtop"
+
+    # backbone
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    image_size: int = 512
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    use_cls_token: bool = False
+    # stages
+    out_indices: list[int] | tuple[int, ...] = (5, 7, 11)
+    # heads
+    head_type: str = "atm"
+    head_hidden_size: int = 384
+    head_num_attention_heads: int = 6
+    head_num_layers: int = 3
+    head_intermediate_size: int | None = None
+    head_dropout: float | int = 0.1
+    head_layer_norm_eps: float = 1e-5
+    # pruning
+    exit_threshold: float | int | list[float | int] | tuple[float | int, ...] = 0.9
+    keep_top_k: int = 5
+    # loss
+    no_object_weight: float = 0.1
+    mask_focal_weight: float = 20.0
+    mask_dice_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    stage_loss_weights: list[float] | tuple[float, ...] | None = None
+    ignore_pixels_as_negatives: bool = False
+    semantic_loss_ignore_index: int = 255
+
+    def __post_init__(self, **kwargs):
+        self.out_indices = tuple(int(index) for index in self.out_indices)
+        if isinstance(self.exit_threshold, (list, tuple)):
+            self.exit_threshold = tuple(float(value) for value in self.exit_threshold)
+        else:
+            self.exit_threshold = float(self.exit_threshold)
+        if self.head_intermediate_size is None:
+            self.head_intermediate_size = 4 * self.head_hidden_size
+        if self.stage_loss_weights is not None:
+            self.stage_loss_weights = tuple(float(value) for value in self.stage_loss_weights)
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_stages(self) -> int:
+        """Number of heads (auxiliary heads + the decode head)."""
+        return len(self.out_indices)
+
+    def exit_thresholds_per_head(
+        self, exit_threshold: float | list[float] | tuple[float, ...] | None = None
+    ) -> tuple[float, ...]:
+        """One threshold per head, the decode head's being 1.0 (it never prunes).
+
+        Args:
+            exit_threshold: an override with the same meaning as the config field; `None` uses the config's.
+        """
+        threshold = self.exit_threshold if exit_threshold is None else exit_threshold
+        num_auxiliary = len(self.out_indices) - 1
+        if isinstance(threshold, (list, tuple)):
+            values = tuple(float(value) for value in threshold)
+            if len(values) != num_auxiliary:
+                raise ValueError(
+                    f"Expected one `exit_threshold` value per auxiliary head ({num_auxiliary}), got {list(values)}."
+                )
+        else:
+            values = (float(threshold),) * num_auxiliary
+        if not all(0.0 < value <= 1.0 for value in values):
+            raise ValueError(f"`exit_threshold` must lie in (0, 1] (1.0 = no exit), got {list(values)}.")
+        return values + (1.0,)
+
+    def validate_architecture(self):
+        """Cross-field checks; run at construction and again by `save_pretrained`."""
+        super().validate_architecture()
+        num_layers, indices = self.num_hidden_layers, list(self.out_indices)
+        if not indices or indices != sorted(set(indices)) or indices[0] < 0 or indices[-1] >= num_layers:
+            raise ValueError(
+                f"`out_indices` must be strictly increasing layer indices in [0, {num_layers}), got {indices}."
+            )
+        if indices[-1] != num_layers - 1:
+            raise ValueError(
+                f"The last of `out_indices` is the decode head and must be the last layer ({num_layers - 1}), "
+                f"got {indices}."
+            )
+        self.exit_thresholds_per_head()
+        if self.keep_top_k < 0:
+            raise ValueError(f"`keep_top_k` must be >= 0, got {self.keep_top_k}.")
+        if self.head_type not in ("atm", "fcn"):
+            raise ValueError(f"`head_type` must be 'atm' or 'fcn', got {self.head_type!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.head_hidden_size % self.head_num_attention_heads:
+            raise ValueError(
+                f"`head_hidden_size` ({self.head_hidden_size}) must be divisible by `head_num_attention_heads` "
+                f"({self.head_num_attention_heads})."
+            )
+        for name in ("image_size", "patch_size", "head_num_layers", "hidden_size", "head_hidden_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.stage_loss_weights is not None and len(self.stage_loss_weights) != len(indices):
+            raise ValueError(
+                f"`stage_loss_weights` needs one weight per head ({len(indices)}), got {list(self.stage_loss_weights)}."
+            )
+
+
+__all__ = ["DToPConfig"]

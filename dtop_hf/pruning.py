@@ -1,0 +1,241 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The bookkeeping of dynamic token pruning, as pure tensor functions (no modules, no config).
+
+Vocabulary: `tokens` are the h*w patch tokens of an image in row-major order; a token is *active* while it is
+still in the network; it *exits* after an auxiliary head when its top class score is high enough (SPEC §3);
+the *canvas* holds, per token, the per-class values of the last head that saw it; a *packing* lays the active
+tokens of all images of a batch end to end in one sequence, so that the linear layers only touch active tokens.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+def atm_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Per-token class scores of an ATM head (SPEC §2): presence probability x sigmoid(mask logit).
+
+    Args:
+        class_logits: `(batch, num_labels, 2)`, column 0 = "class present", column 1 = "no object".
+        mask_logits: `(batch, num_labels, tokens)`.
+
+    Returns:
+        `(batch, num_labels, tokens)` scores in [0, 1].
+    """
+    presence = class_logits.softmax(dim=-1)[..., 0:1]  # (batch, num_labels, 1)
+    return presence * mask_logits.sigmoid()
+
+
+def token_confidence(class_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top class score and its class, per token.
+
+    Args:
+        class_scores: `(batch, num_labels, tokens)`.
+
+    Returns:
+        `confidence` `(batch, tokens)` float and `predicted_class` `(batch, tokens)` int64.
+    """
+    confidence, predicted_class = class_scores.max(dim=1)
+    return confidence, predicted_class
+
+
+def select_exiting_tokens(
+    confidence: torch.Tensor,
+    predicted_class: torch.Tensor,
+    active_mask: torch.Tensor,
+    threshold: float,
+    keep_top_k: int,
+) -> torch.Tensor:
+    """Which active tokens exit after an auxiliary head (SPEC §3, steps 2-4).
+
+    A token is a candidate when it is active and its confidence is *strictly* above `threshold` (official code:
+    `>`, so threshold 1.0 never prunes). For every class that is the prediction of at least one candidate of an
+    image, the `keep_top_k` candidates of that class with the highest confidence stay in (they keep context for
+    the hard tokens); every other candidate exits. Equal confidences are broken by token order: the earlier token
+    stays. Everything is per image, so an image's decision never depends on its batch-mates.
+
+    Args:
+        confidence: `(batch, tokens)` float, top class score per token (values of inactive tokens are ignored).
+        predicted_class: `(batch, tokens)` int64, the class of that score.
+        active_mask: `(batch, tokens)` bool, True for tokens still in the network.
+        threshold: exit threshold in (0, 1].
+        keep_top_k: number of candidates kept per (image, class), >= 0.
+
+    Returns:
+        `exit_mask` `(batch, tokens)` bool, True for the tokens that exit after this head.
+    """
+    candidate_mask = active_mask & (confidence > threshold)
+    if keep_top_k == 0:
+        return candidate_mask
+    num_tokens = confidence.shape[1]
+    # Order every image's tokens by (class, confidence descending, token index): two stable sorts. Non-candidates
+    # get confidence -inf and a class past every real one, so they sort last and never count toward a group.
+    sort_confidence = torch.where(candidate_mask, confidence, torch.full_like(confidence, float("-inf")))
+    by_confidence = torch.sort(sort_confidence, dim=1, descending=True, stable=True).indices  # (batch, tokens)
+    sentinel_class = torch.iinfo(torch.int64).max
+    sort_class = torch.where(candidate_mask, predicted_class, torch.full_like(predicted_class, sentinel_class))
+    class_in_confidence_order = sort_class.gather(1, by_confidence)
+    by_class = torch.sort(class_in_confidence_order, dim=1, stable=True).indices
+    order = by_confidence.gather(1, by_class)  # (batch, tokens): token indices grouped by class, best first
+    ordered_class = sort_class.gather(1, order)
+    # Rank inside each class group = position - position of the group's first token.
+    position = torch.arange(num_tokens, device=confidence.device).expand_as(ordered_class)
+    group_starts = torch.ones_like(ordered_class, dtype=torch.bool)
+    group_starts[:, 1:] = ordered_class[:, 1:] != ordered_class[:, :-1]
+    group_first_position = torch.where(group_starts, position, torch.zeros_like(position)).cummax(dim=1).values
+    rank_in_class = position - group_first_position
+    kept_in_order = rank_in_class < keep_top_k
+    kept_mask = torch.zeros_like(candidate_mask).scatter(1, order, kept_in_order)
+    return candidate_mask & ~kept_mask
+
+
+def update_canvas(canvas: torch.Tensor, stage_values: torch.Tensor, active_mask: torch.Tensor) -> torch.Tensor:
+    """Write a head's per-token values into the canvas for the tokens it saw; exited tokens keep theirs.
+
+    Args:
+        canvas: `(batch, num_labels, tokens)`.
+        stage_values: `(batch, num_labels, tokens)` (values of inactive tokens are ignored).
+        active_mask: `(batch, tokens)` bool.
+    """
+    return torch.where(active_mask[:, None, :], stage_values, canvas)
+
+
+def assemble_atm_scores(final_class_logits: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """Final DToP map of an ATM model (SPEC §3): the final head's presence x sigmoid(canvas), for every token.
+
+    Exited tokens keep the mask logits of the head they exited at, but take the *final* head's presence factor,
+    as in the official code.
+    """
+    return atm_class_scores(final_class_logits, canvas)
+
+
+def tokens_to_grid(values: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """`(batch, channels, tokens)` -> `(batch, channels, height, width)`, row-major tokens."""
+    return values.reshape(*values.shape[:-1], *grid_size)
+
+
+@dataclass
+class TokenPacking:
+    """Where the active tokens of a batch sit in the packed sequence and in a padded per-image layout.
+
+    The packed sequence `(total, ...)` holds the active tokens of image 0 in token order, then image 1, ...; the
+    padded layout `(batch, max_count, ...)` is what per-image attention needs. When every image has the same
+    number of active tokens (no pruning yet, or threshold 1.0) the two layouts are the same memory and
+    `is_uniform` is True: no copy and no attention mask are needed.
+
+    Attributes:
+        active_mask: `(batch, tokens)` bool.
+        flat_index: `(total,)` int64, index of each packed token in the flattened `(batch * tokens)` grid.
+        counts: `(batch,)` int64, active tokens per image.
+        max_count: largest entry of `counts` (a Python int: it sizes the padded layout).
+        padded_index: `(total,)` int64, index of each packed token in the flattened `(batch * max_count)` layout.
+        key_padding_mask: `(batch, max_count)` bool, True at real tokens; `None` when `is_uniform`.
+    """
+
+    active_mask: torch.Tensor
+    flat_index: torch.Tensor
+    counts: torch.Tensor
+    max_count: int
+    padded_index: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.active_mask.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.active_mask.shape[1]
+
+    @property
+    def total(self) -> int:
+        return self.flat_index.shape[0]
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.key_padding_mask is None
+
+    def to_padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """`(total, *feature)` -> `(batch, max_count, *feature)`, zeros at padding."""
+        feature_shape = packed.shape[1:]
+        if self.is_uniform:
+            return packed.reshape(self.batch_size, self.max_count, *feature_shape)
+        padded = packed.new_zeros(self.batch_size * self.max_count, *feature_shape)
+        padded = padded.index_copy(0, self.padded_index, packed)
+        return padded.reshape(self.batch_size, self.max_count, *feature_shape)
+
+    def from_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """`(batch, max_count, *feature)` -> `(total, *feature)`."""
+        flat = padded.reshape(self.batch_size * self.max_count, *padded.shape[2:])
+        if self.is_uniform:
+            return flat
+        return flat.index_select(0, self.padded_index)
+
+    def to_grid(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """`(total, *feature)` -> `(batch, tokens, *feature)`, `fill` at inactive tokens."""
+        feature_shape = packed.shape[1:]
+        if self.total == self.batch_size * self.num_tokens:
+            return packed.reshape(self.batch_size, self.num_tokens, *feature_shape)
+        grid = packed.new_full((self.batch_size * self.num_tokens, *feature_shape), fill)
+        grid = grid.index_copy(0, self.flat_index, packed)
+        return grid.reshape(self.batch_size, self.num_tokens, *feature_shape)
+
+    def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """`(batch, tokens, *feature)` -> `(total, *feature)`: the active tokens only."""
+        flat = grid.reshape(self.batch_size * self.num_tokens, *grid.shape[2:])
+        if self.total == self.batch_size * self.num_tokens:
+            return flat
+        return flat.index_select(0, self.flat_index)
+
+    def padded_token_index(self) -> torch.Tensor:
+        """`(batch, max_count)` int64: the grid token index of each padded slot, `tokens` at padding slots."""
+        slot_to_token = torch.full(
+            (self.batch_size * self.max_count,), self.num_tokens, dtype=torch.long, device=self.flat_index.device
+        )
+        token_index = self.flat_index % self.num_tokens
+        slot_to_token = slot_to_token.index_copy(0, self.padded_index, token_index)
+        return slot_to_token.reshape(self.batch_size, self.max_count)
+
+
+def pack_tokens(active_mask: torch.Tensor) -> TokenPacking:
+    """Build the packing of the active tokens (one host sync: the padded length must be a Python int).
+
+    Args:
+        active_mask: `(batch, tokens)` bool.
+    """
+    batch_size, num_tokens = active_mask.shape
+    counts = active_mask.sum(dim=1)
+    max_count = int(counts.max()) if batch_size else 0
+    flat_index = active_mask.reshape(-1).nonzero().squeeze(1)  # (total,), image-major then token order
+    if max_count == num_tokens and bool((counts == num_tokens).all()):
+        return TokenPacking(active_mask, flat_index, counts, max_count, flat_index, None)
+    # Position of every active token inside its image's run: running count of active tokens, minus one.
+    position_in_image = active_mask.long().cumsum(dim=1) - 1  # (batch, tokens)
+    image_index = flat_index // num_tokens
+    padded_index = image_index * max_count + position_in_image.reshape(-1).index_select(0, flat_index)
+    key_padding_mask = torch.arange(max_count, device=active_mask.device)[None, :] < counts[:, None]
+    return TokenPacking(active_mask, flat_index, counts, max_count, padded_index, key_padding_mask)
+
+
+__all__ = [
+    "TokenPacking",
+    "assemble_atm_scores",
+    "atm_class_scores",
+    "pack_tokens",
+    "select_exiting_tokens",
+    "token_confidence",
+    "tokens_to_grid",
+    "update_canvas",
+]
