@@ -44,6 +44,7 @@ from .pruning import (
     tokens_to_grid,
     update_canvas,
 )
+from .vit_weights import from_vit_pretrained
 
 
 logger = logging.get_logger(__name__)
@@ -144,17 +145,19 @@ def eager_attention_forward(
 
 
 def build_attention_mask(packing: TokenPacking, attn_implementation: str | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Key mask for per-image attention on the padded layout: `None` when nothing is padded.
+    """Key mask `(batch, 1, 1, max_count)` for per-image attention on the padded layout; `None` when nothing is
+    padded. sdpa takes it boolean (True = attend), eager and the mask attention additive (0 or the dtype's min).
 
-    sdpa takes a boolean mask `(batch, 1, 1, max_count)`, eager an additive one. An image with no active token
-    left attends to its padding slot 0 (its outputs are never read) so that no row is fully masked: fully
-    masked rows give NaN, and NaN would leak into the gradients.
+    An image with no active token left attends to its padding slot 0 (its outputs are never read) so that no row
+    is fully masked: fully masked rows give NaN, and NaN would leak into the gradients.
     """
     if packing.is_uniform:
         return None
-    key_mask = packing.key_padding_mask.clone()
-    key_mask[:, 0] |= packing.counts == 0
-    key_mask = key_mask[:, None, None, :]  # (batch, 1, 1, max_count)
+    key_mask = packing.key_padding_mask
+    if packing.has_empty_image:
+        key_mask = key_mask.clone()
+        key_mask[:, 0] |= packing.counts == 0
+    key_mask = key_mask[:, None, None, :]
     if attn_implementation == "sdpa":
         return key_mask
     return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(
@@ -355,13 +358,13 @@ class DToPMaskAttention(nn.Module):
         self.attention_dropout = nn.Dropout(config.head_dropout)
 
     def forward(
-        self, queries: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None
+        self, queries: torch.Tensor, memory: torch.Tensor, packing: TokenPacking, key_bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             queries: `(batch, num_labels, dim)`.
             memory: `(batch, max_count, dim)`, the image's active tokens, padded.
-            key_padding_mask: `(batch, max_count)` bool, True at real tokens; `None` when nothing is padded.
+            packing: where the tokens are; `key_bias`: its additive key mask `(batch, 1, 1, max_count)` or `None`.
 
         Returns:
             The updated queries `(batch, num_labels, dim)` and the mask logits `(batch, num_labels, max_count)`.
@@ -373,11 +376,10 @@ class DToPMaskAttention(nn.Module):
         value = self.v(memory).view(batch_size, num_keys, self.num_attention_heads, self.head_dim).transpose(1, 2)
         scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling  # (batch, heads, num_labels, max_count)
         mask_logits = scores.mean(dim=1)  # (batch, num_labels, max_count)
-        if key_padding_mask is not None:
-            scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-        weights = scores.softmax(dim=-1)
-        # An image with no active token left has nothing to attend to: its queries get a zero update.
-        weights = torch.nan_to_num(weights, nan=0.0)
+        weights = (scores if key_bias is None else scores + key_bias).softmax(dim=-1)
+        if packing.has_empty_image:
+            # An image with no active token left has nothing to attend to: its queries get a zero update.
+            weights = weights * (packing.counts > 0).to(weights.dtype)[:, None, None, None]
         weights = self.attention_dropout(weights)
         attended = torch.matmul(weights, value).transpose(1, 2).reshape(batch_size, num_queries, dim)
         return self.proj(attended), mask_logits
@@ -400,10 +402,10 @@ class DToPATMDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.head_dropout)
 
     def forward(
-        self, queries: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None
+        self, queries: torch.Tensor, memory: torch.Tensor, packing: TokenPacking, key_bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         queries = self.norm1(queries + self.dropout(self.self_attn(queries)))
-        attended, mask_logits = self.multihead_attn(queries, memory, key_padding_mask)
+        attended, mask_logits = self.multihead_attn(queries, memory, packing, key_bias)
         queries = self.norm2(queries + self.dropout(attended))
         feed_forward = self.linear2(self.dropout(F.relu(self.linear1(queries))))
         queries = self.norm3(queries + self.dropout(feed_forward))
@@ -428,9 +430,10 @@ class DToPATMHead(nn.Module):
         """`(total, hidden_size)` packed active tokens -> mask logits `(total, num_labels)` and class logits."""
         memory = packing.to_padded(self.proj_norm(self.input_proj(tokens)))  # (batch, max_count, dim)
         queries = self.queries.weight[None].expand(packing.batch_size, -1, -1)  # (batch, num_labels, dim)
+        key_bias = build_attention_mask(packing, "eager", memory.dtype)  # additive, as the scores are explicit
         mask_logits = None
         for layer in self.layers:
-            queries, mask_logits = layer(queries, memory, packing.key_padding_mask)
+            queries, mask_logits = layer(queries, memory, packing, key_bias)
         # Only the last layer's mask logits are used (SPEC §2). (batch, num_labels, max_count) -> (total, num_labels)
         packed_mask_logits = packing.from_padded(mask_logits.transpose(1, 2))
         return DToPHeadOutput(mask_logits=packed_mask_logits, class_logits=self.class_embed(queries))
@@ -470,6 +473,13 @@ class DToPPreTrainedModel(PreTrainedModel):
         auto_map.setdefault("AutoModelForSemanticSegmentation", "modeling_dtop.DToPForSemanticSegmentation")
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_vit_pretrained(cls, vit_name_or_path: str, **kwargs) -> "DToPPreTrainedModel":
+        """Start from any transformers ViT checkpoint (folder or Hub id): backbone weights loaded, position
+        embeddings resized once (bicubic) to `image_size`, new heads. Keyword arguments override DToPConfig fields
+        (e.g. `num_labels=150, image_size=512`); see [`~vit_weights.from_vit_pretrained`]."""
+        return from_vit_pretrained(cls, vit_name_or_path, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -588,7 +598,11 @@ class DToPModel(DToPPreTrainedModel):
         stage = 0
         for layer_index, layer in enumerate(self.layers):
             tokens_per_layer.append(backbone_packing.counts)
-            hidden_states, attn_weights = layer(hidden_states, backbone_packing, attention_mask)
+            if backbone_packing.total == 0:
+                # Every token of every image has exited (possible only with keep_top_k=0): nothing left to run.
+                attn_weights = None
+            else:
+                hidden_states, attn_weights = layer(hidden_states, backbone_packing, attention_mask)
             if output_hidden_states:
                 all_hidden_states += (backbone_packing.to_grid(hidden_states),)
             if output_attentions:

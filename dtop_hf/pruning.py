@@ -141,7 +141,11 @@ class TokenPacking:
         counts: `(batch,)` int64, active tokens per image.
         max_count: largest entry of `counts` (a Python int: it sizes the padded layout).
         padded_index: `(total,)` int64, index of each packed token in the flattened `(batch * max_count)` layout.
+        slot_source: `(batch * max_count,)` int64, the packed row each padded slot is read from. Padding slots
+            repeat a real row (the image's first, or row 0) instead of holding zeros: one gather fills the padded
+            layout with no allocation-and-fill, and the key mask hides the repeats.
         key_padding_mask: `(batch, max_count)` bool, True at real tokens; `None` when `is_uniform`.
+        has_empty_image: True when some image has no active token left.
     """
 
     active_mask: torch.Tensor
@@ -149,7 +153,9 @@ class TokenPacking:
     counts: torch.Tensor
     max_count: int
     padded_index: torch.Tensor
+    slot_source: torch.Tensor
     key_padding_mask: torch.Tensor | None
+    has_empty_image: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -168,13 +174,11 @@ class TokenPacking:
         return self.key_padding_mask is None
 
     def to_padded(self, packed: torch.Tensor) -> torch.Tensor:
-        """`(total, *feature)` -> `(batch, max_count, *feature)`, zeros at padding."""
+        """`(total, *feature)` -> `(batch, max_count, *feature)`; padding slots hold copies of real rows."""
         feature_shape = packed.shape[1:]
-        if self.is_uniform:
-            return packed.reshape(self.batch_size, self.max_count, *feature_shape)
-        padded = packed.new_zeros(self.batch_size * self.max_count, *feature_shape)
-        padded = padded.index_copy(0, self.padded_index, packed)
-        return padded.reshape(self.batch_size, self.max_count, *feature_shape)
+        if not self.is_uniform:
+            packed = packed.index_select(0, self.slot_source)
+        return packed.reshape(self.batch_size, self.max_count, *feature_shape)
 
     def from_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """`(batch, max_count, *feature)` -> `(total, *feature)`."""
@@ -217,16 +221,31 @@ def pack_tokens(active_mask: torch.Tensor) -> TokenPacking:
     """
     batch_size, num_tokens = active_mask.shape
     counts = active_mask.sum(dim=1)
-    max_count = int(counts.max()) if batch_size else 0
+    count_values = counts.tolist()
+    max_count = max(count_values) if batch_size else 0
     flat_index = active_mask.reshape(-1).nonzero().squeeze(1)  # (total,), image-major then token order
-    if max_count == num_tokens and bool((counts == num_tokens).all()):
-        return TokenPacking(active_mask, flat_index, counts, max_count, flat_index, None)
-    # Position of every active token inside its image's run: running count of active tokens, minus one.
-    position_in_image = active_mask.long().cumsum(dim=1) - 1  # (batch, tokens)
+    if min(count_values, default=0) == max_count:
+        # Every image has the same number of active tokens: the packed sequence *is* the padded layout.
+        return TokenPacking(active_mask, flat_index, counts, max_count, flat_index, flat_index, None)
+    device = active_mask.device
+    total = flat_index.shape[0]
+    first_row = counts.cumsum(dim=0) - counts  # (batch,) packed row of each image's first token
+    slot = torch.arange(max_count, device=device)[None, :]  # (1, max_count)
+    key_padding_mask = slot < counts[:, None]  # (batch, max_count)
+    slot_source = (first_row[:, None] + torch.where(key_padding_mask, slot, 0)).clamp(max=max(total - 1, 0))
     image_index = flat_index // num_tokens
-    padded_index = image_index * max_count + position_in_image.reshape(-1).index_select(0, flat_index)
-    key_padding_mask = torch.arange(max_count, device=active_mask.device)[None, :] < counts[:, None]
-    return TokenPacking(active_mask, flat_index, counts, max_count, padded_index, key_padding_mask)
+    position_in_image = torch.arange(total, device=device) - first_row.index_select(0, image_index)
+    padded_index = image_index * max_count + position_in_image
+    return TokenPacking(
+        active_mask,
+        flat_index,
+        counts,
+        max_count,
+        padded_index,
+        slot_source.reshape(-1),
+        key_padding_mask,
+        has_empty_image=min(count_values) == 0,
+    )
 
 
 __all__ = [
