@@ -92,6 +92,31 @@ class DToPImageProcessor(SegformerImageProcessorPil):
         self.crop_size = crop_size or {"height": 512, "width": 512}
         self.stride = stride or {"height": 341, "width": 341}
 
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes: list[tuple[int, int]] | None = None, return_segmentation_scores: bool = False
+    ):
+        """
+        Class-id maps from a DToP output: the 5.23 contract (see Segformer's processor), with the official
+        resizing order. The official code upsamples the grid scores bilinearly to the network input size first and
+        only then to the original image size; two bilinear steps differ from one, so when `target_sizes` are given
+        and the processor resizes to a fixed `size`, the scores go through that size first.
+
+        Args:
+            outputs: a DToP output (or any mapping with `logits` of shape `(batch_size, num_labels, h, w)`).
+            target_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` per image.
+            return_segmentation_scores (`bool`, *optional*, defaults to `False`): also return the resized scores.
+
+        Returns:
+            `list[torch.LongTensor]` of `(height, width)` maps (or `SemanticSegmentationPostProcessorOutput`s).
+        """
+        logits = outputs["logits"]
+        input_size = (self.size.height, self.size.width) if self.do_resize and self.size.height else None
+        if target_sizes is not None and input_size is not None and tuple(logits.shape[-2:]) != input_size:
+            logits = F.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)
+        return super().post_process_semantic_segmentation(
+            ModelOutput(logits=logits), target_sizes=target_sizes, return_segmentation_scores=return_segmentation_scores
+        )
+
     def post_process_exit_map(
         self, outputs, target_sizes: list[tuple[int, int]] | None = None
     ) -> list[torch.Tensor]:
