@@ -124,7 +124,7 @@ class DToPConfig(PreTrainedConfig):
     mask_dice_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    stage_loss_weights: list[float] | tuple[float, ...] | None = None
+    stage_loss_weights: list[float | int] | tuple[float | int, ...] | None = None
     ignore_pixels_as_negatives: bool = False
     semantic_loss_ignore_index: int = 255
 

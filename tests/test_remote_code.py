@@ -1,0 +1,164 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""A saved folder loads with `trust_remote_code=True` where dtop_hf is not installed, and gives the same results."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from dtop_hf import DToPImageProcessor
+
+
+# Runs in a fresh interpreter, outside the repository, with dtop_hf made unimportable; writes a JSON report.
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+
+    # An editable install stays importable even under `python -I`: block the package explicitly.
+    sys.modules["dtop_hf"] = None
+    try:
+        import dtop_hf  # noqa: F401
+        hidden = False
+    except ImportError:
+        hidden = True
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
+
+    torch.set_num_threads(1)
+    folder, reference_path, image_path, report_path = sys.argv[1:5]
+    reference = load_file(reference_path)
+    report = {"dtop_hf_hidden": hidden}
+
+    try:
+        AutoModelForSemanticSegmentation.from_pretrained(folder)
+        report["refused_without_trust"] = False
+    except ValueError as error:
+        report["refused_without_trust"] = "trust_remote_code" in str(error)
+
+    segmenter = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    report["classes"] = [type(item).__name__ for item in (segmenter, base, processor)]
+    report["modules"] = [type(item).__module__ for item in (segmenter, base, processor)]
+
+    pixel_values = processor(images=Image.open(image_path), return_tensors="pt")["pixel_values"]
+    report["pixel_values_equal"] = torch.equal(pixel_values, reference["pixel_values"][:1])
+    with torch.no_grad():
+        outputs = segmenter(reference["pixel_values"])
+        base_outputs = base(reference["pixel_values"])
+        loss = segmenter(reference["pixel_values"], labels=reference["labels"]).loss
+        segmenter.set_attn_implementation("eager")
+        eager_logits = segmenter(reference["pixel_values"]).logits
+    report["logits_equal"] = torch.equal(outputs.logits, reference["logits"])
+    report["exit_stage_equal"] = torch.equal(outputs.exit_stage, reference["exit_stage"])
+    report["tokens_per_layer_equal"] = torch.equal(outputs.tokens_per_layer, reference["tokens_per_layer"])
+    report["base_logits_equal"] = torch.equal(base_outputs.logits, reference["logits"])
+    report["loss_difference"] = float((loss - reference["loss"]).abs())
+    report["eager_difference"] = float((eager_logits - reference["logits"]).abs().max())
+
+    segmentation = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+    results = segmentation(Image.open(image_path))
+    report["pipeline_labels"] = [result["label"] for result in results]
+    report["pipeline_masks"] = [np.array(result["mask"]).tolist() for result in results]
+    with open(report_path, "w") as report_file:
+        json.dump(report, report_file)
+    """
+)
+
+
+def test_saved_folder_runs_as_remote_code_without_the_package(model_tester, exit_thresholds, varied_images, tmp_path):
+    model = model_tester(id2label={index: f"class_{index}" for index in range(5)}).create_model()
+    with torch.no_grad():  # equal presence for all classes, so that the map holds several classes
+        model.dtop.heads[-1].class_embed.weight.zero_()
+        model.dtop.heads[-1].class_embed.bias.zero_()
+    processor = DToPImageProcessor(size={"height": 32, "width": 32})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    pixel_values = torch.cat([processor(images=image, return_tensors="pt")["pixel_values"], varied_images(2)])
+    model.config.exit_threshold = exit_thresholds(model, pixel_values)  # the saved model prunes
+    labels = torch.randint(0, 5, (3, 32, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = model(pixel_values)
+        loss = model(pixel_values, labels=labels).loss
+    assert (outputs.exit_stage < 2).any()
+
+    folder, image_path = tmp_path / "dtop-tiny", tmp_path / "image.png"
+    reference_path, report_path = tmp_path / "reference.safetensors", tmp_path / "report.json"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image.save(image_path)
+    reference = {
+        "pixel_values": pixel_values,
+        "labels": labels,
+        "logits": outputs.logits,
+        "exit_stage": outputs.exit_stage,
+        "tokens_per_layer": outputs.tokens_per_layer,
+        "loss": loss,
+    }
+    save_file({name: value.contiguous() for name, value in reference.items()}, reference_path)
+    saved_files = set(os.listdir(folder))
+    assert {"configuration_dtop.py", "modeling_dtop.py", "pruning.py", "image_processing_dtop.py"} <= saved_files
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_dtop.DToPConfig",
+        "AutoModel": "modeling_dtop.DToPModel",
+        "AutoModelForSemanticSegmentation": "modeling_dtop.DToPForSemanticSegmentation",
+    }
+
+    working_dir = tmp_path / "elsewhere"
+    working_dir.mkdir()
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))
+    }
+    environment.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_SCRIPT, *map(str, (folder, reference_path, image_path, report_path))],
+        cwd=working_dir,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+
+    assert report["dtop_hf_hidden"], "the subprocess could import dtop_hf: the test would prove nothing"
+    assert report["refused_without_trust"]
+    assert report["classes"] == ["DToPForSemanticSegmentation", "DToPModel", "DToPImageProcessor"]
+    assert all(module.startswith("transformers_modules.") for module in report["modules"]), report["modules"]
+    assert report["pixel_values_equal"]
+    assert report["logits_equal"] and report["exit_stage_equal"] and report["tokens_per_layer_equal"]
+    assert report["base_logits_equal"]
+    assert report["loss_difference"] < 1e-6
+    assert report["eager_difference"] < 1e-5
+
+    expected_map = processor.post_process_semantic_segmentation(
+        type(outputs)(logits=outputs.logits[:1]), target_sizes=[(45, 70)]
+    )[0]
+    present = sorted(expected_map.unique().tolist())
+    assert len(present) >= 2
+    assert report["pipeline_labels"] == [f"class_{index}" for index in present]
+    for mask, class_index in zip(report["pipeline_masks"], present, strict=True):
+        assert np.array_equal(np.array(mask) > 0, (expected_map == class_index).numpy())
