@@ -151,8 +151,21 @@ def fcn_stage_loss(
     return F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
 
 
-def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> None:
-    """Raise a clear error for labels outside [0, num_labels) that are not the ignore index."""
+def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> torch.Tensor:
+    """Validate segmentation labels and return them as `(batch, height, width)` int64.
+
+    Raises a clear error for floating-point labels (they would be truncated silently), for shapes other than
+    `(batch, height, width)` or `(batch, 1, height, width)`, and for values outside [0, num_labels) that are not
+    the ignore index.
+    """
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"`labels` must hold integer class ids, got dtype {labels.dtype}.")
+    if labels.ndim == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 3:
+        raise ValueError(
+            f"`labels` must have shape (batch_size, height, width), got {tuple(labels.shape)}."
+        )
     invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
     if bool(invalid.any()):
         bad_values = torch.unique(labels[invalid]).tolist()[:10]
@@ -160,6 +173,7 @@ def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> No
             f"`labels` must hold class ids in [0, {num_labels}) or the ignore index {ignore_index}, got {bad_values}. "
             "If your data set uses 0 for 'unlabelled' (as ADE20K does), reduce the labels (`do_reduce_labels=True`)."
         )
+    return labels.long()
 
 
 __all__ = [

@@ -558,7 +558,6 @@ class DToPModel(DToPPreTrainedModel):
         exit_threshold: float | list[float] | tuple[float, ...] | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        **kwargs,
     ) -> DToPModelOutput:
         r"""
         Args:
@@ -575,6 +574,11 @@ class DToPModel(DToPPreTrainedModel):
         )
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         check_pixel_values(pixel_values, config)
+        if output_attentions and config._attn_implementation != "eager":
+            logger.warning_once(
+                "`output_attentions=True` needs eager attention; attention weights will be None. "
+                "Call `model.set_attn_implementation('eager')` first."
+            )
         thresholds = config.exit_thresholds_per_head(exit_threshold)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
 
@@ -698,7 +702,6 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
         exit_threshold: float | list[float] | tuple[float, ...] | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        **kwargs,
     ) -> DToPSemanticSegmenterOutput:
         r"""
         Args:
@@ -727,7 +730,7 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
         """
         config = self.config
         if labels is not None:
-            check_labels(labels, config.num_labels, config.semantic_loss_ignore_index)
+            labels = check_labels(labels, config.num_labels, config.semantic_loss_ignore_index)
         outputs = self.dtop(
             pixel_values,
             exit_threshold=exit_threshold,

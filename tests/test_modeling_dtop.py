@@ -471,6 +471,31 @@ def test_ignore_index_labels_are_accepted(model_tester, head_type):
     assert torch.isfinite(loss)
 
 
+def test_float_labels_and_bad_label_shapes_raise(model_tester, head_type):
+    model = model_tester(head_type=head_type).create_model()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="integer class ids, got dtype torch.float32"):
+        run(model, pixel_values, labels=torch.full((2, 32, 32), 4.7))
+    with pytest.raises(ValueError, match=r"shape \(batch_size, height, width\), got \(2, 32\)"):
+        run(model, pixel_values, labels=torch.zeros(2, 32, dtype=torch.long))
+
+
+def test_labels_with_a_channel_axis_give_the_same_loss(model_tester, head_type):
+    model = model_tester(head_type=head_type).create_model().eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 5, (2, 32, 32), generator=torch.Generator().manual_seed(1))
+    loss = run(model, pixel_values, labels=labels).loss
+    assert torch.equal(run(model, pixel_values, labels=labels[:, None]).loss, loss)
+
+
+def test_mistyped_keyword_arguments_are_refused(model_tester):
+    model = model_tester().create_model()
+    with pytest.raises(TypeError, match="exit_treshold"):
+        model(torch.randn(1, 3, 32, 32), exit_treshold=0.1)
+    with pytest.raises(TypeError, match="labels"):
+        base_model(model)(torch.randn(1, 3, 32, 32), labels=torch.zeros(1, 32, 32, dtype=torch.long))
+
+
 # --- loss -----------------------------------------------------------------------------------------------------
 
 
