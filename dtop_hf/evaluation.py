@@ -1,0 +1,158 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Distributed-correct evaluation of a DToP model: mIoU, mean GFLOPs per image and exit shares per stage."""
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .flops import count_flops_from_outputs, sliding_window_inference_with_flops, tokens_seen_per_stage
+from .image_processing_dtop import DToPImageProcessor
+from .metrics import StreamingMeanIoU
+
+
+def exits_per_stage(tokens_per_stage: torch.Tensor) -> torch.Tensor:
+    """Tokens finalised by each head from the tokens each head saw: head k finalised `seen[k] - seen[k + 1]`,
+    the decode head everything it saw. `(batch, num_stages)` -> `(batch, num_stages)`."""
+    later = torch.cat([tokens_per_stage[:, 1:], torch.zeros_like(tokens_per_stage[:, :1])], dim=1)
+    return tokens_per_stage - later
+
+
+@torch.no_grad()
+def evaluate_batch(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    image_processor: DToPImageProcessor,
+    exit_threshold: float | list[float] | tuple[float, ...] | None = None,
+    sliding_window: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-image results of one batch (a `collate_segmentation_batch` output), ready to be gathered.
+
+    Returns:
+        `confusion` `(batch, num_labels, num_labels)` int64 (rows = ground truth), `gflops` and
+        `gflops_backbone_and_final_head` `(batch,)` float64, `exits` `(batch, num_stages)` int64 (tokens finalised
+        by each head, summed over windows in sliding-window mode).
+    """
+    config = model.config
+    num_stages = len(config.out_indices)
+    pixel_values = batch["pixel_values"]
+    label_sizes = [tuple(size) for size in batch["label_sizes"].tolist()]
+    if sliding_window:
+        # Images of one batch may differ in size: one image (and its own windows) at a time, padding cropped off.
+        segmentations, flops_parts, seen_parts = [], [], []
+        for index, (height, width) in enumerate(batch["image_sizes"].tolist()):
+            outputs, image_flops = sliding_window_inference_with_flops(
+                image_processor,
+                model,
+                pixel_values[index : index + 1, :, :height, :width],
+                exit_threshold=exit_threshold,
+            )
+            segmentations += image_processor.post_process_semantic_segmentation(
+                outputs, target_sizes=[label_sizes[index]]
+            )
+            flops_parts.append(image_flops)
+            seen_parts.append(outputs.tokens_per_stage)
+        gflops = torch.cat([part.total for part in flops_parts])
+        gflops_paper = torch.cat([part.backbone_and_final_head for part in flops_parts])
+        tokens_per_stage = torch.cat(seen_parts)
+    else:
+        outputs = model(pixel_values, exit_threshold=exit_threshold)
+        flops = count_flops_from_outputs(config, outputs)
+        gflops, gflops_paper = flops.total, flops.backbone_and_final_head
+        tokens_per_stage = tokens_seen_per_stage(outputs.exit_stage, num_stages)
+        segmentations = image_processor.post_process_semantic_segmentation(outputs, target_sizes=label_sizes)
+
+    confusions = []
+    for segmentation, labels, (height, width) in zip(segmentations, batch["labels"], label_sizes):
+        image_metric = StreamingMeanIoU(config.num_labels, ignore_index=config.semantic_loss_ignore_index)
+        image_metric.update(segmentation, labels[:height, :width])
+        confusions.append(image_metric.confusion)
+    device = pixel_values.device
+    return {
+        "confusion": torch.stack(confusions).to(device),
+        "gflops": gflops.to(device),
+        "gflops_backbone_and_final_head": gflops_paper.to(device),
+        "exits": exits_per_stage(tokens_per_stage).to(device),
+    }
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    dataloader: torch.utils.data.DataLoader,
+    accelerator: Accelerator,
+    exit_threshold: float | list[float] | tuple[float, ...] | None = None,
+    sliding_window: bool = False,
+    image_processor: DToPImageProcessor | None = None,
+    max_batches: int | None = None,
+) -> dict:
+    """Evaluate a DToP model on a data loader prepared by `accelerator`, in one or many processes.
+
+    Every process runs its shard; per-image confusion matrices, GFLOPs and exit counts are gathered with
+    `accelerator.gather_for_metrics`, which drops the samples Accelerate repeats to even out the last batch, then
+    summed. The result is the same with any number of processes.
+
+    Args:
+        model: a DToP segmentation model, wrapped by `accelerator.prepare` or not.
+        dataloader: batches from `collate_segmentation_batch`, with label maps at their original size.
+        accelerator: the `Accelerator` that prepared `dataloader`.
+        exit_threshold: per-call threshold override (1.0 = unpruned); `None` uses the model config's.
+        sliding_window: run the official test mode (`DToPImageProcessor.sliding_window_inference`, windows of the
+            processor's `crop_size` and `stride`) on images resized with kept ratio; otherwise one forward per
+            batch of images resized to the processor's `size`.
+        image_processor: its `post_process_semantic_segmentation` and sliding-window settings are used;
+            defaults to `DToPImageProcessor()`.
+        max_batches: stop after this many batches per process (quick checks); `None` = the whole data loader.
+
+    Returns:
+        A dict with `mean_iou`, `mean_accuracy`, `overall_accuracy` (fractions), `per_category_iou` (list, NaN for
+        classes absent from labels and predictions), `gflops` (mean per image, every head included),
+        `gflops_backbone_and_final_head` (mean, the paper's figure), `exit_share` (list: share of tokens
+        finalised by each head, decode head last) and `num_images`.
+    """
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    image_processor = image_processor or DToPImageProcessor()
+    config = model.config
+    metric = StreamingMeanIoU(config.num_labels, ignore_index=config.semantic_loss_ignore_index)
+    gflops_sum, gflops_paper_sum, num_images = 0.0, 0.0, 0
+    exit_counts = torch.zeros(len(config.out_indices), dtype=torch.long)
+    progress = tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False)
+    for batch_index, batch in enumerate(progress):
+        if max_batches is not None and batch_index >= max_batches:
+            break
+        results = evaluate_batch(model, batch, image_processor, exit_threshold, sliding_window)
+        results = accelerator.gather_for_metrics(results)
+        metric.merge(results["confusion"].sum(dim=0).cpu())
+        gflops_sum += float(results["gflops"].sum())
+        gflops_paper_sum += float(results["gflops_backbone_and_final_head"].sum())
+        exit_counts += results["exits"].sum(dim=0).cpu()
+        num_images += len(results["gflops"])
+    if was_training:
+        model.train()
+    scores = metric.compute()
+    return {
+        "mean_iou": scores["mean_iou"],
+        "mean_accuracy": scores["mean_accuracy"],
+        "overall_accuracy": scores["overall_accuracy"],
+        "per_category_iou": scores["per_category_iou"],
+        "gflops": gflops_sum / max(num_images, 1),
+        "gflops_backbone_and_final_head": gflops_paper_sum / max(num_images, 1),
+        "exit_share": (exit_counts.double() / max(int(exit_counts.sum()), 1)).tolist(),
+        "num_images": num_images,
+    }
+
+
+__all__ = ["evaluate_batch", "evaluate_model", "exits_per_stage"]
