@@ -1,0 +1,169 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tests for exit-threshold calibration: the pure choice, the bisection, a calibrated tiny model saved and reloaded."""
+
+import json
+import math
+from functools import partial
+
+import pytest
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor
+from dtop_hf.calibration import (
+    calibrate_threshold,
+    check_thresholds,
+    choose_threshold,
+    refinement_bracket,
+    save_calibrated_model,
+)
+from dtop_hf.data import SegmentationDataset, SegmentationEvalTransform, collate_segmentation_batch
+from dtop_hf.evaluation import evaluate_model
+from dtop_hf.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
+
+
+def sweep(*rows: tuple[float, float, float]) -> list[dict]:
+    """Results from (threshold, mIoU, GFLOPs) rows; a second cost field shows `gflops_key` at work."""
+    return [
+        {"exit_threshold": threshold, "mean_iou": miou, "gflops": gflops, "gflops_backbone_and_final_head": gflops - 5}
+        for threshold, miou, gflops in rows
+    ]
+
+
+RESULTS = sweep((1.0, 0.500, 114.5), (0.95, 0.502, 91.8), (0.9, 0.497, 88.6), (0.8, 0.490, 82.8), (0.6, 0.468, 75.2))
+
+
+def test_budget_picks_best_miou_within_it():
+    assert choose_threshold(RESULTS, target_gflops=95.0)["exit_threshold"] == 0.95
+    assert choose_threshold(RESULTS, target_gflops=90.0)["exit_threshold"] == 0.9
+    assert choose_threshold(RESULTS, target_gflops=200.0)["exit_threshold"] == 0.95  # better than the baseline
+    # The paper's convention (no auxiliary heads) is 5 GFLOPs cheaper here: 0.8 fits 78, with all heads it does not.
+    assert (
+        choose_threshold(RESULTS, target_gflops=78.0, gflops_key="gflops_backbone_and_final_head")["exit_threshold"]
+        == 0.8
+    )
+    assert choose_threshold(RESULTS, target_gflops=78.0)["exit_threshold"] == 0.6
+
+
+def test_miou_drop_picks_largest_saving_within_it():
+    assert choose_threshold(RESULTS, max_miou_drop=0.005)["exit_threshold"] == 0.9
+    assert choose_threshold(RESULTS, max_miou_drop=0.0)["exit_threshold"] == 0.95
+    assert choose_threshold(RESULTS, max_miou_drop=0.01)["exit_threshold"] == 0.8
+    assert choose_threshold(RESULTS, max_miou_drop=1.0)["exit_threshold"] == 0.6
+
+
+def test_nan_miou_never_meets_a_drop_limit():
+    results = RESULTS + sweep((0.5, float("nan"), 60.0))
+    assert choose_threshold(results, max_miou_drop=1.0)["exit_threshold"] == 0.6
+    assert choose_threshold(results, target_gflops=65.0)["exit_threshold"] == 0.5  # the only one in budget
+
+
+def test_choice_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_threshold(RESULTS)
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_threshold(RESULTS, target_gflops=90.0, max_miou_drop=0.01)
+    with pytest.raises(ValueError, match="cheapest"):
+        choose_threshold(RESULTS, target_gflops=50.0)
+    with pytest.raises(ValueError, match="exit_threshold=1.0"):
+        choose_threshold(RESULTS[1:], max_miou_drop=0.01)
+    with pytest.raises(ValueError, match="empty"):
+        choose_threshold([], target_gflops=90.0)
+    with pytest.raises(ValueError, match="target_gflops"):
+        choose_threshold(RESULTS, target_gflops=-1.0)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        check_thresholds([1.0, 1.5])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        check_thresholds([0.0])
+    with pytest.raises(ValueError, match="empty"):
+        check_thresholds([])
+
+
+def test_refinement_bracket_faces_the_side_of_more_saving():
+    chosen = RESULTS[2]  # 0.9
+    assert refinement_bracket(RESULTS, chosen, target_gflops=90.0) == (0.9, 0.95)
+    assert refinement_bracket(RESULTS, chosen, target_gflops=None) == (0.8, 0.9)
+    assert refinement_bracket(RESULTS, RESULTS[0], target_gflops=120.0) is None
+
+
+def smooth_tradeoff(threshold: float, calls: list[float]) -> dict:
+    """A model whose mIoU starts dropping below threshold 0.9 and whose cost falls linearly."""
+    calls.append(threshold)
+    return {"mean_iou": 0.5 - 0.5 * max(0.0, 0.9 - threshold), "gflops": 20.0 + 80.0 * threshold}
+
+
+def test_bisection_moves_to_the_boundary_of_the_constraint():
+    calls = []
+    chosen, results = calibrate_threshold(
+        partial(smooth_tradeoff, calls=calls), [0.95, 0.9, 0.8, 0.7], max_miou_drop=0.01, num_refinements=4
+    )
+    # Baseline added; the boundary (drop 0.01 at threshold 0.88) lies between 0.8 and 0.9: bisected 4 times.
+    assert calls[:5] == [1.0, 0.95, 0.9, 0.8, 0.7]
+    assert len(calls) == 9 and all(0.8 < threshold < 0.9 for threshold in calls[5:])
+    assert 0.875 <= chosen["exit_threshold"] < 0.9
+    assert 0.5 - chosen["mean_iou"] <= 0.01
+    assert [result["exit_threshold"] for result in results] == sorted(calls, reverse=True)
+
+    calls.clear()
+    chosen, _ = calibrate_threshold(partial(smooth_tradeoff, calls=calls), [0.9, 0.8, 0.7], target_gflops=90.0)
+    # 20 + 80 t <= 90 <=> t <= 0.875: the best mIoU within the budget is found between 0.8 and 0.9.
+    assert 0.85 <= chosen["exit_threshold"] <= 0.875 and chosen["gflops"] <= 90.0
+    assert 1.0 not in calls  # a budget needs no baseline
+
+
+@pytest.fixture
+def tiny_setup(model_tester):
+    """A tiny random model with spread-out confidences, 3 synthetic images and a one-process Accelerator."""
+    id2label = dict(SYNTHETIC_ID2LABEL)
+    # initializer_range 0.5: random heads with confident, varied predictions, so that thresholds matter.
+    tester = model_tester(num_labels=len(id2label), id2label=id2label, exit_threshold=1.0, initializer_range=0.5)
+    model = tester.create_model()
+    config = model.config
+    processor = DToPImageProcessor(size={"height": 32, "width": 32}, do_reduce_labels=True)
+    dataset = SegmentationDataset(
+        make_synthetic_scenes(3, image_size=32, seed=0, split="validation"),
+        SegmentationEvalTransform(processor),
+        config.num_labels,
+        do_reduce_labels=True,
+    )
+    dataloader = DataLoader(dataset, batch_size=2, collate_fn=collate_segmentation_batch)
+    accelerator = Accelerator(cpu=True)
+    return model, processor, accelerator.prepare(dataloader), accelerator
+
+
+def test_calibrates_a_tiny_model_and_ships_the_threshold(tiny_setup, tmp_path):
+    model, processor, dataloader, accelerator = tiny_setup
+    evaluate = partial(evaluate_model, model, dataloader, accelerator, image_processor=processor)
+    baseline, cheapest = evaluate(exit_threshold=1.0)["gflops"], evaluate(exit_threshold=0.3)["gflops"]
+    assert cheapest < 0.9 * baseline  # pruning really saves here, so a budget in between is meaningful
+    target = (baseline + cheapest) / 2
+    chosen, results = calibrate_threshold(evaluate, [1.0, 0.9, 0.7, 0.5, 0.3], target_gflops=target, num_refinements=2)
+    assert chosen["gflops"] <= target
+    assert len(results) >= 5
+    within_budget = [result for result in results if result["gflops"] <= target]
+    assert chosen["mean_iou"] == max(result["mean_iou"] for result in within_budget)
+
+    folder = save_calibrated_model(model, processor, tmp_path / "calibrated", chosen)
+    assert model.config.exit_threshold == 1.0  # the model in memory is untouched
+    reloaded = DToPForSemanticSegmentation.from_pretrained(folder).eval()
+    assert reloaded.config.exit_threshold == chosen["exit_threshold"]
+    assert DToPImageProcessor.from_pretrained(folder).do_reduce_labels
+    # The shipped model, run with its own config, costs what the calibration measured.
+    shipped = evaluate_model(reloaded, dataloader, accelerator, image_processor=processor)
+    assert shipped["gflops"] == pytest.approx(chosen["gflops"], rel=1e-12)
+    assert shipped["mean_iou"] == pytest.approx(chosen["mean_iou"], rel=1e-12)
+    saved = json.loads((folder / "calibration.json").read_text())
+    assert saved["exit_threshold"] == chosen["exit_threshold"]
+    assert all(value is None or math.isfinite(value) for value in saved["per_category_iou"])
