@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
 from .configuration_dtop import DToPConfig
+from .flops import DToPFlops, count_flops, count_flops_from_outputs
 from .image_processing_dtop import DToPImageProcessor, DToPSlidingWindowOutput
 from .modeling_dtop import (
     DToPForSemanticSegmentation,
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DToPConfig",
+    "DToPFlops",
     "DToPForSemanticSegmentation",
     "DToPImageProcessor",
     "DToPModel",
@@ -56,4 +58,6 @@ __all__ = [
     "DToPPreTrainedModel",
     "DToPSemanticSegmenterOutput",
     "DToPSlidingWindowOutput",
+    "count_flops",
+    "count_flops_from_outputs",
 ]

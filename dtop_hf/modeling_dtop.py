@@ -430,6 +430,10 @@ class DToPATMHead(nn.Module):
         """`(total, hidden_size)` packed active tokens -> mask logits `(total, num_labels)` and class logits."""
         memory = packing.to_padded(self.proj_norm(self.input_proj(tokens)))  # (batch, max_count, dim)
         queries = self.queries.weight[None].expand(packing.batch_size, -1, -1)  # (batch, num_labels, dim)
+        if not torch.is_grad_enabled():
+            # An expanded parameter keeps requires_grad under no_grad; detach so inference graphs hold no autograd
+            # state (FlopCounterMode's module tracker trips on it otherwise).
+            queries = queries.detach()
         key_bias = build_attention_mask(packing, "eager", memory.dtype)  # additive, as the scores are explicit
         mask_logits = None
         for layer in self.layers:
