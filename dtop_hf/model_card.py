@@ -21,7 +21,9 @@ from .configuration_dtop import DToPConfig
 
 
 # The template sits at the root of the dtop-hf repository, beside the package.
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
+# `dtop_hf/MODEL_CARD.md` links to the repository's root `MODEL_CARD.md` and is installed as package data, so the
+# template is found in editable and regular installs alike.
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "MODEL_CARD.md"
 PLACEHOLDER_PATTERN = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -99,7 +101,7 @@ def write_model_card(
         description: a paragraph on where these weights come from.
         training_recipe: how these weights were trained (after the official recipe's paragraph).
         mean_iou, gflops: this checkpoint's figures for the evaluation table (fraction in [0, 1]; GFLOPs per image).
-        template_path: defaults to `MODEL_CARD.md` at the root of the dtop-hf repository.
+        template_path: defaults to the `MODEL_CARD.md` template shipped with dtop-hf.
 
     Returns:
         The path of the written `README.md`.
