@@ -34,6 +34,7 @@ range or whose label map does not match the image size. [`SegmentationDataset`] 
 for data sets that were not checked.
 """
 
+import argparse
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -263,6 +264,95 @@ def load_segmentation_dataset(
             '(`{"0": "wall", ...}`, ids after label reduction), or put `id2label.json` in the data folder.'
         )
     return dataset, id2label
+
+
+def add_dataset_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    dataset_name_default: str | None = None,
+    do_reduce_labels_default: bool | None = True,
+    seed_flag: str = "--data_seed",
+) -> None:
+    """Add the data-set flags the example scripts share to `parser` (or an argument group).
+
+    Args:
+        parser: where the flags go.
+        dataset_name_default: `--dataset_name` when not given (`None` and `"builtin"` both mean the synthetic scenes).
+        do_reduce_labels_default: `--do_reduce_labels` when not given; `None` leaves the choice to the caller (for
+            instance the image processor's setting).
+        seed_flag: the flag of the data seed (built-in data set, drawn validation split); whatever its name, the
+            value lands in `args.data_seed`, which [`load_dataset_from_arguments`] reads.
+    """
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=dataset_name_default,
+        help="Hub data set, local folder, or none / 'builtin' for the synthetic scenes.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Configuration of the Hub data set.")
+    parser.add_argument(
+        "--id2label", type=str, default=None, help="Json file of class names (ids after label reduction)."
+    )
+    parser.add_argument(
+        "--image_column_name", type=str, default=None, help="Image column, when not image/pixel_values/img."
+    )
+    parser.add_argument(
+        "--label_column_name", type=str, default=None, help="Label-map column, when not annotation/label/..."
+    )
+    parser.add_argument(
+        "--validation_split_percentage",
+        type=float,
+        default=15.0,
+        help="Share of train held out when there is no validation split.",
+    )
+    reduce_default = "; default: the image processor's setting." if do_reduce_labels_default is None else "."
+    parser.add_argument(
+        "--do_reduce_labels",
+        action=argparse.BooleanOptionalAction,
+        default=do_reduce_labels_default,
+        help="Label 0 = unlabelled (ADE20K and the built-in set): 0 -> 255, k -> k-1" + reduce_default,
+    )
+    parser.add_argument("--skip_data_check", action="store_true", help="Do not decode and check every sample first.")
+    parser.add_argument(
+        "--synthetic_validation_samples", type=int, default=200, help="Validation images of the built-in data set."
+    )
+    parser.add_argument(
+        "--synthetic_image_size", type=int, default=128, help="Side of the built-in data set's images."
+    )
+    parser.add_argument(
+        seed_flag,
+        dest="data_seed",
+        metavar=seed_flag.lstrip("-").upper(),
+        type=int,
+        default=0,
+        help="Seed of the built-in data set and of a validation split drawn from train.",
+    )
+    parser.add_argument(
+        "--cache_dir", type=str, default=None, help="Cache of Hub data sets and of the generated built-in data set."
+    )
+    parser.add_argument(
+        "--max_eval_samples", type=int, default=None, help="Use only the first N samples of the evaluated split."
+    )
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
+
+
+def load_dataset_from_arguments(
+    args: argparse.Namespace, num_train_samples: int, num_validation_samples: int
+) -> tuple[datasets.DatasetDict, dict[int, str]]:
+    """[`load_segmentation_dataset`] with the flags of [`add_dataset_arguments`]; the sample counts (of the
+    built-in data set) are the caller's, as each script caps them by its own limits."""
+    return load_segmentation_dataset(
+        args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        id2label_file=args.id2label,
+        image_column=args.image_column_name,
+        annotation_column=args.label_column_name,
+        validation_split_percentage=args.validation_split_percentage,
+        num_train_samples=num_train_samples,
+        num_validation_samples=num_validation_samples,
+        image_size=args.synthetic_image_size,
+        seed=args.data_seed,
+        cache_dir=args.cache_dir,
+    )
 
 
 def builtin_dataset(
@@ -557,6 +647,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
         }
 
 
+def build_eval_dataset(
+    split: datasets.Dataset,
+    image_processor: DToPImageProcessor,
+    num_labels: int,
+    sliding_window: bool,
+    split_name: str = "validation",
+) -> SegmentationDataset:
+    """Evaluation samples: images resized as the processor's `size` says (whole image) or with the shorter side at
+    its `crop_size` and the longer at most 4x that (sliding window, the official test mode); label maps at their
+    original size, reduced when the processor's `do_reduce_labels` is set."""
+    crop = image_processor.crop_size["height"]
+    eval_size = {"shortest_edge": crop, "longest_edge": 4 * crop} if sliding_window else None
+    transform = SegmentationEvalTransform(image_processor, eval_size)
+    return SegmentationDataset(split, transform, num_labels, image_processor.do_reduce_labels, split_name=split_name)
+
+
 def collate_segmentation_batch(
     samples: list[dict[str, torch.Tensor]], ignore_index: int = 255
 ) -> dict[str, torch.Tensor]:
@@ -590,11 +696,14 @@ __all__ = [
     "SegmentationEvalTransform",
     "SegmentationTrainTransform",
     "SplitCheckReport",
+    "add_dataset_arguments",
+    "build_eval_dataset",
     "check_segmentation_split",
     "collate_segmentation_batch",
     "ensure_validation_split",
     "label_map_problem",
     "labels_out_of_range",
+    "load_dataset_from_arguments",
     "load_segmentation_dataset",
     "read_id2label",
     "reduce_labels",

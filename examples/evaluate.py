@@ -50,10 +50,11 @@ from dtop_hf import DToPConfig, DToPImageProcessor
 from dtop_hf.calibration import calibrate_threshold, check_thresholds, json_ready, save_calibrated_model
 from dtop_hf.data import (
     SegmentationDataset,
-    SegmentationEvalTransform,
+    add_dataset_arguments,
+    build_eval_dataset,
     check_segmentation_split,
     collate_segmentation_batch,
-    load_segmentation_dataset,
+    load_dataset_from_arguments,
 )
 from dtop_hf.evaluation import evaluate_model
 from dtop_hf.visualization import default_stage_names, make_palette, side_by_side, stack_vertically
@@ -78,13 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sweep DToP exit thresholds: mIoU, GFLOPs, exits, time; calibrate.")
     parser.add_argument("--model", type=str, required=True, help="DToP model folder or Hub id.")
     data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset_name",
-        type=str,
-        default="builtin",
-        help="Hub data set, local folder, or 'builtin' (synthetic scenes).",
-    )
-    data.add_argument("--dataset_config_name", type=str, default=None, help="Configuration of the Hub data set.")
+    add_dataset_arguments(data, dataset_name_default="builtin", do_reduce_labels_default=None, seed_flag="--seed")
     data.add_argument(
         "--split",
         type=str,
@@ -92,41 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["validation", "train"],
         help="Split to evaluate (and calibrate on).",
     )
-    data.add_argument(
-        "--id2label", type=str, default=None, help="Json file of class names (ids after label reduction)."
-    )
-    data.add_argument(
-        "--image_column_name", type=str, default=None, help="Image column, when not image/pixel_values/img."
-    )
-    data.add_argument(
-        "--label_column_name", type=str, default=None, help="Label-map column, when not annotation/label/..."
-    )
-    data.add_argument(
-        "--validation_split_percentage",
-        type=float,
-        default=15.0,
-        help="Share of train held out when there is no validation split.",
-    )
-    data.add_argument(
-        "--do_reduce_labels",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Label 0 = unlabelled (ADE20K, built-in): 0 -> 255, k -> k-1; default: the image processor's setting.",
-    )
-    data.add_argument(
-        "--synthetic_validation_samples", type=int, default=200, help="Validation images of the built-in data set."
-    )
-    data.add_argument("--synthetic_image_size", type=int, default=128, help="Side of the built-in data set's images.")
-    data.add_argument(
-        "--seed", type=int, default=0, help="Seed of the built-in data set and of a drawn validation split."
-    )
-    data.add_argument(
-        "--cache_dir", type=str, default=None, help="Cache of Hub data sets and of the generated built-in data set."
-    )
-    data.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate only the first N samples.")
-    data.add_argument("--skip_data_check", action="store_true", help="Do not decode and check every sample first.")
     data.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Images per forward pass and process.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
 
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument(
@@ -242,18 +203,10 @@ def load_eval_split(
     if args.max_eval_samples is not None:
         num_validation = min(num_validation, args.max_eval_samples)
     with accelerator.main_process_first():
-        dataset, id2label = load_segmentation_dataset(
-            args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            id2label_file=args.id2label,
-            image_column=args.image_column_name,
-            annotation_column=args.label_column_name,
-            validation_split_percentage=args.validation_split_percentage,
+        dataset, id2label = load_dataset_from_arguments(
+            args,
             num_train_samples=1 if args.split == "validation" else num_validation,
             num_validation_samples=num_validation,
-            image_size=args.synthetic_image_size,
-            seed=args.seed,
-            cache_dir=args.cache_dir,
         )
     check_label_spaces(model_config, id2label, args.dataset_name)
     split = dataset[args.split]
@@ -269,17 +222,6 @@ def load_eval_split(
             "skipped as unreadable or unlabelled): nothing to evaluate."
         )
     return split, id2label
-
-
-def build_eval_dataset(
-    split: datasets.Dataset, image_processor: DToPImageProcessor, num_labels: int, sliding_window: bool
-) -> SegmentationDataset:
-    """Images resized as the processor says (whole image) or with the shorter side at the crop size (sliding
-    window, as the official test mode); label maps at their original size."""
-    crop = image_processor.crop_size["height"]
-    eval_size = {"shortest_edge": crop, "longest_edge": 4 * crop} if sliding_window else None
-    transform = SegmentationEvalTransform(image_processor, eval_size)
-    return SegmentationDataset(split, transform, num_labels, image_processor.do_reduce_labels, split_name="eval")
 
 
 class ForwardTimer:
@@ -497,7 +439,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, image_processor = load_model_and_processor(args, accelerator.device)
     config = model.config
     split, id2label = load_eval_split(args, config, image_processor.do_reduce_labels, accelerator)
-    eval_dataset = build_eval_dataset(split, image_processor, config.num_labels, args.sliding_window)
+    eval_dataset = build_eval_dataset(
+        split, image_processor, config.num_labels, args.sliding_window, split_name="eval"
+    )
     dataloader = DataLoader(
         eval_dataset,
         batch_size=args.per_device_eval_batch_size,

@@ -60,11 +60,12 @@ from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPImageProcessor
 from dtop_hf.data import (
     BUILTIN_NAMES,
     SegmentationDataset,
-    SegmentationEvalTransform,
     SegmentationTrainTransform,
+    add_dataset_arguments,
+    build_eval_dataset,
     check_segmentation_split,
     collate_segmentation_batch,
-    load_segmentation_dataset,
+    load_dataset_from_arguments,
 )
 from dtop_hf.evaluation import evaluate_model
 from dtop_hf.training import (
@@ -107,55 +108,11 @@ def parse_checkpointing_steps(text: str) -> int | str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a DToP segmenter (base or pruning fine-tune) with Accelerate.")
     data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="Hub data set, local folder, or none / 'builtin' for the synthetic scenes.",
-    )
-    data.add_argument("--dataset_config_name", type=str, default=None, help="Configuration of the Hub data set.")
-    data.add_argument(
-        "--id2label", type=str, default=None, help="Json file of class names (ids after label reduction)."
-    )
-    data.add_argument(
-        "--image_column_name", type=str, default=None, help="Image column, when not image/pixel_values/img."
-    )
-    data.add_argument(
-        "--label_column_name", type=str, default=None, help="Label-map column, when not annotation/label/..."
-    )
-    data.add_argument(
-        "--validation_split_percentage",
-        type=float,
-        default=15.0,
-        help="Share of train held out when there is no validation split.",
-    )
-    data.add_argument(
-        "--do_reduce_labels",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Label 0 = unlabelled (ADE20K and the built-in set): 0 -> 255, k -> k-1.",
-    )
-    data.add_argument(
-        "--skip_data_check", action="store_true", help="Do not decode and check every sample before training."
-    )
+    add_dataset_arguments(data)
     data.add_argument(
         "--synthetic_train_samples", type=int, default=1000, help="Training images of the built-in data set."
     )
-    data.add_argument(
-        "--synthetic_validation_samples", type=int, default=200, help="Validation images of the built-in data set."
-    )
-    data.add_argument("--synthetic_image_size", type=int, default=128, help="Side of the built-in data set's images.")
-    data.add_argument(
-        "--data_seed",
-        type=int,
-        default=0,
-        help="Seed of the built-in data set and of a validation split drawn from train.",
-    )
-    data.add_argument(
-        "--cache_dir", type=str, default=None, help="Cache of Hub data sets and of the generated built-in data set."
-    )
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training samples.")
-    data.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N validation samples.")
     data.add_argument(
         "--crop_size",
         type=int,
@@ -181,7 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Evaluate in the official test mode (shorter side = crop, sliding windows).",
     )
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -245,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
-        help="Passed to Accelerate; default: its launch config.",
+        help="Passed to Accelerate, for training (evaluation runs in float32); default: its launch config.",
     )
     training.add_argument("--seed", type=int, default=42, help="Seed of weights, data order and augmentation.")
     training.add_argument(
@@ -366,19 +322,7 @@ def load_checked_splits(args: argparse.Namespace, accelerator: Accelerator):
         num_train = min(num_train, args.max_train_samples)  # no need to generate what is not used
     if args.max_eval_samples is not None:
         num_validation = min(num_validation, args.max_eval_samples)
-    dataset, id2label = load_segmentation_dataset(
-        args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        id2label_file=args.id2label,
-        image_column=args.image_column_name,
-        annotation_column=args.label_column_name,
-        validation_split_percentage=args.validation_split_percentage,
-        num_train_samples=num_train,
-        num_validation_samples=num_validation,
-        image_size=args.synthetic_image_size,
-        seed=args.data_seed,
-        cache_dir=args.cache_dir,
-    )
+    dataset, id2label = load_dataset_from_arguments(args, num_train, num_validation)
     splits = {}
     for split_name, max_samples in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         split = dataset[split_name]
@@ -420,15 +364,8 @@ def build_dataloaders(
         split_name="train",
         seed=args.seed,
     )
-    eval_size = {"shortest_edge": crop_size, "longest_edge": 4 * crop_size} if args.sliding_window else None
-    eval_dataset = SegmentationDataset(
-        splits["validation"],
-        SegmentationEvalTransform(image_processor, eval_size),
-        num_labels,
-        args.do_reduce_labels,
-        split_name="validation",
-        seed=args.seed,
-    )
+    # The processor's crop size is `crop_size` and its `do_reduce_labels` is `--do_reduce_labels` (`load_model`).
+    eval_dataset = build_eval_dataset(splits["validation"], image_processor, num_labels, args.sliding_window)
     collate = partial(collate_segmentation_batch, ignore_index=ignore_index)
     common = {"collate_fn": collate, "num_workers": args.dataloader_num_workers}
     train_dataloader = DataLoader(
