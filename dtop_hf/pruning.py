@@ -224,7 +224,7 @@ def pack_tokens(active_mask: torch.Tensor) -> TokenPacking:
     count_values = counts.tolist()
     max_count = max(count_values) if batch_size else 0
     flat_index = active_mask.reshape(-1).nonzero().squeeze(1)  # (total,), image-major then token order
-    if min(count_values, default=0) == max_count:
+    if (min(count_values) if count_values else 0) == max_count:
         # Every image has the same number of active tokens: the packed sequence *is* the padded layout.
         return TokenPacking(active_mask, flat_index, counts, max_count, flat_index, flat_index, None)
     device = active_mask.device
