@@ -1,0 +1,144 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The README's two set-up commands: the main job (examples/quickstart.py, run end to end at its tiny CI size) and
+the test command (the one `.ci/run` runs)."""
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import pipeline
+
+from dtop_hf import DToPConfig
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
+INSTALL_PREFIX = "pip install torch==2.13.0 && "
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_example", REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def readme_setup_commands() -> list[str]:
+    """The README's set-up commands: the lines that install the pinned torch first, in order of appearance."""
+    return [line.strip() for line in README.read_text(encoding="utf-8").splitlines() if line.startswith(INSTALL_PREFIX)]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
+    commands = readme_setup_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = (command.split(" && ") for command in commands)
+    assert main_job[1] == 'pip install -e ".[train]"' and main_job[-1].startswith("python examples/quickstart.py")
+    assert tests[1] == 'pip install -e ".[dev]"'
+    ci_commands = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci_commands[-1] == tests[-1], "the README's test command must be the one .ci/run runs"
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """The README's main-job command (its last part: the installs are the environment's) at the tiny CI size."""
+    output_dir = tmp_path_factory.mktemp("quickstart")
+    command = shlex.split(readme_setup_commands()[0].split(" && ")[-1])
+    assert command[0] == "python"
+    env = {**os.environ, "DTOP_QUICKSTART_TINY": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    completed = subprocess.run(
+        [sys.executable, *command[1:], "--output_dir", str(output_dir)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-5000:]
+    return output_dir, completed.stdout
+
+
+def test_quickstart_prints_the_sweep_table_and_where_everything_went(quickstart_run):
+    output_dir, stdout = quickstart_run
+    assert "DToP quick start (tiny size)" in stdout
+    results = json.loads((output_dir / "evaluation" / "results.json").read_text())
+    thresholds = [result["exit_threshold"] for result in results["results"]]
+    assert sorted(thresholds, reverse=True) == [1.0, 0.5]
+    # The final table (after the "done" line) has one row per threshold with the measured mIoU and GFLOPs.
+    final_part = stdout.split("DToP quick start done in")[1]
+    assert "| threshold | mIoU (%) |" in final_part
+    for result in results["results"]:
+        row = re.search(rf"^\| {result['exit_threshold']:.4g} \| ([\d.]+) \| [\d.]+ \| ([\d.e-]+) \|", final_part, re.M)
+        assert row, (result["exit_threshold"], final_part)
+        assert float(row.group(1)) == pytest.approx(100 * result["mean_iou"], abs=0.006)
+        assert float(row.group(2)) == pytest.approx(result["gflops_backbone_and_final_head"], rel=1e-3)
+    for folder in ("model", "evaluation", "pictures"):
+        assert str(output_dir / folder) in final_part
+
+
+def test_quickstart_writes_models_and_pictures(quickstart_run):
+    output_dir, _ = quickstart_run
+    model_dir = output_dir / "model"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_dtop.py"):
+        assert (model_dir / name).is_file(), name
+    assert DToPConfig.from_pretrained(model_dir).exit_thresholds_per_head()[:-1] == (0.9, 0.9)
+    assert DToPConfig.from_pretrained(output_dir / "base").exit_thresholds_per_head()[:-1] == (1.0, 1.0)
+    evaluation_dir = output_dir / "evaluation"
+    for path in ("table.md", "gflops_vs_miou.png", "pictures/image_0.png", "pictures/image_1.png"):
+        assert (evaluation_dir / path).is_file(), path
+    # segment.py's pictures at the model's threshold (0.9) and at the sweep's lowest (0.5 at the tiny size).
+    pictures = {path.name for path in (output_dir / "pictures").glob("*.png")}
+    for name in ("astronaut_t0.9", "astronaut_t0.5", "validation_scene_t0.9", "validation_scene_t0.5"):
+        assert {f"{name}_segmentation.png", f"{name}_exit_map.png", f"{name}_overlay.png"} <= pictures
+    with Image.open(output_dir / "pictures" / "astronaut_t0.9_segmentation.png") as segmentation:
+        assert segmentation.size == (512, 512)  # skimage's astronaut, at its own size
+
+
+def test_quickstart_model_loads_in_the_pipeline_and_in_segment_py(quickstart_run, tmp_path):
+    output_dir, _ = quickstart_run
+    model_dir = output_dir / "model"
+    segmenter = pipeline("image-segmentation", model=str(model_dir), trust_remote_code=True)
+    photo = Image.fromarray(np.asarray(Image.open(output_dir / "pictures" / "astronaut_t0.9_overlay.png"))[:200, :300])
+    segments = segmenter(photo)
+    id2label = DToPConfig.from_pretrained(model_dir).id2label
+    assert segments and all(segment["label"] in id2label.values() for segment in segments)
+    assert all(segment["mask"].size == (300, 200) for segment in segments)
+    coverage = sum(np.asarray(segment["mask"]) > 0 for segment in segments)
+    assert (coverage == 1).all()  # every pixel in exactly one class mask
+
+    photo_path = tmp_path / "photo.jpg"
+    photo.save(photo_path)
+    segment = load_example("segment")
+    assert segment.main([str(photo_path), "--model", str(model_dir), "--output_dir", str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "photo_overlay.png") as overlay:
+        assert overlay.size == (300, 200)
+
+
+def test_quickstart_size_flags(monkeypatch, capsys):
+    quickstart = load_example("quickstart")
+    monkeypatch.delenv("DTOP_QUICKSTART_TINY", raising=False)
+    default = quickstart.parse_args([])
+    assert not default.tiny and default.base_steps == quickstart.RUN_SIZES["default"]["base_steps"]
+    monkeypatch.setenv("DTOP_QUICKSTART_TINY", "1")
+    tiny = quickstart.parse_args(["--base_steps", "5"])
+    assert tiny.tiny and tiny.base_steps == 5 and tiny.train_samples == quickstart.RUN_SIZES["tiny"]["train_samples"]
+    with pytest.raises(ValueError, match="--exit_threshold"):
+        quickstart.parse_args(["--exit_threshold", "1.0"])
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "DTOP_QUICKSTART_TINY" in capsys.readouterr().out

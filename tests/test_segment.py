@@ -1,0 +1,239 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""examples/segment.py on real photos (scikit-image's), grey / RGBA / palette / EXIF-rotated / broken inputs."""
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dtop_hf import DToPImageProcessor
+from dtop_hf.flops import count_flops
+
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the test photos (pip install -e '.[dev]')")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "segment.py"
+IMAGE_SIZE, PATCH_SIZE = 32, 4
+GRID_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+EXIF_ORIENTATION_TAG = 0x0112
+ROTATED_90_CLOCKWISE = 6  # the stored pixels must be turned 90 degrees clockwise to be upright: width <-> height
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("segment_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+segment = load_script()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Real photos in the modes people have: an EXIF-rotated JPEG, a grey PNG, an RGBA PNG (half transparent),
+    a palette GIF in a folder, and a file of random bytes named .jpg."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = {}
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = ROTATED_90_CLOCKWISE
+    paths["astronaut"] = folder / "astronaut.jpg"
+    Image.fromarray(skimage_data.astronaut()[:384]).save(paths["astronaut"], exif=exif, quality=90)  # stored 512x384
+    paths["camera"] = folder / "camera.png"
+    Image.fromarray(skimage_data.camera()[:300, :400]).save(paths["camera"])  # mode L
+    coffee = skimage_data.coffee()
+    alpha = np.tile(np.linspace(0, 255, coffee.shape[1]).astype(np.uint8), (coffee.shape[0], 1))
+    paths["coffee"] = folder / "coffee_rgba.png"
+    Image.fromarray(np.dstack([coffee, alpha]), "RGBA").save(paths["coffee"])
+    in_folder = folder / "more"
+    in_folder.mkdir()
+    paths["chelsea"] = in_folder / "chelsea.gif"
+    Image.fromarray(skimage_data.chelsea()).convert("P").save(paths["chelsea"])  # mode P
+    (in_folder / "notes.txt").write_text("not an image, and not looked at inside a folder")
+    paths["broken"] = folder / "broken.jpg"
+    paths["broken"].write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    return paths
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """`(width, height)` as shown, EXIF rotation applied (what the written maps must match)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        rotated = image.getexif().get(EXIF_ORIENTATION_TAG) in (5, 6, 7, 8)
+    return (height, width) if rotated else (width, height)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random DToP (8x8 token grid, 5 classes) saved with its image processor."""
+    from conftest import DToPModelTester
+
+    folder = tmp_path_factory.mktemp("model")
+    # initializer_range 0.5: random heads with confident, varied predictions, so that low thresholds prune.
+    model = DToPModelTester(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_labels=5, initializer_range=0.5).create_model()
+    model.save_pretrained(folder)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    DToPImageProcessor(size=size, crop_size=size, stride={"height": 24, "width": 24}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return segment.load_model_and_processor(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def pruning_threshold(loaded, photos):
+    """A threshold at which about half of the astronaut's tokens are exit candidates at the first head."""
+    from conftest import pruning_thresholds
+
+    model, image_processor = loaded
+    pixel_values = image_processor(images=segment.open_image(photos["astronaut"]), return_tensors="pt")["pixel_values"]
+    return pruning_thresholds(model, pixel_values)[0]
+
+
+def run_script(*arguments: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPT), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=REPO_ROOT)
+
+
+def test_cli_segments_real_photos_and_skips_the_broken_file(photos, model_dir, pruning_threshold, tmp_path):
+    output_dir = tmp_path / "out"
+    completed = run_script(
+        str(photos["astronaut"]), str(photos["camera"]), str(photos["broken"]), str(photos["coffee"]),
+        str(photos["chelsea"].parent), "--model", str(model_dir), "--output_dir", str(output_dir),
+        "--threshold", f"{pruning_threshold:.6f}",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert re.search(r"skipped .*broken\.jpg: not a readable image", completed.stderr), completed.stderr
+    assert "Segmented 4 image(s), skipped 1" in completed.stdout
+    assert "notes" not in completed.stdout + completed.stderr  # folders are searched for image files only
+
+    exits_per_image = re.findall(r"\((\d+)x(\d+)\): (\d+) tokens; exited at (.*)\n\s+GFLOPs ([\d.e-]+)", completed.stdout)
+    assert len(exits_per_image) == 4, completed.stdout
+    early_exits = 0
+    for width, height, num_tokens, exits, gflops in exits_per_image:
+        counts = [int(count) for count in re.findall(r" (\d+)(?:,|$)", exits)]
+        assert len(counts) == 3 and sum(counts) == int(num_tokens) == GRID_TOKENS, exits
+        early_exits += sum(counts[:-1])
+        assert float(gflops) > 0
+    assert early_exits > 0, "the pruning threshold let no token exit early"
+
+    for name in ("astronaut", "camera", "coffee_rgba", "chelsea"):
+        source = next(path for path in photos.values() if path.stem == name)
+        size = upright_size(source)
+        for kind in ("segmentation", "overlay"):
+            with Image.open(output_dir / f"{name}_{kind}.png") as picture:
+                assert picture.size == size, (name, kind)
+                assert picture.mode == "RGB"
+        with Image.open(output_dir / f"{name}_exit_map.png") as figure:
+            # Two panels (image | exit map) side by side, the legend below.
+            assert figure.width > 2 * min(size[0], 512) * 0.9 and figure.height > min(size[1], 512) * 0.5
+    assert upright_size(photos["astronaut"]) == (384, 512)
+
+
+def test_exit_code_is_non_zero_only_when_no_image_could_be_segmented(photos, model_dir, tmp_path, capsys):
+    assert segment.main([str(photos["broken"]), str(tmp_path / "missing.jpg"), "--model", str(model_dir), "--output_dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "no such file" in captured.err and "no image could be segmented" in captured.err
+    assert segment.main([str(photos["broken"]), str(photos["camera"]), "--model", str(model_dir), "--output_dir", str(tmp_path)]) == 0
+
+
+def test_open_image_turns_every_mode_into_upright_rgb(photos, tmp_path):
+    astronaut = segment.open_image(photos["astronaut"])
+    assert astronaut.mode == "RGB" and astronaut.size == (384, 512)
+    grey = segment.open_image(photos["camera"])
+    assert grey.mode == "RGB" and np.array_equal(np.asarray(grey)[..., 0], np.asarray(grey)[..., 2])
+    rgba = segment.open_image(photos["coffee"])
+    # Fully transparent column -> the white background; fully opaque column -> the photo's own colours.
+    assert (np.asarray(rgba)[:, 0] == 255).all()
+    assert np.array_equal(np.asarray(rgba)[:, -1], skimage_data.coffee()[:, -1])
+    assert segment.open_image(photos["chelsea"]).mode == "RGB"
+    sixteen_bit = tmp_path / "depth.png"
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 10).save(sixteen_bit)
+    stretched = np.asarray(segment.open_image(sixteen_bit))
+    assert stretched.min() == 0 and stretched.max() == 255  # not clipped to white
+    with pytest.raises(OSError):
+        segment.open_image(photos["broken"])
+
+
+def test_threshold_one_is_unpruned_and_a_lower_one_saves_what_count_flops_says(loaded, photos, pruning_threshold):
+    model, image_processor = loaded
+    image = segment.open_image(photos["astronaut"])
+    unpruned = segment.segment_image(model, image_processor, image, exit_threshold=1.0)
+    assert unpruned.exits == [0, 0, GRID_TOKENS]
+    assert unpruned.gflops == pytest.approx(unpruned.gflops_unpruned)
+    assert unpruned.segmentation.shape == unpruned.exit_map.shape == (image.height, image.width)
+    assert (unpruned.exit_map == 2).all()
+
+    pruned = segment.segment_image(model, image_processor, image, exit_threshold=pruning_threshold)
+    assert pruned.exits[0] > 0 and sum(pruned.exits) == GRID_TOKENS
+    assert pruned.gflops_unpruned == pytest.approx(unpruned.gflops_unpruned)
+    assert pruned.gflops < unpruned.gflops
+    pixel_values = image_processor(images=image, return_tensors="pt")["pixel_values"]
+    flops = count_flops(model, pixel_values, exit_threshold=pruning_threshold)
+    assert pruned.gflops == pytest.approx(float(flops.backbone_and_final_head[0]))
+    assert pruned.gflops_all_heads == pytest.approx(float(flops.total[0]))
+    # The exit map says which head finalised each pixel's token: the counts agree with the exits (nearest resize).
+    assert set(np.unique(pruned.exit_map).tolist()) == {stage for stage, count in enumerate(pruned.exits) if count}
+
+
+def test_sliding_window_covers_a_wide_image(loaded, photos):
+    model, image_processor = loaded
+    image = segment.open_image(photos["camera"])  # 400x300 -> shorter side 32: 43x32, two 32 px windows (stride 24)
+    result = segment.segment_image(model, image_processor, image, exit_threshold=1.0, sliding_window=True)
+    assert result.segmentation.shape == (300, 400)
+    assert result.exits == [0, 0, 2 * GRID_TOKENS]
+    whole = segment.segment_image(model, image_processor, image, exit_threshold=1.0)
+    assert result.gflops == pytest.approx(2 * whole.gflops)
+
+
+def test_errors_say_how_to_fix_the_model_folder(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="without config.json.*Model folders inside it"):
+        segment.load_model_and_processor(str(model_dir.parent))
+    without_processor = tmp_path / "no_processor"
+    shutil.copytree(model_dir, without_processor)
+    (without_processor / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match="no preprocessor_config.json") as error:
+        segment.load_model_and_processor(str(without_processor))
+    # The message's fix repairs the folder (its `python -c` code run here, in-process, to save a start-up).
+    fix = shlex.split(str(error.value).splitlines()[-1])
+    assert fix[:2] == ["python", "-c"] and len(fix) == 3
+    exec(fix[2], {})
+    model, image_processor = segment.load_model_and_processor(str(without_processor))
+    assert image_processor.size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    with pytest.raises(ValueError, match="neither a local folder nor a reachable Hub id"):
+        segment.load_model_and_processor(str(tmp_path / "does-not-exist"))
+
+
+def test_help_lists_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        segment.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "default: outputs/segment" in text and "--sliding_window" in text and "--threshold" in text
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        segment.parse_args(["photo.jpg", "--model", "m", "--threshold", "1.5"])
