@@ -46,7 +46,7 @@ from dtop_hf.calibration import check_thresholds
 EXAMPLES_DIR = Path(__file__).resolve().parent
 TINY_ENVIRONMENT_VARIABLE = "DTOP_QUICKSTART_TINY"
 # Run sizes. "default": dtop_hf.training.SMALL_PRESET narrowed to width 128 (a 6-layer ViT, patch 8, ATM heads
-# of width 64 after layers 3, 4 and 6; 1.9M parameters) on 96 px scenes, a 12x12 token grid: about 0.25 s per
+# of width 64 after layers 3, 4 and 6; 1.9M parameters) on 96 px scenes, a 12x12 token grid: about 0.16 s per
 # training step on two CPU cores. "tiny": a 4-layer width-32 ViT on 32 px scenes, for CI.
 RUN_SIZES = {
     "default": {

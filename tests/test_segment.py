@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dtop_hf import DToPImageProcessor
