@@ -30,6 +30,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from .configuration_dtop import DToPConfig
+from .pruning import tokens_seen_per_stage
 
 
 GIGA = 1e9
@@ -55,21 +56,6 @@ class DToPFlops(ModelOutput):
     patch_embedding: torch.DoubleTensor | None = None
     layers: torch.DoubleTensor | None = None
     heads: torch.DoubleTensor | None = None
-
-
-def tokens_seen_per_stage(exit_stage: torch.Tensor, num_stages: int) -> torch.Tensor:
-    """Patch tokens each head processed: head k saw every token that had not exited before it (exit stage >= k).
-
-    Args:
-        exit_stage: `(batch, h, w)` int64, the head that finalised each token.
-        num_stages: number of heads.
-
-    Returns:
-        `(batch, num_stages)` int64.
-    """
-    flat_stage = exit_stage.flatten(1)  # (batch, tokens)
-    stages = torch.arange(num_stages, device=exit_stage.device)
-    return (flat_stage[:, None, :] >= stages[None, :, None]).sum(dim=-1)
 
 
 def flops_from_token_counts(

@@ -23,6 +23,8 @@ from transformers.models.segformer.image_processing_pil_segformer import (
 )
 from transformers.utils import ModelOutput, logging
 
+from .pruning import tokens_seen_per_stage
+
 
 logger = logging.get_logger(__name__)
 
@@ -193,15 +195,16 @@ class DToPImageProcessor(SegformerImageProcessorPil):
             window_scores = outputs.logits if config.head_type == "atm" else outputs.logits.softmax(dim=1)
             window_scores = F.interpolate(window_scores, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
             window_exit = F.interpolate(outputs.exit_stage[:, None].float(), size=(crop_h, crop_w), mode="nearest")
+            window_image = torch.arange(start, start + window_scores.shape[0], device=padded.device) // len(boxes)
+            tokens_per_layer.index_add_(0, window_image, outputs.tokens_per_layer)
+            tokens_per_stage.index_add_(
+                0, window_image, tokens_seen_per_stage(outputs.exit_stage, len(config.out_indices))
+            )
             for offset in range(window_scores.shape[0]):
                 image, box = divmod(start + offset, len(boxes))
                 top, left = boxes[box]
                 scores[image, :, top : top + crop_h, left : left + crop_w] += window_scores[offset]
                 exit_stage[image, top : top + crop_h, left : left + crop_w] = window_exit[offset, 0].long()
-                tokens_per_layer[image] += outputs.tokens_per_layer[offset]
-                grid_stage = outputs.exit_stage[offset].flatten()
-                for stage in range(len(config.out_indices)):
-                    tokens_per_stage[image, stage] += (grid_stage >= stage).sum()
         for top, left in boxes:
             counts[..., top : top + crop_h, left : left + crop_w] += 1
         return DToPSlidingWindowOutput(

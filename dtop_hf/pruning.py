@@ -126,6 +126,21 @@ def tokens_to_grid(values: torch.Tensor, grid_size: tuple[int, int]) -> torch.Te
     return values.reshape(*values.shape[:-1], *grid_size)
 
 
+def tokens_seen_per_stage(exit_stage: torch.Tensor, num_stages: int) -> torch.Tensor:
+    """Patch tokens each head processed: head k saw every token that had not exited before it (exit stage >= k).
+
+    Args:
+        exit_stage: `(batch, h, w)` int64, the head that finalised each token.
+        num_stages: number of heads.
+
+    Returns:
+        `(batch, num_stages)` int64.
+    """
+    flat_stage = exit_stage.flatten(1)  # (batch, tokens)
+    stages = torch.arange(num_stages, device=exit_stage.device)
+    return (flat_stage[:, None, :] >= stages[None, :, None]).sum(dim=-1)
+
+
 @dataclass
 class TokenPacking:
     """Where the active tokens of a batch sit in the packed sequence and in a padded per-image layout.
@@ -255,6 +270,7 @@ __all__ = [
     "pack_tokens",
     "select_exiting_tokens",
     "token_confidence",
+    "tokens_seen_per_stage",
     "tokens_to_grid",
     "update_canvas",
 ]
