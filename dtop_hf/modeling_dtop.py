@@ -593,8 +593,7 @@ class DToPModel(DToPPreTrainedModel):
 
         active_mask = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)  # patch tokens
         exit_stage = torch.full((batch_size, num_tokens), last_stage, dtype=torch.long, device=device)
-        backbone_packing = pack_tokens(self.backbone_active_mask(active_mask))
-        head_packing = pack_tokens(active_mask)
+        backbone_packing, head_packing = self.pack(active_mask)
         hidden_states = backbone_packing.from_grid(embeddings)  # (total, dim)
         attention_mask = build_attention_mask(backbone_packing, config._attn_implementation, hidden_states.dtype)
 
@@ -634,9 +633,9 @@ class DToPModel(DToPPreTrainedModel):
                 )
                 exit_stage = exit_stage.masked_fill(exit_mask, stage)
                 active_mask = active_mask & ~exit_mask
-                new_backbone_packing = pack_tokens(self.backbone_active_mask(active_mask))
+                new_backbone_packing, head_packing = self.pack(active_mask)
                 hidden_states = repack(hidden_states, backbone_packing, new_backbone_packing)
-                backbone_packing, head_packing = new_backbone_packing, pack_tokens(active_mask)
+                backbone_packing = new_backbone_packing
                 attention_mask = build_attention_mask(
                     backbone_packing, config._attn_implementation, hidden_states.dtype
                 )
@@ -654,6 +653,14 @@ class DToPModel(DToPPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+    def pack(self, active_mask: torch.Tensor) -> tuple[TokenPacking, TokenPacking]:
+        """Packings of the backbone's tokens and of the heads' (patch tokens only): the same one without a class
+        token, so each stage packs (and syncs with the host) once."""
+        head_packing = pack_tokens(active_mask)
+        if not self.config.use_cls_token:
+            return head_packing, head_packing
+        return pack_tokens(self.backbone_active_mask(active_mask)), head_packing
 
     def backbone_active_mask(self, active_mask: torch.Tensor) -> torch.Tensor:
         """The class token, when kept, is always active (it never exits)."""
