@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
 from .configuration_dtop import DToPConfig
-from .flops import DToPFlops, count_flops, count_flops_from_outputs
+from .toolkit.evaluation.flops import DToPFlops, count_flops, count_flops_from_outputs
 from .image_processing_dtop import DToPImageProcessor, DToPSlidingWindowOutput
 from .modeling_dtop import (
     DToPForSemanticSegmentation,

@@ -45,8 +45,8 @@ from transformers.utils import logging
 
 from .configuration_dtop import DToPConfig
 from .image_processing_dtop import DToPImageProcessor
-from .label_maps import ADE20K_LABELS, COCO_STUFF_LABELS, PASCAL_CONTEXT_59_LABELS
-from .model_card import write_model_card
+from .toolkit.data.label_maps import ADE20K_LABELS, COCO_STUFF_LABELS, PASCAL_CONTEXT_59_LABELS
+from .toolkit.model_card import write_model_card
 from .modeling_dtop import DToPForSemanticSegmentation, DToPModelOutput
 from .vit_weights import load_backbone_state_dict, resize_position_embeddings, state_dict_mismatches
 

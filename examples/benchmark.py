@@ -44,7 +44,7 @@ import time
 import torch
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
-from dtop_hf.flops import count_flops_from_outputs
+from dtop_hf.toolkit.evaluation.flops import count_flops_from_outputs
 
 
 PRESETS = {

@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSemanticSegmentation
 
 from dtop_hf import DToPConfig, DToPImageProcessor
-from dtop_hf.calibration import calibrate_threshold, check_thresholds, json_ready, save_calibrated_model
-from dtop_hf.data import (
+from dtop_hf.toolkit.evaluation.calibration import calibrate_threshold, check_thresholds, json_ready, save_calibrated_model
+from dtop_hf.toolkit.data.datasets import (
     SegmentationDataset,
     add_dataset_arguments,
     build_eval_dataset,
@@ -56,8 +56,8 @@ from dtop_hf.data import (
     collate_segmentation_batch,
     load_dataset_from_arguments,
 )
-from dtop_hf.evaluation import evaluate_model
-from dtop_hf.visualization import default_stage_names, make_palette, side_by_side, stack_vertically
+from dtop_hf.toolkit.evaluation.loop import evaluate_model
+from dtop_hf.toolkit.inference.visualization import default_stage_names, make_palette, side_by_side, stack_vertically
 
 
 logger = get_logger(__name__)

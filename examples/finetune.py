@@ -16,7 +16,7 @@ fine-tune (`--stage prune`, auxiliary exit thresholds on), as in the official re
 
 The data set is an argument: nothing (the built-in synthetic scenes), a local folder of images and label PNGs,
 or a Hub data set such as `scene_parse_150` (see `dtop_hf/data.py` for the layouts). Without
-`--model_name_or_path` a fresh model is built from a small preset (`dtop_hf.training.SMALL_PRESET`), changed with
+`--model_name_or_path` a fresh model is built from a small preset (`dtop_hf.toolkit.training.recipe.SMALL_PRESET`), changed with
 `--config_overrides`; a DToP folder or Hub id continues from those weights; a ViT checkpoint (e.g.
 `google/vit-base-patch16-224`) initialises the backbone with new heads.
 
@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPImageProcessor
-from dtop_hf.data import (
+from dtop_hf.toolkit.data.datasets import (
     BUILTIN_NAMES,
     SegmentationDataset,
     SegmentationTrainTransform,
@@ -67,8 +67,8 @@ from dtop_hf.data import (
     collate_segmentation_batch,
     load_dataset_from_arguments,
 )
-from dtop_hf.evaluation import evaluate_model
-from dtop_hf.training import (
+from dtop_hf.toolkit.evaluation.loop import evaluate_model
+from dtop_hf.toolkit.training.recipe import (
     build_optimizer,
     build_poly_scheduler,
     build_preset_config,
@@ -462,8 +462,8 @@ def save_final_model(
 
 
 def write_card(args: argparse.Namespace, config: DToPConfig, results: dict) -> None:
-    """README.md model card through `dtop_hf.model_card` (skipped with a warning when its template is missing)."""
-    from dtop_hf.model_card import write_model_card
+    """README.md model card through `dtop_hf.toolkit.model_card` (skipped with a warning when its template is missing)."""
+    from dtop_hf.toolkit.model_card import write_model_card
 
     builtin = args.dataset_name in BUILTIN_NAMES
     recipe = (

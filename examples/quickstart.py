@@ -40,12 +40,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dtop_hf.calibration import check_thresholds
+from dtop_hf.toolkit.evaluation.calibration import check_thresholds
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 TINY_ENVIRONMENT_VARIABLE = "DTOP_QUICKSTART_TINY"
-# Run sizes. "default": dtop_hf.training.SMALL_PRESET narrowed to width 128 (a 6-layer ViT, patch 8, ATM heads
+# Run sizes. "default": dtop_hf.toolkit.training.recipe.SMALL_PRESET narrowed to width 128 (a 6-layer ViT, patch 8, ATM heads
 # of width 64 after layers 3, 4 and 6; 1.9M parameters) on 96 px scenes, a 12x12 token grid: about 0.16 s per
 # training step on two CPU cores. "tiny": a 4-layer width-32 ViT on 32 px scenes, for CI.
 RUN_SIZES = {
@@ -162,7 +162,7 @@ def training_arguments(args: argparse.Namespace, num_steps: int) -> list[str]:
 def sample_images(args: argparse.Namespace) -> dict[str, Image.Image]:
     """Pictures to segment at the end: `--photo`, else scikit-image's astronaut (a real photo, when scikit-image is
     installed), and always one validation scene of the built-in data set."""
-    from dtop_hf.synthetic_scenes import make_synthetic_scenes
+    from dtop_hf.toolkit.data.synthetic_scenes import make_synthetic_scenes
 
     segment = load_example("segment")
     images = {}

@@ -39,15 +39,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import dtop_hf  # noqa: F401  (registers DToP with the Auto classes)
-from dtop_hf.calibration import check_thresholds
-from dtop_hf.evaluation import exits_per_stage
-from dtop_hf.flops import (
+from dtop_hf.toolkit.evaluation.calibration import check_thresholds
+from dtop_hf.toolkit.evaluation.loop import exits_per_stage
+from dtop_hf.toolkit.evaluation.flops import (
     count_flops_from_outputs,
     flops_from_token_counts,
     sliding_window_inference_with_flops,
     tokens_seen_per_stage,
 )
-from dtop_hf.visualization import (
+from dtop_hf.toolkit.inference.visualization import (
     colorize_exit_map,
     colorize_segmentation,
     compose_panels,

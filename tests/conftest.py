@@ -19,6 +19,9 @@ import os
 # Everything is built locally: never reach for the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -39,6 +42,17 @@ TRANSFORMERS_TEST_MARKERS = (
     "slow",
     "is_staging_test",
 )
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str, module_name: str | None = None):
+    """Import `examples/<name>.py` as a module (the scripts are not a package; `evaluate.py` would shadow `evaluate`)."""
+    spec = importlib.util.spec_from_file_location(module_name or f"dtop_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_configure(config):

@@ -22,16 +22,16 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor
-from dtop_hf.calibration import (
+from dtop_hf.toolkit.evaluation.calibration import (
     calibrate_threshold,
     check_thresholds,
     choose_threshold,
     refinement_bracket,
     save_calibrated_model,
 )
-from dtop_hf.data import SegmentationDataset, SegmentationEvalTransform, collate_segmentation_batch
-from dtop_hf.evaluation import evaluate_model
-from dtop_hf.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
+from dtop_hf.toolkit.data.datasets import SegmentationDataset, SegmentationEvalTransform, collate_segmentation_batch
+from dtop_hf.toolkit.evaluation.loop import evaluate_model
+from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
 
 
 def sweep(*rows: tuple[float, float, float]) -> list[dict]:

@@ -38,7 +38,7 @@ from dtop_hf.convert_dtop_original_to_hf import (
     official_stage_outputs,
     split_packed_qkv,
 )
-from dtop_hf.model_card import render_model_card, write_model_card
+from dtop_hf.toolkit.model_card import render_model_card, write_model_card
 
 
 VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-vectors"

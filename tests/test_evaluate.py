@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from dtop_hf import DToPConfig, DToPImageProcessor
-from dtop_hf.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
+from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor
-from dtop_hf.data import (
+from dtop_hf.toolkit.data.datasets import (
     SegmentationDataset,
     SegmentationEvalTransform,
     SegmentationTrainTransform,
@@ -41,7 +41,7 @@ from dtop_hf.data import (
     reduce_labels,
     standardize_columns,
 )
-from dtop_hf.training import (
+from dtop_hf.toolkit.training.recipe import (
     build_optimizer,
     build_poly_scheduler,
     build_preset_config,
@@ -376,7 +376,7 @@ def test_distributed_evaluation_equals_single_process(finetune_runs):
     float rounding in another batch shape could flip."""
     from accelerate import Accelerator
 
-    from dtop_hf.evaluation import evaluate_model
+    from dtop_hf.toolkit.evaluation.loop import evaluate_model
 
     finetune = load_finetune_module()
     args = finetune.parse_args(["--output_dir", str(finetune_runs["full"]), *TINY_RUN])

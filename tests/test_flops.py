@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPImageProcessor
-from dtop_hf.flops import (
+from dtop_hf.toolkit.evaluation.flops import (
     count_flops,
     count_flops_from_outputs,
     flops_from_token_counts,

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from dtop_hf.metrics import StreamingMeanIoU
+from dtop_hf.toolkit.evaluation.metrics import StreamingMeanIoU
 
 
 def test_hand_computed_confusion_matrix():

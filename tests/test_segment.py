@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from dtop_hf import DToPImageProcessor
-from dtop_hf.flops import count_flops
+from dtop_hf.toolkit.evaluation.flops import count_flops
 
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the test photos (pip install -e '.[dev]')")

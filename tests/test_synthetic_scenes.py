@@ -21,13 +21,13 @@ import pytest
 from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 
-from dtop_hf.synthetic_scenes import (
+from conftest import load_example
+from dtop_hf.toolkit.data.synthetic_scenes import (
     NUM_SYNTHETIC_CLASSES,
     SMALL_OBJECT_CLASS_IDS,
     SYNTHETIC_ID2LABEL,
     SYNTHETIC_LABEL2ID,
     dataset_statistics,
-    main,
     make_synthetic_scenes,
     render_synthetic_scene,
     render_synthetic_scene_arrays,
@@ -193,6 +193,7 @@ def test_invalid_arguments_are_rejected():
 
 
 def test_cli_writes_previews(tmp_path):
+    main = load_example("preview_scenes").main
     main(["--num_samples", "2", "--output_dir", str(tmp_path), "--image_size", "32", "--zoom", "1"])
     previews = sorted(tmp_path.glob("train_*.png"))
     assert len(previews) == 2
@@ -200,6 +201,7 @@ def test_cli_writes_previews(tmp_path):
 
 
 def test_cli_help(capsys):
+    main = load_example("preview_scenes").main
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0

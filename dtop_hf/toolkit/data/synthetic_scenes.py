@@ -122,7 +122,6 @@ the dataset), so 1000 samples take well under 30 s on one core.
 
 from __future__ import annotations
 
-import argparse
 import re
 import zlib
 from dataclasses import dataclass
@@ -892,50 +891,20 @@ def colourise_annotation(annotation: np.ndarray) -> np.ndarray:
     return palette[annotation]
 
 
-def _preview(image: np.ndarray, annotation: np.ndarray, zoom: int) -> Image.Image:
+def scene_preview(image: np.ndarray, annotation: np.ndarray, zoom: int) -> Image.Image:
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     side_by_side = np.concatenate([image, gap, colourise_annotation(annotation)], axis=1)
     preview = Image.fromarray(side_by_side)
     return preview.resize((preview.width * zoom, preview.height * zoom), Image.NEAREST)
 
 
-def _legend(zoom: int) -> Image.Image:
+def legend_image(zoom: int) -> Image.Image:
     swatch = 12
     rows = [np.full((swatch, swatch, 3), SYNTHETIC_LABEL_PALETTE[class_id + 1], dtype=np.uint8)
             for class_id in SYNTHETIC_ID2LABEL]
     strip = np.concatenate(rows, axis=0)
     legend = Image.fromarray(strip)
     return legend.resize((legend.width * zoom, legend.height * zoom), Image.NEAREST)
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m dtop_hf.synthetic_scenes",
-        description="Write previews (image | colourised label) of the built-in synthetic segmentation scenes.",
-    )
-    parser.add_argument("--num_samples", type=int, default=8, help="number of samples to render (default: 8)")
-    parser.add_argument("--output_dir", type=Path, required=True, help="folder for the PNG previews")
-    parser.add_argument("--image_size", type=int, default=128, help="square image side in pixels (default: 128)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    parser.add_argument("--split", default="train", help="split name; each split has its own derived seed")
-    parser.add_argument("--zoom", type=int, default=3, help="nearest-neighbour upscaling of the previews")
-    parser.add_argument("--stats", action="store_true", help="also print dataset_statistics() as markdown")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parse_args(argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    for index in range(args.num_samples):
-        image, annotation, difficulty = render_synthetic_scene_arrays(index, args.image_size, args.seed, args.split)
-        path = args.output_dir / f"{args.split}_{index:04d}_difficulty{difficulty:.2f}.png"
-        _preview(image, annotation, args.zoom).save(path)
-    _legend(args.zoom).save(args.output_dir / "legend.png")
-    legend_text = ", ".join(f"{class_id}={name}" for class_id, name in SYNTHETIC_ID2LABEL.items())
-    print(f"wrote {args.num_samples} previews to {args.output_dir} (legend.png top to bottom: {legend_text})")
-    if args.stats:
-        print(format_statistics_markdown(dataset_statistics(
-            make_synthetic_scenes(args.num_samples, args.image_size, args.seed, args.split))))
 
 
 __all__ = [
@@ -950,12 +919,11 @@ __all__ = [
     "format_statistics_markdown",
     "make_synthetic_scenes",
     "render_synthetic_scene",
+    "legend_image",
     "render_synthetic_scene_arrays",
+    "scene_preview",
     "scene_difficulty",
     "synthetic_dataset_dict",
     "synthetic_scene_features",
 ]
 
-
-if __name__ == "__main__":
-    main()

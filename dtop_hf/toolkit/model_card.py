@@ -17,13 +17,13 @@ import json
 import re
 from pathlib import Path
 
-from .configuration_dtop import DToPConfig
+from ..configuration_dtop import DToPConfig
 
 
 # The template sits at the root of the dtop-hf repository, beside the package.
 # `dtop_hf/MODEL_CARD.md` links to the repository's root `MODEL_CARD.md` and is installed as package data, so the
 # template is found in editable and regular installs alike.
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "MODEL_CARD.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 PLACEHOLDER_PATTERN = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 

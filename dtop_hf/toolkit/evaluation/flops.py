@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from .configuration_dtop import DToPConfig
-from .pruning import tokens_seen_per_stage
+from ...configuration_dtop import DToPConfig
+from ...pruning import tokens_seen_per_stage
 
 
 GIGA = 1e9

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .configuration_dtop import DToPConfig
+from ...configuration_dtop import DToPConfig
 
 
 logger = logging.get_logger(__name__)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from transformers.utils import logging
 
-from .image_processing_dtop import DToPImageProcessor
+from ...image_processing_dtop import DToPImageProcessor
 from .label_maps import ADE20K_LABELS
 
 

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .flops import count_flops_from_outputs, sliding_window_inference_with_flops, tokens_seen_per_stage
-from .image_processing_dtop import DToPImageProcessor
+from ...image_processing_dtop import DToPImageProcessor
 from .metrics import StreamingMeanIoU
 
 
