@@ -78,6 +78,10 @@ class DToPModelOutput(ModelOutput):
             token grid (class token first when `use_cls_token`); rows of exited tokens are zero.
         attentions (`tuple(torch.FloatTensor)`, returned when `output_attentions=True`, eager attention only):
             Attention weights of every layer, each `(batch_size, num_heads, tokens, tokens)`; zero for exited tokens.
+        patch_offsets (`list[torch.Tensor]`, *optional*):
+            The `patch_offsets` given to the forward, passed through (EoMT's convention): for inputs split into
+            windows by [`DToPImageProcessor`] (`do_split_image=True`), each window's `(image index, start, end)`
+            along its image's long side, which the post-processing uses to merge the windows.
     """
 
     logits: torch.FloatTensor | None = None
@@ -88,6 +92,7 @@ class DToPModelOutput(ModelOutput):
     stage_mask_logits: tuple[torch.FloatTensor, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    patch_offsets: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -106,6 +111,7 @@ class DToPSemanticSegmenterOutput(ModelOutput):
     stage_mask_logits: tuple[torch.FloatTensor, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    patch_offsets: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -562,6 +568,7 @@ class DToPModel(DToPPreTrainedModel):
         exit_threshold: float | list[float] | tuple[float, ...] | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        patch_offsets: list[torch.Tensor] | None = None,
     ) -> DToPModelOutput:
         r"""
         Args:
@@ -571,6 +578,8 @@ class DToPModel(DToPPreTrainedModel):
                 Overrides `config.exit_threshold` for this call; 1.0 runs the unpruned baseline.
             output_hidden_states (`bool`, *optional*): return the embeddings and every layer's output.
             output_attentions (`bool`, *optional*): return every layer's attention weights (eager attention).
+            patch_offsets (`list[torch.Tensor]`, *optional*): the windows' offsets from the image processor;
+                returned unchanged in the output for the post-processing.
         """
         config = self.config
         output_hidden_states = (
@@ -652,6 +661,7 @@ class DToPModel(DToPPreTrainedModel):
             stage_mask_logits=tuple(stage_mask_logits),
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            patch_offsets=patch_offsets,
         )
 
     def pack(self, active_mask: torch.Tensor) -> tuple[TokenPacking, TokenPacking]:
@@ -713,6 +723,7 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
         exit_threshold: float | list[float] | tuple[float, ...] | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        patch_offsets: list[torch.Tensor] | None = None,
     ) -> DToPSemanticSegmenterOutput:
         r"""
         Args:
@@ -747,6 +758,7 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
             exit_threshold=exit_threshold,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            patch_offsets=patch_offsets,
             return_dict=True,
         )
         loss = None
