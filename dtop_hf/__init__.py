@@ -22,7 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATI
 
 from .configuration_dtop import DToPConfig
 from .toolkit.evaluation.flops import DToPFlops, count_flops, count_flops_from_outputs
-from .image_processing_dtop import DToPImageProcessor, DToPSlidingWindowOutput
+from .image_processing_dtop import DToPImageProcessor
 from .modeling_dtop import (
     DToPForSemanticSegmentation,
     DToPModel,
@@ -30,6 +30,7 @@ from .modeling_dtop import (
     DToPPreTrainedModel,
     DToPSemanticSegmenterOutput,
 )
+from .pipeline_dtop import DToPImageSegmentationPipeline
 
 
 AutoConfig.register(DToPConfig.model_type, DToPConfig, exist_ok=True)
@@ -53,11 +54,11 @@ __all__ = [
     "DToPFlops",
     "DToPForSemanticSegmentation",
     "DToPImageProcessor",
+    "DToPImageSegmentationPipeline",
     "DToPModel",
     "DToPModelOutput",
     "DToPPreTrainedModel",
     "DToPSemanticSegmenterOutput",
-    "DToPSlidingWindowOutput",
     "count_flops",
     "count_flops_from_outputs",
 ]

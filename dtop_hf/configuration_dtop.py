@@ -35,6 +35,10 @@ class DToPConfig(PreTrainedConfig):
         intermediate_size (`int`, *optional*, defaults to 3072): width of the ViT MLP.
         hidden_act (`str`, *optional*, defaults to `"gelu"`): MLP activation (exact erf GELU, SPEC §1).
         hidden_dropout_prob (`float`, *optional*, defaults to 0.0): dropout on the embeddings and residual branches.
+        drop_path_rate (`float`, *optional*, defaults to 0.0): stochastic depth on the MLP branch of each layer, per
+            image, in training only. The rate rises linearly from 0 at the first layer to this value at the last
+            (mmseg's `dpr`); the attention branch gets none, as in mmseg 1.x's ViT (official: 0.1 for ViT-B, 0.3
+            for ViT-L).
         attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0): dropout on the ViT attention weights.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the truncated-normal initialisation.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6): epsilon of the ViT layer norms.
@@ -45,6 +49,28 @@ class DToPConfig(PreTrainedConfig):
         qkv_bias (`bool`, *optional*, defaults to `True`): bias in the query/key/value projections.
         use_cls_token (`bool`, *optional*, defaults to `False`): keep ViT's class token through the layers. The
             official DToP drops it before the first layer; when kept it never exits and never reaches a head.
+        use_distillation_token (`bool`, *optional*, defaults to `False`): keep DeiT's distillation token after the
+            class token (needs `use_cls_token`); the position embeddings then store two extra slots, as DeiT's do.
+        num_register_tokens (`int`, *optional*, defaults to 0): register tokens (DINOv2 with registers, DINOv3)
+            after the class and distillation tokens; they have no position embedding. Like the class token, these
+            "prefix" tokens attend and are attended to in every layer, never exit and never reach a head.
+        layerscale_value (`float`, *optional*): initial value of a learned per-channel scale on both residual
+            branches (DINOv2, DINOv3); `None` (ViT, DeiT) for no layer scale.
+        use_gated_mlp (`bool`, *optional*, defaults to `False`): gated MLP `down(act(gate(x)) * up(x))` of width
+            `intermediate_size` (DINOv2's SwiGLU, DINOv3's gated MLP) instead of `fc2(act(fc1(x)))`.
+        key_bias (`bool`, *optional*): bias in the key projection; `None` follows `qkv_bias` (DINOv3 has none).
+        position_embedding_type (`str`, *optional*, defaults to `"absolute"`): `"absolute"` (learned embeddings of
+            a stored grid, resized bicubic to other grids) or `"rope"` (DINOv3's 2-D rotary embedding of each patch's
+            normalised grid position, applied to queries and keys of the patch tokens; no learned positions).
+        position_embedding_antialias (`bool`, *optional*, defaults to `False`): resize absolute position embeddings
+            with antialiasing (DINOv2 with registers does), which also changes the bicubic kernel when enlarging.
+        rope_theta (`float`, *optional*, defaults to 100.0): base period of the rotary embedding.
+        rope_shift (`float`, *optional*): in training only, shift the rotary coordinates by a random value in
+            `[-rope_shift, rope_shift]` (DINOv3's `pos_embed_shift`).
+        rope_jitter (`float`, *optional*): in training only, scale each axis's coordinates by a log-uniform value in
+            `[1 / rope_jitter, rope_jitter]` (DINOv3's `pos_embed_jitter`).
+        rope_rescale (`float`, *optional*): in training only, scale both axes' coordinates by a log-uniform value in
+            `[1 / rope_rescale, rope_rescale]` (DINOv3's `pos_embed_rescale`).
 
     Stages:
         out_indices (`tuple[int]`, *optional*, defaults to `(5, 7, 11)`): 0-based ViT layers after which a head
@@ -67,6 +93,15 @@ class DToPConfig(PreTrainedConfig):
             per auxiliary head. 1.0 switches pruning off (the unpruned baseline). The decode head never prunes.
         keep_top_k (`int`, *optional*, defaults to 5): per image and per predicted class, the `keep_top_k` most
             confident exit candidates stay in, to keep context for the hard tokens (SPEC §3).
+        prune_during_training (`bool`, *optional*, defaults to `False`): whether tokens exit in training mode. In
+            eval mode the thresholds (config or per-call `exit_threshold`) always apply; in training mode they
+            apply only when this is True, so that training a fresh model (phase 1, e.g. with `Trainer`) never
+            starts pruning by surprise once its heads grow confident. The prune fine-tuning (phase 2, SPEC §4)
+            sets it to True.
+
+        The exit decision (class scores, confidence, threshold test, top-k ranking) is always computed in float32
+        from the head's logits, whatever the compute dtype: under bf16 the scores themselves would be quantised to
+        steps of 2^-8 near 0.9, and ties would make the top-k fall back to token order.
 
     Loss (SPEC §4):
         no_object_weight (`float`, *optional*, defaults to 0.1): class weight of "no object" in the presence loss.
@@ -89,6 +124,18 @@ class DToPConfig(PreTrainedConfig):
     ```"""
 
     model_type = "dtop"
+    # transformers.Trainer keeps every output except these at evaluation: only `logits` (and the loss) are kept,
+    # which is what metrics read, instead of 7x the logits' memory in per-stage outputs.
+    keys_to_ignore_at_inference = [
+        "exit_stage",
+        "tokens_per_layer",
+        "stage_logits",
+        "stage_class_logits",
+        "stage_mask_logits",
+        "hidden_states",
+        "attentions",
+        "patch_offsets",
+    ]
 
     # backbone
     hidden_size: int = 768
@@ -97,6 +144,7 @@ class DToPConfig(PreTrainedConfig):
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     hidden_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
     attention_probs_dropout_prob: float | int = 0.0
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-6
@@ -105,6 +153,17 @@ class DToPConfig(PreTrainedConfig):
     num_channels: int = 3
     qkv_bias: bool = True
     use_cls_token: bool = False
+    use_distillation_token: bool = False
+    num_register_tokens: int = 0
+    layerscale_value: float | int | None = None
+    use_gated_mlp: bool = False
+    key_bias: bool | None = None
+    position_embedding_type: str = "absolute"
+    position_embedding_antialias: bool = False
+    rope_theta: float | int = 100.0
+    rope_shift: float | int | None = None
+    rope_jitter: float | int | None = None
+    rope_rescale: float | int | None = None
     # stages
     out_indices: list[int] | tuple[int, ...] = (5, 7, 11)
     # heads
@@ -118,6 +177,7 @@ class DToPConfig(PreTrainedConfig):
     # pruning
     exit_threshold: float | int | list[float | int] | tuple[float | int, ...] = 0.9
     keep_top_k: int = 5
+    prune_during_training: bool = False
     # loss
     no_object_weight: float = 0.1
     mask_focal_weight: float = 20.0
@@ -144,6 +204,12 @@ class DToPConfig(PreTrainedConfig):
     def num_stages(self) -> int:
         """Number of heads (auxiliary heads + the decode head)."""
         return len(self.out_indices)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in the backbone: class, distillation and register tokens that are kept.
+        They never exit and never reach a head."""
+        return int(self.use_cls_token) + int(self.use_distillation_token) + self.num_register_tokens
 
     def exit_thresholds_per_head(
         self, exit_threshold: float | list[float] | tuple[float, ...] | None = None
@@ -183,6 +249,8 @@ class DToPConfig(PreTrainedConfig):
         self.exit_thresholds_per_head()
         if self.keep_top_k < 0:
             raise ValueError(f"`keep_top_k` must be >= 0, got {self.keep_top_k}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"`drop_path_rate` must lie in [0, 1), got {self.drop_path_rate}.")
         if self.head_type not in ("atm", "fcn"):
             raise ValueError(f"`head_type` must be 'atm' or 'fcn', got {self.head_type!r}.")
         if self.hidden_size % self.num_attention_heads:
@@ -201,6 +269,27 @@ class DToPConfig(PreTrainedConfig):
         if self.stage_loss_weights is not None and len(self.stage_loss_weights) != len(indices):
             raise ValueError(
                 f"`stage_loss_weights` needs one weight per head ({len(indices)}), got {list(self.stage_loss_weights)}."
+            )
+        self.validate_backbone_family()
+
+    def validate_backbone_family(self):
+        """Checks of the fields that reproduce the other ViT families (extra tokens, rotary positions)."""
+        if self.num_register_tokens < 0:
+            raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}.")
+        if self.use_distillation_token and not self.use_cls_token:
+            raise ValueError(
+                "`use_distillation_token=True` needs `use_cls_token=True` (DeiT's distillation token follows its "
+                "class token), got `use_cls_token=False`."
+            )
+        if self.position_embedding_type not in ("absolute", "rope"):
+            raise ValueError(
+                f"`position_embedding_type` must be 'absolute' or 'rope', got {self.position_embedding_type!r}."
+            )
+        head_dim = self.hidden_size // self.num_attention_heads
+        if self.position_embedding_type == "rope" and head_dim % 4:
+            raise ValueError(
+                "The 2-D rotary embedding splits each attention head in four: `hidden_size // num_attention_heads` "
+                f"must be a multiple of 4, got {head_dim}."
             )
 
 

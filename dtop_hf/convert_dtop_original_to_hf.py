@@ -45,10 +45,17 @@ from transformers.utils import logging
 
 from .configuration_dtop import DToPConfig
 from .image_processing_dtop import DToPImageProcessor
-from .toolkit.data.label_maps import ADE20K_LABELS, COCO_STUFF_LABELS, PASCAL_CONTEXT_59_LABELS
+from .toolkit.data.label_maps import dataset_id2label
 from .toolkit.model_card import write_model_card
 from .modeling_dtop import DToPForSemanticSegmentation, DToPModelOutput
-from .vit_weights import load_backbone_state_dict, resize_position_embeddings, state_dict_mismatches
+from .presets_dtop import PAPER_PRESETS, DToPPaperPreset, default_stage_layout
+from .vit_weights import (
+    drop_keys,
+    load_backbone_state_dict,
+    rename_state_dict_keys,
+    resize_position_embeddings,
+    state_dict_mismatches,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -68,9 +75,13 @@ MMSEG_BACKBONE_KEY_MAPPING = {
     r"^layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)$":       r"layers.\1.mlp.fc2.\2",
 }
 
-# timm `VisionTransformer` -> DToP base model.
+# timm `VisionTransformer` (`vit_*`, `deit_*`, `vit_*_dinov2`, `vit_*_reg4_dinov2`) -> DToP base model. Layer scales
+# (`ls1/ls2.gamma`), the distillation token (`deit_*_distilled`) and register tokens (`reg_token`) have their DToP
+# counterparts; a packed SwiGLU `mlp.fc1` (gate rows, then up rows: DINOv2-g) is split by `split_packed_gated_mlp`.
 TIMM_BACKBONE_KEY_MAPPING = {
     r"^cls_token$":                                  r"embeddings.cls_token",
+    r"^dist_token$":                                 r"embeddings.distillation_token",
+    r"^reg_token$":                                  r"embeddings.register_tokens",
     r"^pos_embed$":                                  r"embeddings.position_embeddings",
     r"^patch_embed\.proj\.(weight|bias)$":           r"embeddings.patch_embeddings.projection.\1",
     r"^blocks\.(\d+)\.norm1\.(weight|bias)$":        r"layers.\1.layernorm_before.\2",
@@ -78,6 +89,7 @@ TIMM_BACKBONE_KEY_MAPPING = {
     r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$":   r"layers.\1.attention.o_proj.\2",
     r"^blocks\.(\d+)\.norm2\.(weight|bias)$":        r"layers.\1.layernorm_after.\2",
     r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$": r"layers.\1.mlp.\2.\3",
+    r"^blocks\.(\d+)\.ls([12])\.gamma$":            r"layers.\1.layer_scale\2.lambda1",
 }
 
 # One official `PruneHead` (SegViT ATM head) -> one DToP ATM head (`heads.K.` is prepended).
@@ -86,7 +98,8 @@ HEAD_KEY_MAPPING = {
     r"^(input_proj|proj_norm|class_embed)\.(weight|bias)$":                  r"\1.\2",
     r"^decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)$":           r"layers.\1.self_attn.qkv.\2",
     r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)$":         r"layers.\1.self_attn.o_proj.\2",
-    r"^decoder\.layers\.(\d+)\.multihead_attn\.(q|k|v|proj)\.(weight|bias)$": r"layers.\1.multihead_attn.\2.\3",
+    r"^decoder\.layers\.(\d+)\.multihead_attn\.(q|k|v)\.(weight|bias)$":    r"layers.\1.cross_attn.\2_proj.\3",
+    r"^decoder\.layers\.(\d+)\.multihead_attn\.proj\.(weight|bias)$":       r"layers.\1.cross_attn.o_proj.\2",
     r"^decoder\.layers\.(\d+)\.(linear1|linear2|norm1|norm2|norm3)\.(weight|bias)$": r"layers.\1.\2.\3",
 }
 
@@ -100,64 +113,26 @@ KEYS_TO_DROP = [
 # read the raw layer outputs) and the classifier.
 BACKBONE_KEYS_TO_DROP = {
     "mmseg": [r"^ln1\.(weight|bias)$"],
-    "timm": [r"^norm\.(weight|bias)$", r"^fc_norm\.(weight|bias)$", r"^head\.(weight|bias)$", r"^pre_logits\."],
+    "timm": [
+        r"^norm\.(weight|bias)$", r"^fc_norm\.(weight|bias)$", r"^head(_dist)?\.(weight|bias)$", r"^pre_logits\.",
+    ],
 }
 # fmt: on
 
 BACKBONE_KEY_MAPPINGS = {"mmseg": MMSEG_BACKBONE_KEY_MAPPING, "timm": TIMM_BACKBONE_KEY_MAPPING}
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # = (123.675, ...) / 255
-VIT_LARGE_MEAN, VIT_LARGE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # = 127.5 / 255 (official ViT-L configs)
+def official_preset(preset: DToPPaperPreset) -> dict:
+    """A paper configuration of `presets_dtop.PAPER_PRESETS` as conversion settings: `DToPConfig` kwargs (with the
+    data set's class names), image processor kwargs (the official test mode) and model card fields."""
+    id2label = dataset_id2label(preset.dataset.name)
+    config = {**preset.config_kwargs(), "id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+    card = {"datasets": list(preset.dataset.card_datasets), "dataset_name": preset.dataset.display_name}
+    return {"config": config, "image_processor": preset.dataset.image_processor_kwargs(), "card": card}
 
-VIT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
-VIT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
-
-
-def official_preset(
-    backbone: dict, image_size: int, head_num_attention_heads: int, labels: tuple[str, ...], dataset: dict
-) -> dict:
-    """One preset: DToPConfig kwargs, image processor kwargs and model card fields."""
-    is_large = backbone is VIT_LARGE
-    config = dict(
-        backbone,
-        image_size=image_size,
-        patch_size=16,
-        layer_norm_eps=1e-6,
-        out_indices=(7, 15, 23) if is_large else (5, 7, 11),
-        head_hidden_size=512 if is_large else 384,
-        head_num_attention_heads=head_num_attention_heads,
-        head_num_layers=3,
-        exit_threshold=0.95 if is_large else 0.9,
-        keep_top_k=5,
-        id2label=dict(enumerate(labels)),
-        label2id={name: index for index, name in enumerate(labels)},
-    )
-    image_processor = {
-        "size": {"height": image_size, "width": image_size},
-        "image_mean": VIT_LARGE_MEAN if is_large else IMAGENET_MEAN,
-        "image_std": VIT_LARGE_STD if is_large else IMAGENET_STD,
-        "do_reduce_labels": dataset["do_reduce_labels"],
-        "crop_size": {"height": image_size, "width": image_size},
-        # mmseg's usual test stride: 2/3 of the crop (341 for 512).
-        "stride": {"height": image_size * 2 // 3, "width": image_size * 2 // 3},
-    }
-    card = {"datasets": dataset["datasets"], "dataset_name": dataset["name"]}
-    return {"config": config, "image_processor": image_processor, "card": card}
-
-
-# Datasets: reduce_zero_label as in mmseg's data set configs (label 0 = "unlabelled" -> 255, the rest shift by -1).
-ADE20K = {"name": "ADE20K", "datasets": ["scene_parse_150"], "do_reduce_labels": True}
-PASCAL_CONTEXT = {"name": "Pascal Context (59 classes)", "datasets": ["pascal_context"], "do_reduce_labels": True}
-COCO_STUFF_10K = {"name": "COCO-Stuff-10K", "datasets": ["coco_stuff_10k"], "do_reduce_labels": True}
 
 # Input sizes follow SegViT's crops; they reproduce the paper's baseline GFLOPs (ViT-L: 617.0 at 640, 315.4 at 480,
-# 366.9 at 512; ViT-B: 109.9 at 512). Head attention heads as in SPEC §2.
-PRESETS = {
-    "dtop-vit-base-ade20k": official_preset(VIT_BASE, 512, 6, ADE20K_LABELS, ADE20K),
-    "dtop-vit-large-ade20k": official_preset(VIT_LARGE, 640, 8, ADE20K_LABELS, ADE20K),
-    "dtop-vit-large-pascal-context": official_preset(VIT_LARGE, 480, 16, PASCAL_CONTEXT_59_LABELS, PASCAL_CONTEXT),
-    "dtop-vit-large-coco-stuff-10k": official_preset(VIT_LARGE, 512, 16, COCO_STUFF_LABELS, COCO_STUFF_10K),
-}
+# 366.9 at 512; ViT-B: 109.9 at 512).
+PRESETS = {name: official_preset(preset) for name, preset in PAPER_PRESETS.items()}
 
 
 def split_packed_qkv(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,17 +151,7 @@ def rename_keys(
     Raises:
         ValueError: listing every key that no pattern matches (nothing is dropped silently), as `key_prefix + key`.
     """
-    renamed, unknown = {}, []
-    for key, value in state_dict.items():
-        for pattern, replacement in key_mapping.items():
-            if re.search(pattern, key):
-                renamed[re.sub(pattern, replacement, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        unknown = sorted(key_prefix + key for key in unknown)
-        raise ValueError(f"Unknown keys in {source} (no conversion rule): {unknown}.")
+    renamed = rename_state_dict_keys(state_dict, key_mapping, source, key_prefix)
     converted = {}
     for key, value in renamed.items():
         if ".qkv." not in key:
@@ -196,12 +161,6 @@ def rename_keys(
         for name, part in zip(("q_proj", "k_proj", "v_proj"), split_packed_qkv(value)):
             converted[f"{prefix}.{name}.{suffix}"] = part
     return converted
-
-
-def drop_keys(state_dict: dict[str, torch.Tensor], patterns: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Remove the keys matching any of `patterns`; returns the rest and the sorted dropped keys."""
-    dropped = sorted(key for key in state_dict if any(re.search(pattern, key) for pattern in patterns))
-    return {key: value for key, value in state_dict.items() if key not in dropped}, dropped
 
 
 def strip_common_prefix(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -250,12 +209,89 @@ def convert_backbone_state_dict(
     if layout not in BACKBONE_KEY_MAPPINGS:
         raise ValueError(f"`layout` must be one of {sorted(BACKBONE_KEY_MAPPINGS)}, got {layout!r}.")
     state_dict, dropped = drop_keys(backbone_state_dict, BACKBONE_KEYS_TO_DROP[layout])
-    converted = rename_keys(state_dict, BACKBONE_KEY_MAPPINGS[layout], source, key_prefix)
+    converted = split_packed_gated_mlp(rename_keys(state_dict, BACKBONE_KEY_MAPPINGS[layout], source, key_prefix))
     position = converted.get("embeddings.position_embeddings")
     if position is not None and math.isqrt(position.shape[1]) ** 2 == position.shape[1]:
-        # timm `no_embed_class` models store the grid only: give the class token a zero position embedding.
+        # timm `no_embed_class` models (the registers ones among them) store the grid only, the class token having
+        # its position folded in: give it a zero position slot (the same embeddings).
         converted["embeddings.position_embeddings"] = F.pad(position, (0, 0, 1, 0))
     return converted, dropped
+
+
+def split_packed_gated_mlp(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's packed SwiGLU (`SwiGLUPacked`: `mlp.fc1` holds the gate rows, then the up rows; the activation goes on
+    the gate) -> DToP's `gate_proj`, `up_proj`, `down_proj`. A plain MLP (`fc1` rows = `fc2` columns) is kept."""
+    converted = dict(state_dict)
+    for key in [key for key in state_dict if key.endswith(".mlp.fc1.weight")]:
+        prefix = key[: -len("fc1.weight")]
+        if state_dict[key].shape[0] != 2 * state_dict[f"{prefix}fc2.weight"].shape[1]:
+            continue
+        for suffix in ("weight", "bias"):
+            packed = converted.pop(f"{prefix}fc1.{suffix}", None)
+            if packed is not None:
+                converted[f"{prefix}gate_proj.{suffix}"], converted[f"{prefix}up_proj.{suffix}"] = packed.chunk(2)
+            if f"{prefix}fc2.{suffix}" in converted:
+                converted[f"{prefix}down_proj.{suffix}"] = converted.pop(f"{prefix}fc2.{suffix}")
+    return converted
+
+
+def backbone_fields_from_state_dict(backbone_state_dict: dict[str, torch.Tensor]) -> dict:
+    """The backbone's structure read off converted weights (DToP names): width, depth, patch, MLP kind and width,
+    layer scale, extra tokens, q|k|v bias and the stored grid (as `image_size`).
+
+    Attention heads cannot be read off weights: every timm / mmseg ViT, DeiT and DINOv2 uses 64-dimensional heads.
+    """
+    projection = backbone_state_dict["embeddings.patch_embeddings.projection.weight"]  # (dim, channels, P, P)
+    hidden_size, num_channels, patch_size = projection.shape[0], projection.shape[1], projection.shape[-1]
+    layer_indices = {int(key.split(".")[1]) for key in backbone_state_dict if key.startswith("layers.")}
+    use_gated_mlp = "layers.0.mlp.gate_proj.weight" in backbone_state_dict
+    mlp_input = "layers.0.mlp.gate_proj.weight" if use_gated_mlp else "layers.0.mlp.fc1.weight"
+    has_distillation_token = "embeddings.distillation_token" in backbone_state_dict
+    register_tokens = backbone_state_dict.get("embeddings.register_tokens")
+    num_positions = backbone_state_dict["embeddings.position_embeddings"].shape[1] - 1 - int(has_distillation_token)
+    fields = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": len(layer_indices),
+        "num_attention_heads": max(hidden_size // 64, 1),
+        "intermediate_size": backbone_state_dict[mlp_input].shape[0],
+        "patch_size": patch_size,
+        "num_channels": num_channels,
+        "image_size": math.isqrt(num_positions) * patch_size,
+        "qkv_bias": "layers.0.attention.q_proj.bias" in backbone_state_dict,
+        "use_gated_mlp": use_gated_mlp,
+        "layerscale_value": 1.0 if "layers.0.layer_scale1.lambda1" in backbone_state_dict else None,
+        "has_distillation_token": has_distillation_token,
+        "num_register_tokens": 0 if register_tokens is None else register_tokens.shape[1],
+    }
+    if use_gated_mlp:
+        fields["hidden_act"] = "silu"  # timm's SwiGLUPacked, DINOv2's SwiGLU
+    return fields
+
+
+def fit_config_to_backbone(config: DToPConfig, backbone_fields: dict) -> tuple[DToPConfig, dict]:
+    """The config with the backbone structure of the weights it is to load; its heads, labels, input size and
+    pruning settings stay. Extra tokens follow `config.use_cls_token` (True keeps all of them, as in
+    `from_vit_pretrained`); a backbone of another depth or width gets the default stage layout for it.
+
+    Returns:
+        The fitted config and the fields that changed, `{name: (old, new)}`.
+    """
+    fields = dict(backbone_fields)
+    keep_extra_tokens = config.use_cls_token
+    fields["use_distillation_token"] = fields.pop("has_distillation_token") and keep_extra_tokens
+    fields["num_register_tokens"] = fields["num_register_tokens"] if keep_extra_tokens else 0
+    # DINOv2 with registers resizes its positions with antialiasing (see `Dinov2WithRegistersEmbeddings`).
+    fields["position_embedding_antialias"] = backbone_fields["num_register_tokens"] > 0
+    fields.pop("image_size")  # the config's input size is the resize target
+    if fields["hidden_size"] == config.hidden_size:
+        fields.pop("num_attention_heads")
+    if (fields["num_hidden_layers"], fields["hidden_size"]) != (config.num_hidden_layers, config.hidden_size):
+        layout = default_stage_layout(fields["num_hidden_layers"], fields["hidden_size"])
+        fields.update({name: value for name, value in layout.items() if name != "exit_threshold"})
+    changes = {name: (getattr(config, name), value) for name, value in fields.items() if getattr(config, name) != value}
+    if not changes:
+        return config, {}
+    return DToPConfig.from_dict({**config.to_dict(), **{name: new for name, (_, new) in changes.items()}}), changes
 
 
 def expected_state_dict_shapes(config: DToPConfig) -> dict[str, torch.Size]:
@@ -518,18 +554,26 @@ def convert_checkpoint(
     verify_outputs: str | Path | None = None,
 ) -> DToPForSemanticSegmentation:
     """Convert a checkpoint (official DToP, or mmseg / timm ViT backbone weights) and save a Hub-ready folder:
-    `model.safetensors`, `config.json`, `preprocessor_config.json`, the modeling code and `README.md`."""
+    `model.safetensors`, `config.json`, `preprocessor_config.json`, the modeling code and `README.md`.
+
+    For backbone weights, the backbone's structure (width, depth, patch, MLP, layer scale, distillation and register
+    tokens) is read off the weights and replaces the config's (see `fit_config_to_backbone`); the image processor's
+    input and window sizes are the model's own input size."""
     config, image_processor_kwargs, card_fields = load_conversion_config(config_name_or_path)
     original_state_dict = load_original_checkpoint(checkpoint_path)
     layout = detect_checkpoint_layout(original_state_dict)
-    model = DToPForSemanticSegmentation(config)
     if layout == "dtop":
+        model = DToPForSemanticSegmentation(config)
         model.load_state_dict(convert_original_state_dict(original_state_dict, config), strict=True)
         description = f"Weights converted from the official DToP checkpoint `{Path(checkpoint_path).name}`."
         training_recipe = "These weights were trained by the DToP authors' code; they were converted, not retrained."
     else:
         backbone_state_dict = strip_common_prefix(original_state_dict, ("module.", "backbone."))
         converted, dropped = convert_backbone_state_dict(backbone_state_dict, layout, str(checkpoint_path))
+        config, changes = fit_config_to_backbone(config, backbone_fields_from_state_dict(converted))
+        if changes:
+            logger.info(f"Backbone structure read off the weights, replacing the config's (old, new): {changes}.")
+        model = DToPForSemanticSegmentation(config)
         load_backbone_state_dict(model, converted, source=str(checkpoint_path))
         logger.info(
             f"Backbone loaded from {layout} ViT weights ({len(converted)} tensors); dropped {dropped} (final norm "
@@ -553,6 +597,14 @@ def convert_checkpoint(
 
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
+    # The model's own input size (a multiple of its patch), for resizing and for the sliding windows; the stride is
+    # 2/3 of the window, as mmseg's 341 for 512.
+    side = config.image_size // config.patch_size * config.patch_size
+    image_processor_kwargs.update(
+        size={"height": side, "width": side},
+        crop_size={"height": side, "width": side},
+        stride={"height": 2 * side // 3, "width": 2 * side // 3},
+    )
     DToPImageProcessor(**image_processor_kwargs).save_pretrained(output_dir)
     card_path = write_model_card(
         output_dir, config, model_name=model_name, description=description, training_recipe=training_recipe,

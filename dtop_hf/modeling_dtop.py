@@ -19,6 +19,7 @@ Attention, which must stay inside an image, runs on a per-image padded view of t
 (no copy at all while every image has the same number of active tokens).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,15 +37,16 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_dtop import DToPConfig
 from .loss_dtop import atm_stage_loss, check_labels, fcn_stage_loss
 from .pruning import (
+    ActiveTokens,
     TokenPacking,
     atm_class_scores,
-    pack_tokens,
+    keep_rows,
     select_exiting_tokens,
     token_confidence,
     tokens_to_grid,
     update_canvas,
 )
-from .vit_weights import from_vit_pretrained
+from .vit_weights import from_vit_pretrained, resize_position_grid
 
 
 logger = logging.get_logger(__name__)
@@ -64,7 +66,7 @@ class DToPModelOutput(ModelOutput):
             Index into `config.out_indices` of the head that finalised each token; tokens that never exited have
             the decode head's index, `len(out_indices) - 1`.
         tokens_per_layer (`torch.LongTensor` of shape `(batch_size, num_hidden_layers)`):
-            Tokens that entered each ViT layer, per image (the class token included when `use_cls_token`).
+            Tokens that entered each ViT layer, per image (the prefix tokens included, see `num_prefix_tokens`).
         stage_logits (`tuple(torch.FloatTensor)`, one per head, each `(batch_size, num_labels, height, width)`):
             Each head's prediction over the whole grid, same kind of values as `logits`: for ATM, head k's presence
             x sigmoid(canvas after head k); for FCN, the canvas after head k.
@@ -74,10 +76,11 @@ class DToPModelOutput(ModelOutput):
             The canvas after each head: that head's mask logits (FCN: class logits) for the tokens it saw, the
             earlier values for tokens that had exited.
         hidden_states (`tuple(torch.FloatTensor)`, returned when `output_hidden_states=True`):
-            The embeddings and the output of every layer, each `(batch_size, tokens, hidden_size)` on the full
-            token grid (class token first when `use_cls_token`); rows of exited tokens are zero.
+            The embeddings and the output of every layer, each `(batch_size, sequence_length, hidden_size)` on the
+            full token grid (prefix tokens first); rows of exited tokens are zero.
         attentions (`tuple(torch.FloatTensor)`, returned when `output_attentions=True`, eager attention only):
-            Attention weights of every layer, each `(batch_size, num_heads, tokens, tokens)`; zero for exited tokens.
+            Attention weights of every layer, each `(batch_size, num_heads, sequence_length, sequence_length)` on
+            the full token grid whatever has exited; zero for exited tokens.
         patch_offsets (`list[torch.Tensor]`, *optional*):
             The `patch_offsets` given to the forward, passed through (EoMT's convention): for inputs split into
             windows by [`DToPImageProcessor`] (`do_split_image=True`), each window's `(image index, start, end)`
@@ -96,22 +99,23 @@ class DToPModelOutput(ModelOutput):
 
 
 @dataclass
-class DToPSemanticSegmenterOutput(ModelOutput):
+class DToPLossOutput(ModelOutput):
     """
-    Output of [`DToPForSemanticSegmentation`]: `loss` (`torch.FloatTensor` of shape `()`, returned when `labels`
-    are given: the sum over heads of each head's loss, SPEC §4), then the fields of [`DToPModelOutput`].
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
+            The sum over heads of each head's loss, weighted by `config.stage_loss_weights` (SPEC §4).
     """
 
     loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    exit_stage: torch.LongTensor | None = None
-    tokens_per_layer: torch.LongTensor | None = None
-    stage_logits: tuple[torch.FloatTensor, ...] | None = None
-    stage_class_logits: tuple[torch.FloatTensor, ...] | None = None
-    stage_mask_logits: tuple[torch.FloatTensor, ...] | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    patch_offsets: list[torch.Tensor] | None = None
+
+
+@dataclass
+class DToPSemanticSegmenterOutput(DToPModelOutput, DToPLossOutput):
+    """
+    Output of [`DToPForSemanticSegmentation`]: `loss` (see [`DToPLossOutput`]), then the fields of
+    [`DToPModelOutput`]. Dataclasses collect fields from the most basic class up, so `loss` comes first without
+    the other fields being written twice.
+    """
 
 
 @dataclass
@@ -172,32 +176,50 @@ def build_attention_mask(packing: TokenPacking, attn_implementation: str | None,
 
 
 class DToPEmbeddings(nn.Module):
-    """Patch embedding plus absolute position embeddings, resized (bicubic) to the input grid when needed."""
+    """Patch embedding, the kept prefix tokens (class, distillation, registers) and the positions: absolute position
+    embeddings resized to the input grid the way the source family resizes them, or DINOv3's rotary embedding
+    (computed here per token, applied to queries and keys in the attention)."""
 
     def __init__(self, config: DToPConfig):
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
         self.stored_grid = config.image_size // config.patch_size
-        # Without `use_cls_token` the class token could not influence anything (and would get no gradient).
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
+        dim = config.hidden_size
+        # Extra tokens that are not kept could not influence anything (and would get no gradient): not created.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.use_cls_token else None
+        self.distillation_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.use_distillation_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, dim)) if config.num_register_tokens else None
+        )
         self.patch_embeddings = DToPPatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.stored_grid**2, config.hidden_size))
+        # The stored positions start with a slot for the class token (and DeiT's distillation token), kept when the
+        # class token is dropped so that every checkpoint keeps its layout; registers have no position.
+        self.num_position_prefixes = 1 + int(config.use_distillation_token)
+        self.position_embeddings = None
+        if config.position_embedding_type == "absolute":
+            num_positions = self.num_position_prefixes + self.stored_grid**2
+            self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, dim))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def grid_position_embeddings(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Position embeddings of the patch tokens for a `(h, w)` grid: `(1, h * w, dim)`."""
-        patch_position = self.position_embeddings[:, 1:]
+        patch_position = self.position_embeddings[:, self.num_position_prefixes :]
         if grid_size == (self.stored_grid, self.stored_grid):
             return patch_position
-        dim = patch_position.shape[-1]
-        patch_position = patch_position.reshape(1, self.stored_grid, self.stored_grid, dim).permute(0, 3, 1, 2)
-        # SPEC §1: plain bicubic, align_corners=False, no antialiasing (unlike timm's default).
-        patch_position = F.interpolate(patch_position, size=grid_size, mode="bicubic", align_corners=False)
-        return patch_position.permute(0, 2, 3, 1).reshape(1, grid_size[0] * grid_size[1], dim)
+        return resize_position_grid(patch_position, grid_size, antialias=self.config.position_embedding_antialias)
+
+    def prefix_tokens(self) -> torch.Tensor | None:
+        """The kept class, distillation and register tokens with their positions: `(1, num_prefix_tokens, dim)`."""
+        tokens = [token for token in (self.cls_token, self.distillation_token) if token is not None]
+        if self.position_embeddings is not None:
+            tokens = [token + self.position_embeddings[:, index : index + 1] for index, token in enumerate(tokens)]
+        if self.register_tokens is not None:
+            tokens.append(self.register_tokens)
+        return torch.cat(tokens, dim=1) if tokens else None
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """`(batch, channels, H, W)` -> tokens `(batch, [1 +] h * w, dim)` and the grid size `(h, w)`."""
+        """`(batch, channels, H, W)` -> tokens `(batch, num_prefix_tokens + h * w, dim)` and the grid size `(h, w)`."""
         height, width = pixel_values.shape[-2:]
         pad_bottom, pad_right = -height % self.patch_size, -width % self.patch_size
         if pad_bottom or pad_right:
@@ -206,13 +228,81 @@ class DToPEmbeddings(nn.Module):
             pixel_values = F.pad(pixel_values, (0, pad_right, 0, pad_bottom))
         patch_tokens = self.patch_embeddings(pixel_values)  # (batch, dim, h, w)
         grid_size = tuple(patch_tokens.shape[-2:])
-        patch_tokens = patch_tokens.flatten(2).transpose(1, 2)  # (batch, h * w, dim)
-        # Official code: the cls token gets pos slot 0 and is then dropped, i.e. tokens + pos[:, 1:] (SPEC §1).
-        embeddings = patch_tokens + self.grid_position_embeddings(grid_size)
-        if self.config.use_cls_token:
-            cls_token = (self.cls_token + self.position_embeddings[:, :1]).expand(embeddings.shape[0], -1, -1)
-            embeddings = torch.cat([cls_token, embeddings], dim=1)
+        embeddings = patch_tokens.flatten(2).transpose(1, 2)  # (batch, h * w, dim)
+        if self.position_embeddings is not None:
+            # Official code: the cls token gets pos slot 0 and is then dropped, i.e. tokens + pos[:, 1:] (SPEC §1).
+            embeddings = embeddings + self.grid_position_embeddings(grid_size)
+        prefix_tokens = self.prefix_tokens()
+        if prefix_tokens is not None:
+            embeddings = torch.cat([prefix_tokens.expand(embeddings.shape[0], -1, -1), embeddings], dim=1)
         return self.dropout(embeddings), grid_size
+
+    def rotary_position_embeddings(
+        self, grid_size: tuple[int, int], batch_size: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """DINOv3's 2-D rotary embedding of every backbone token; `None` with absolute position embeddings.
+
+        Each patch's angles come from its own grid position, normalised to [-1, 1] over the current grid (so other
+        input sizes need no resizing); the prefix tokens are not rotated (DINOv3 rotates patch tokens only). The
+        rows travel with their tokens through the packing, so a token keeps its position while others exit.
+
+        Returns:
+            `(cos, sin)`, each `(batch, num_prefix_tokens + h * w, head_dim)` in backbone token order.
+        """
+        config = self.config
+        if config.position_embedding_type != "rope":
+            return None
+        head_dim = config.hidden_size // config.num_attention_heads
+        device = self.patch_embeddings.projection.weight.device
+        coordinates = patch_center_coordinates(grid_size, device)  # (h * w, 2), (y, x)
+        if self.training:
+            coordinates = augment_coordinates(coordinates, config.rope_shift, config.rope_jitter, config.rope_rescale)
+        inverse_frequency = 1 / config.rope_theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
+        # (h * w, 2, head_dim / 4) -> (h * w, head_dim / 2): y frequencies, then x; tiled over both rotated halves.
+        angles = 2 * math.pi * coordinates[:, :, None] * inverse_frequency[None, None, :]
+        angles = angles.flatten(1, 2).tile(2)  # (h * w, head_dim)
+        cos, sin = angles.cos(), angles.sin()
+        if config.num_prefix_tokens:
+            cos = torch.cat([cos.new_ones(config.num_prefix_tokens, head_dim), cos])
+            sin = torch.cat([sin.new_zeros(config.num_prefix_tokens, head_dim), sin])
+        return cos.to(dtype)[None].expand(batch_size, -1, -1), sin.to(dtype)[None].expand(batch_size, -1, -1)
+
+
+def patch_center_coordinates(grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """`(h * w, 2)` float32 (y, x) centres of the patches of a grid, row-major, normalised to [-1, 1] (DINOv3)."""
+    height, width = grid_size
+    coordinates_y = torch.arange(0.5, height, dtype=torch.float32, device=device) / height
+    coordinates_x = torch.arange(0.5, width, dtype=torch.float32, device=device) / width
+    coordinates = torch.stack(torch.meshgrid(coordinates_y, coordinates_x, indexing="ij"), dim=-1).flatten(0, 1)
+    return 2.0 * coordinates - 1.0
+
+
+def augment_coordinates(
+    coordinates: torch.Tensor, shift: float | None, jitter: float | None, rescale: float | None
+) -> torch.Tensor:
+    """DINOv3's training-time augmentation of the rotary coordinates: one random shift, per-axis jitter and global
+    rescale per forward pass, shared by the batch (each `None` = off)."""
+    if shift is not None:
+        coordinates = coordinates + coordinates.new_empty(1, 2).uniform_(-shift, shift)
+    if jitter is not None:
+        coordinates = coordinates * coordinates.new_empty(1, 2).uniform_(-math.log(jitter), math.log(jitter)).exp()
+    if rescale is not None:
+        coordinates = coordinates * coordinates.new_empty(1).uniform_(-math.log(rescale), math.log(rescale)).exp()
+    return coordinates
+
+
+def rotate_half(hidden_states: torch.Tensor) -> torch.Tensor:
+    """`(..., d)` -> `(..., d)`: the halves swapped, the new first half negated."""
+    first_half, second_half = hidden_states.chunk(2, dim=-1)
+    return torch.cat((-second_half, first_half), dim=-1)
+
+
+def apply_rotary_position_embeddings(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate packed queries and keys `(total, heads, head_dim)` by each token's angles `(total, head_dim)`."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
 class DToPPatchEmbeddings(nn.Module):
@@ -230,7 +320,8 @@ class DToPPatchEmbeddings(nn.Module):
 
 
 class DToPAttention(nn.Module):
-    """ViT multi-head self-attention over packed tokens; attention stays inside each image."""
+    """ViT multi-head self-attention over packed tokens; attention stays inside each image. With DINOv3's rotary
+    embedding, queries and keys are rotated per token before the padded per-image layout is built."""
 
     def __init__(self, config: DToPConfig):
         super().__init__()
@@ -240,19 +331,31 @@ class DToPAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
         self.is_causal = False
+        key_bias = config.qkv_bias if config.key_bias is None else config.key_bias
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=key_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, packing: TokenPacking, attention_mask: torch.Tensor | None
+        self,
+        hidden_states: torch.Tensor,
+        packing: TokenPacking,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(total, dim)` packed tokens -> `(total, dim)`, and the padded attention weights (eager only)."""
+        """`(total, dim)` packed tokens -> `(total, dim)`, and the padded attention weights (eager only).
+
+        `position_embeddings`: `None`, or the packed rotary `(cos, sin)`, each `(total, head_dim)`.
+        """
         head_shape = (-1, self.num_attention_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(head_shape)  # (total, heads, head_dim)
+        key = self.k_proj(hidden_states).view(head_shape)
+        if position_embeddings is not None:
+            query, key = apply_rotary_position_embeddings(query, key, *position_embeddings)
         # (total, heads, head_dim) -> (batch, max_count, heads, head_dim) -> (batch, heads, max_count, head_dim)
-        query = packing.to_padded(self.q_proj(hidden_states).view(head_shape)).transpose(1, 2)
-        key = packing.to_padded(self.k_proj(hidden_states).view(head_shape)).transpose(1, 2)
+        query = packing.to_padded(query).transpose(1, 2)
+        key = packing.to_padded(key).transpose(1, 2)
         value = packing.to_padded(self.v_proj(hidden_states).view(head_shape)).transpose(1, 2)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -271,7 +374,7 @@ class DToPAttention(nn.Module):
 
 
 class DToPMLP(nn.Module):
-    """ViT feed-forward block."""
+    """ViT feed-forward block: fc2(act(fc1(x)))."""
 
     def __init__(self, config: DToPConfig):
         super().__init__()
@@ -283,24 +386,89 @@ class DToPMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
-class DToPLayer(GradientCheckpointingLayer):
-    """Pre-norm ViT block on packed tokens: x += MHSA(LN1(x)); x += MLP(LN2(x))."""
+class DToPGatedMLP(nn.Module):
+    """Gated feed-forward block (DINOv2's SwiGLU, DINOv3's gated MLP): down(act(gate(x)) * up(x))."""
 
     def __init__(self, config: DToPConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class DToPLayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch (DINOv2, DINOv3)."""
+
+    def __init__(self, config: DToPConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+class DToPDropPath(nn.Module):
+    """Stochastic depth on packed rows: in training, a residual branch is dropped for a whole image with
+    probability `drop_prob` and kept branches are scaled by 1 / (1 - drop_prob) (mmcv's `DropPath`, per sample);
+    the identity in eval mode or at rate 0."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, branch: torch.Tensor, packing: TokenPacking) -> torch.Tensor:
+        """`(total, dim)` -> `(total, dim)`."""
+        if self.drop_prob == 0.0 or not self.training:
+            return branch
+        keep_prob = 1.0 - self.drop_prob
+        keep = (keep_prob + torch.rand(packing.batch_size, dtype=branch.dtype, device=branch.device)).floor()
+        row_scale = (keep / keep_prob).index_select(0, packing.row_image_index)  # (total,): its image's factor
+        return branch * row_scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class DToPLayer(GradientCheckpointingLayer):
+    """Pre-norm ViT block on packed tokens: x += LS1(MHSA(LN1(x))); x += DropPath(LS2(MLP(LN2(x)))), the layer
+    scales LS only for the families that have them."""
+
+    def __init__(self, config: DToPConfig, drop_path_rate: float = 0.0):
         super().__init__()
         self.attention = DToPAttention(config)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = DToPMLP(config)
+        self.mlp = DToPGatedMLP(config) if config.use_gated_mlp else DToPMLP(config)
+        has_layer_scale = config.layerscale_value is not None
+        self.layer_scale1 = DToPLayerScale(config) if has_layer_scale else nn.Identity()
+        self.layer_scale2 = DToPLayerScale(config) if has_layer_scale else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # mmseg 1.x's ViT layer (the official backbone) gives stochastic depth to the MLP branch only.
+        self.drop_path = DToPDropPath(drop_path_rate)
 
     def forward(
-        self, hidden_states: torch.Tensor, packing: TokenPacking, attention_mask: torch.Tensor | None
+        self,
+        hidden_states: torch.Tensor,
+        packing: TokenPacking,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(self.layernorm_before(hidden_states), packing, attention_mask)
-        hidden_states = hidden_states + self.dropout(attn_output)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        attn_output, attn_weights = self.attention(
+            self.layernorm_before(hidden_states), packing, attention_mask, position_embeddings
+        )
+        hidden_states = hidden_states + self.dropout(self.layer_scale1(attn_output))
+        mlp_output = self.layer_scale2(self.mlp(self.layernorm_after(hidden_states)))
+        hidden_states = hidden_states + self.drop_path(self.dropout(mlp_output), packing)
         return hidden_states, attn_weights
+
+
+class DToPQueryInputProjection(nn.Linear):
+    """The query, key or value projection of the query self-attention: one third of `nn.MultiheadAttention`'s
+    packed (3 dim, dim) `in_proj_weight` in the official code, and initialised as a part of that matrix."""
 
 
 class DToPQuerySelfAttention(nn.Module):
@@ -316,9 +484,9 @@ class DToPQuerySelfAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.head_dropout
         self.is_causal = False
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = DToPQueryInputProjection(dim, dim)
+        self.k_proj = DToPQueryInputProjection(dim, dim)
+        self.v_proj = DToPQueryInputProjection(dim, dim)
         self.o_proj = nn.Linear(dim, dim)
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
@@ -356,10 +524,11 @@ class DToPMaskAttention(nn.Module):
         self.num_attention_heads = config.head_num_attention_heads
         self.head_dim = dim // self.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        # Official names: `q`, `k`, `v`, `proj` (renamed on load for checkpoints saved with them).
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
         # Official code: attention dropout 0.1 is fixed inside SegViT's cross-attention; here it is config-driven.
         self.attention_dropout = nn.Dropout(config.head_dropout)
 
@@ -377,9 +546,11 @@ class DToPMaskAttention(nn.Module):
         """
         batch_size, num_queries, dim = queries.shape
         num_keys = memory.shape[1]
-        query = self.q(queries).view(batch_size, num_queries, self.num_attention_heads, self.head_dim).transpose(1, 2)
-        key = self.k(memory).view(batch_size, num_keys, self.num_attention_heads, self.head_dim).transpose(1, 2)
-        value = self.v(memory).view(batch_size, num_keys, self.num_attention_heads, self.head_dim).transpose(1, 2)
+        query_shape = (batch_size, num_queries, self.num_attention_heads, self.head_dim)
+        key_shape = (batch_size, num_keys, self.num_attention_heads, self.head_dim)
+        query = self.q_proj(queries).view(query_shape).transpose(1, 2)  # (batch, heads, num_labels, head_dim)
+        key = self.k_proj(memory).view(key_shape).transpose(1, 2)  # (batch, heads, max_count, head_dim)
+        value = self.v_proj(memory).view(key_shape).transpose(1, 2)
         scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling  # (batch, heads, num_labels, max_count)
         mask_logits = scores.mean(dim=1)  # (batch, num_labels, max_count)
         weights = (scores if key_bias is None else scores + key_bias).softmax(dim=-1)
@@ -388,7 +559,7 @@ class DToPMaskAttention(nn.Module):
             weights = weights * (packing.counts > 0).to(weights.dtype)[:, None, None, None]
         weights = self.attention_dropout(weights)
         attended = torch.matmul(weights, value).transpose(1, 2).reshape(batch_size, num_queries, dim)
-        return self.proj(attended), mask_logits
+        return self.o_proj(attended), mask_logits
 
 
 class DToPATMDecoderLayer(nn.Module):
@@ -399,7 +570,8 @@ class DToPATMDecoderLayer(nn.Module):
         super().__init__()
         dim, eps = config.head_hidden_size, config.head_layer_norm_eps
         self.self_attn = DToPQuerySelfAttention(config)
-        self.multihead_attn = DToPMaskAttention(config)
+        # Official name: `multihead_attn` (renamed on load).
+        self.cross_attn = DToPMaskAttention(config)
         self.linear1 = nn.Linear(dim, config.head_intermediate_size)
         self.linear2 = nn.Linear(config.head_intermediate_size, dim)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -411,7 +583,7 @@ class DToPATMDecoderLayer(nn.Module):
         self, queries: torch.Tensor, memory: torch.Tensor, packing: TokenPacking, key_bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         queries = self.norm1(queries + self.dropout(self.self_attn(queries)))
-        attended, mask_logits = self.multihead_attn(queries, memory, packing, key_bias)
+        attended, mask_logits = self.cross_attn(queries, memory, packing, key_bias)
         queries = self.norm2(queries + self.dropout(attended))
         feed_forward = self.linear2(self.dropout(F.relu(self.linear1(queries))))
         queries = self.norm3(queries + self.dropout(feed_forward))
@@ -421,10 +593,16 @@ class DToPATMDecoderLayer(nn.Module):
 class DToPATMHead(nn.Module):
     """SegViT ATM head (the official DToP `PruneHead`): one learned query per class attends to the image's
     active tokens; the last layer's attention scores are the mask logits, a linear layer on each query gives
-    its class-present logits."""
+    its class-present logits.
+
+    Every head class has the same interface: `forward(tokens, packing) -> DToPHeadOutput`; `class_scores` (what
+    the stage predicts, from its class logits and the canvas of mask logits); `scores_to_probabilities` (what the
+    exit rule reads); `loss` (the head's training loss, SPEC §4); `multiply_accumulates` (its cost).
+    """
 
     def __init__(self, config: DToPConfig):
         super().__init__()
+        self.config = config
         dim = config.head_hidden_size
         self.input_proj = nn.Linear(config.hidden_size, dim)
         self.proj_norm = nn.LayerNorm(dim, eps=config.head_layer_norm_eps)
@@ -448,13 +626,64 @@ class DToPATMHead(nn.Module):
         packed_mask_logits = packing.from_padded(mask_logits.transpose(1, 2))
         return DToPHeadOutput(mask_logits=packed_mask_logits, class_logits=self.class_embed(queries))
 
+    @staticmethod
+    def class_scores(class_logits: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+        """Presence probability x sigmoid(mask logit): `(batch, num_labels, tokens)` probabilities (SPEC §2)."""
+        return atm_class_scores(class_logits, canvas)
+
+    @staticmethod
+    def scores_to_probabilities(class_scores: torch.Tensor) -> torch.Tensor:
+        """ATM scores already are per-class probabilities."""
+        return class_scores
+
+    def loss(
+        self,
+        class_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        labels: torch.Tensor,
+        input_size: tuple[int, int],
+        padded_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Presence cross-entropy + focal and dice mask losses of this head (SPEC §4); see `atm_stage_loss`."""
+        config = self.config
+        return atm_stage_loss(
+            class_logits,
+            mask_logits,
+            labels,
+            input_size,
+            padded_size,
+            ignore_index=config.semantic_loss_ignore_index,
+            no_object_weight=config.no_object_weight,
+            focal_weight=config.mask_focal_weight,
+            dice_weight=config.mask_dice_weight,
+            focal_alpha=config.focal_alpha,
+            focal_gamma=config.focal_gamma,
+            ignore_pixels_as_negatives=config.ignore_pixels_as_negatives,
+        )
+
+    @staticmethod
+    def multiply_accumulates(config: DToPConfig) -> tuple[int, int]:
+        """Multiply-accumulates of one head call: `(per active token, per call)` (SPEC §5)."""
+        dim, head_dim = config.hidden_size, config.head_hidden_size
+        num_queries, feed_forward = config.num_labels, config.head_intermediate_size
+        # Per token: input projection C D; per decoder layer the memory's key and value projections 2 D^2, the
+        # scores Q D and the weighted values Q D.
+        per_token = dim * head_dim + config.head_num_layers * (2 * head_dim**2 + 2 * num_queries * head_dim)
+        # Per call, independent of the tokens: per decoder layer the query self-attention (q, k, v, o projections
+        # 4 Q D^2, QK^T and AV 2 Q^2 D), the cross-attention's query and output projections 2 Q D^2 and the FFN
+        # 2 Q D F; then the class embedding Q D 2.
+        per_layer = 4 * num_queries * head_dim**2 + 2 * num_queries**2 * head_dim
+        per_layer += 2 * num_queries * head_dim**2 + 2 * num_queries * head_dim * feed_forward
+        return per_token, config.head_num_layers * per_layer + 2 * num_queries * head_dim
+
 
 class DToPFCNHead(nn.Module):
     """SETR-naive head: a per-token classifier (LayerNorm instead of BatchNorm, so that an image's prediction
-    does not depend on its batch-mates)."""
+    does not depend on its batch-mates). Same interface as [`DToPATMHead`]; it has no class logits."""
 
     def __init__(self, config: DToPConfig):
         super().__init__()
+        self.config = config
         self.input_proj = nn.Linear(config.hidden_size, config.head_hidden_size)
         self.proj_norm = nn.LayerNorm(config.head_hidden_size, eps=config.head_layer_norm_eps)
         self.dropout = nn.Dropout(config.head_dropout)
@@ -463,6 +692,45 @@ class DToPFCNHead(nn.Module):
     def forward(self, tokens: torch.Tensor, packing: TokenPacking) -> DToPHeadOutput:
         hidden = F.relu(self.proj_norm(self.input_proj(tokens)))
         return DToPHeadOutput(mask_logits=self.classifier(self.dropout(hidden)))
+
+    @staticmethod
+    def class_scores(class_logits: None, canvas: torch.Tensor) -> torch.Tensor:
+        """The canvas of class logits is the prediction: an exited token keeps its exit head's logits (SPEC §3)."""
+        return canvas
+
+    @staticmethod
+    def scores_to_probabilities(class_scores: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes."""
+        return class_scores.softmax(dim=1)
+
+    def loss(
+        self,
+        class_logits: None,
+        mask_logits: torch.Tensor,
+        labels: torch.Tensor,
+        input_size: tuple[int, int],
+        padded_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Cross-entropy of the canvas of class logits upsampled to the labels; see `fcn_stage_loss`."""
+        return fcn_stage_loss(mask_logits, labels, input_size, padded_size, self.config.semantic_loss_ignore_index)
+
+    @staticmethod
+    def multiply_accumulates(config: DToPConfig) -> tuple[int, int]:
+        """Multiply-accumulates of one head call: `(per active token, per call)`: input projection C D and
+        classifier D num_labels per token, nothing per call."""
+        return config.hidden_size * config.head_hidden_size + config.head_hidden_size * config.num_labels, 0
+
+
+# `config.head_type` -> head class: the one place that reads `head_type`, besides the config's own validation.
+DTOP_HEAD_CLASSES = {"atm": DToPATMHead, "fcn": DToPFCNHead}
+
+
+# Checkpoints saved before the ATM cross-attention took the names of the other attentions (`multihead_attn` with
+# `q`, `k`, `v`, `proj`) load through this renaming.
+LEGACY_KEY_MAPPING = {
+    r"\.multihead_attn\.(q|k|v)\.": r".cross_attn.\1_proj.",
+    r"\.multihead_attn\.proj\.": r".cross_attn.o_proj.",
+}
 
 
 class DToPPreTrainedModel(PreTrainedModel):
@@ -474,6 +742,12 @@ class DToPPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DToPEmbeddings", "DToPLayer", "DToPATMHead", "DToPFCNHead"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"classifier\.", r"pooler\.", r"layernorm\.", r"empty_weight"]
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """[`~PreTrainedModel.from_pretrained`], also reading checkpoints saved before the ATM cross-attention was
+        renamed (`LEGACY_KEY_MAPPING`)."""
+        return super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # One class holds one Auto class: seed the other so that a saved folder serves both AutoModel (DToPModel)
@@ -491,10 +765,21 @@ class DToPPreTrainedModel(PreTrainedModel):
         (e.g. `num_labels=150, image_size=512`); see [`~vit_weights.from_vit_pretrained`]."""
         return from_vit_pretrained(cls, vit_name_or_path, **kwargs)
 
+    def class_probabilities(self, class_scores: torch.Tensor) -> torch.Tensor:
+        """`logits` or one of `stage_logits` `(batch, num_labels, height, width)` as per-class probabilities, the
+        values the exit rule reads: ATM scores already are probabilities, FCN logits get a softmax over classes."""
+        return DTOP_HEAD_CLASSES[self.config.head_type].scores_to_probabilities(class_scores)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, DToPQueryInputProjection):
+            # Official: nn.MultiheadAttention's packed q|k|v projection keeps its xavier-uniform initialisation,
+            # whose bound comes from the packed (3 dim, dim) shape, and a zero bias.
+            bound = math.sqrt(6.0 / (module.in_features + 3 * module.out_features))
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -502,11 +787,15 @@ class DToPPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            # The ATM heads' class queries, the only embedding table: official, nn.Embedding's default N(0, 1).
+            init.normal_(module.weight, mean=0.0, std=1.0)
         elif isinstance(module, DToPEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            if module.cls_token is not None:
-                init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            tokens = (module.position_embeddings, module.cls_token, module.distillation_token, module.register_tokens)
+            for parameter in tokens:
+                if parameter is not None:
+                    init.trunc_normal_(parameter, mean=0.0, std=std)
+        elif isinstance(module, DToPLayerScale):
+            init.constant_(module.lambda1, self.config.layerscale_value)
 
 
 def check_pixel_values(pixel_values: torch.Tensor, config: DToPConfig) -> None:
@@ -531,6 +820,37 @@ def check_pixel_values(pixel_values: torch.Tensor, config: DToPConfig) -> None:
         raise ValueError("`pixel_values` contains NaN or infinite values.")
 
 
+class DToPLayerRecord:
+    """What the layers of one forward pass leave for its output: the tokens each layer saw and, on request, every
+    layer's hidden states and attention weights, moved from the packed layout to the full token grid."""
+
+    def __init__(
+        self,
+        config: DToPConfig,
+        embeddings: torch.Tensor,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+    ):
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        if output_attentions and config._attn_implementation != "eager":
+            logger.warning_once(
+                "`output_attentions=True` needs eager attention; attention weights will be None. "
+                "Call `model.set_attn_implementation('eager')` first."
+            )
+        self.tokens_per_layer: list[torch.Tensor] = []
+        self.hidden_states = [embeddings] if output_hidden_states else None
+        self.attentions = [] if output_attentions else None
+
+    def add(self, packing: TokenPacking, hidden_states: torch.Tensor, attn_weights: torch.Tensor | None) -> None:
+        """Record one layer's output `(total, dim)` and padded weights `(batch, heads, max_count, max_count)`."""
+        self.tokens_per_layer.append(packing.counts)
+        if self.hidden_states is not None:
+            self.hidden_states.append(packing.to_grid(hidden_states))  # (batch, sequence_length, dim)
+        if self.attentions is not None:
+            self.attentions.append(None if attn_weights is None else packing.attention_to_grid(attn_weights))
+
+
 class DToPModel(DToPPreTrainedModel):
     """The ViT backbone with its stage heads: runs the stages, lets confident tokens exit after each auxiliary
     head and assembles the final map from the early predictions and the decode head's (SPEC §1-3)."""
@@ -538,28 +858,15 @@ class DToPModel(DToPPreTrainedModel):
     def __init__(self, config: DToPConfig):
         super().__init__(config)
         self.embeddings = DToPEmbeddings(config)
-        self.layers = nn.ModuleList([DToPLayer(config) for _ in range(config.num_hidden_layers)])
-        head_class = DToPATMHead if config.head_type == "atm" else DToPFCNHead
-        self.heads = nn.ModuleList([head_class(config) for _ in config.out_indices])
+        # Stochastic depth rising linearly from 0 at the first layer to `drop_path_rate` at the last (mmseg's dpr).
+        num_layers = config.num_hidden_layers
+        drop_path_rates = [config.drop_path_rate * index / max(num_layers - 1, 1) for index in range(num_layers)]
+        self.layers = nn.ModuleList([DToPLayer(config, rate) for rate in drop_path_rates])
+        self.heads = nn.ModuleList([DTOP_HEAD_CLASSES[config.head_type](config) for _ in config.out_indices])
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
-
-    def stage_predictions(
-        self, head_output: DToPHeadOutput, canvas: torch.Tensor | None, packing: TokenPacking
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a head's output into the canvas and score every token with it.
-
-        Returns:
-            The canvas `(batch, num_labels, tokens)` and the head's class scores over the whole grid, same shape.
-        """
-        # (total, num_labels) -> (batch, tokens, num_labels) -> (batch, num_labels, tokens)
-        stage_values = packing.to_grid(head_output.mask_logits).transpose(1, 2)
-        canvas = stage_values if canvas is None else update_canvas(canvas, stage_values, packing.active_mask)
-        if self.config.head_type == "atm":
-            return canvas, atm_class_scores(head_output.class_logits, canvas)
-        return canvas, canvas
 
     @can_return_tuple
     def forward(
@@ -575,133 +882,113 @@ class DToPModel(DToPPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Normalised images; any size of at least one patch (other sizes are padded to a patch multiple).
             exit_threshold (`float` or `tuple[float]`, *optional*):
-                Overrides `config.exit_threshold` for this call; 1.0 runs the unpruned baseline.
+                Overrides `config.exit_threshold` for this call; 1.0 runs the unpruned baseline. In training mode
+                thresholds apply only when `config.prune_during_training` is True.
             output_hidden_states (`bool`, *optional*): return the embeddings and every layer's output.
             output_attentions (`bool`, *optional*): return every layer's attention weights (eager attention).
             patch_offsets (`list[torch.Tensor]`, *optional*): the windows' offsets from the image processor;
                 returned unchanged in the output for the post-processing.
         """
-        config = self.config
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        check_pixel_values(pixel_values, self.config)
+        thresholds = self.stage_thresholds(exit_threshold)
+        embeddings, grid_size = self.embeddings(pixel_values.to(self.dtype))  # (batch, prefix + tokens, dim)
+        tokens = ActiveTokens.all_active(
+            embeddings.shape[0], grid_size, self.config.num_prefix_tokens, len(self.heads), embeddings.device
         )
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        check_pixel_values(pixel_values, config)
-        if output_attentions and config._attn_implementation != "eager":
-            logger.warning_once(
-                "`output_attentions=True` needs eager attention; attention weights will be None. "
-                "Call `model.set_attn_implementation('eager')` first."
-            )
-        thresholds = config.exit_thresholds_per_head(exit_threshold)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden_states = tokens.sequence.from_grid(embeddings)  # (total, dim): the active tokens, packed
+        # DINOv3's rotary (cos, sin), each (total, head_dim), packed like `hidden_states`: rows travel with their
+        # tokens, so a token keeps its own position while others exit. None with absolute position embeddings.
+        rotary = self.embeddings.rotary_position_embeddings(grid_size, embeddings.shape[0], embeddings.dtype)
+        position_embeddings = None if rotary is None else tuple(tokens.sequence.from_grid(part) for part in rotary)
+        record = DToPLayerRecord(self.config, embeddings, output_hidden_states, output_attentions)
+        canvas, stages = None, []
+        for stage, (layers, head, threshold) in enumerate(zip(self.stage_layers(), self.heads, thresholds)):
+            hidden_states = self.run_layers(layers, hidden_states, tokens.sequence, position_embeddings, record)
+            head_output = head(tokens.patch_rows(hidden_states), tokens.patches)
+            # (total, num_labels) -> (batch, tokens, num_labels) -> (batch, num_labels, tokens)
+            stage_values = tokens.patches.to_grid(head_output.mask_logits).transpose(1, 2)
+            canvas = update_canvas(canvas, stage_values, tokens.active_mask)
+            stages.append((head.class_scores(head_output.class_logits, canvas), canvas, head_output.class_logits))
+            exit_mask = self.select_exits(head, head_output.class_logits, canvas, tokens.active_mask, threshold)
+            tokens, kept_rows = tokens.after_exit(exit_mask, stage)
+            hidden_states, position_embeddings = keep_rows(kept_rows, hidden_states, position_embeddings)
 
-        embeddings, grid_size = self.embeddings(pixel_values)  # (batch, [1 +] tokens, dim)
-        batch_size, num_tokens = embeddings.shape[0], grid_size[0] * grid_size[1]
-        device = embeddings.device
-        num_stages, last_stage = len(config.out_indices), len(config.out_indices) - 1
-
-        active_mask = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)  # patch tokens
-        exit_stage = torch.full((batch_size, num_tokens), last_stage, dtype=torch.long, device=device)
-        backbone_packing, head_packing = self.pack(active_mask)
-        hidden_states = backbone_packing.from_grid(embeddings)  # (total, dim)
-        attention_mask = build_attention_mask(backbone_packing, config._attn_implementation, hidden_states.dtype)
-
-        tokens_per_layer = []
-        all_hidden_states = (embeddings,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        canvas = None
-        stage_logits, stage_class_logits, stage_mask_logits = [], [], []
-        stage = 0
-        for layer_index, layer in enumerate(self.layers):
-            tokens_per_layer.append(backbone_packing.counts)
-            if backbone_packing.total == 0:
-                # Every token of every image has exited (possible only with keep_top_k=0): nothing left to run.
-                attn_weights = None
-            else:
-                hidden_states, attn_weights = layer(hidden_states, backbone_packing, attention_mask)
-            if output_hidden_states:
-                all_hidden_states += (backbone_packing.to_grid(hidden_states),)
-            if output_attentions:
-                all_attentions += (self.attention_on_grid(attn_weights, backbone_packing),)
-            if layer_index != config.out_indices[stage]:
-                continue
-
-            head_output = self.heads[stage](self.patch_rows(hidden_states, backbone_packing), head_packing)
-            canvas, class_scores = self.stage_predictions(head_output, canvas, head_packing)
-            stage_logits.append(tokens_to_grid(class_scores, grid_size))
-            stage_mask_logits.append(tokens_to_grid(canvas, grid_size))
-            if head_output.class_logits is not None:
-                stage_class_logits.append(head_output.class_logits)
-
-            # Confidence never exceeds 1 and the test is strict, so threshold 1.0 cannot prune: skip the work.
-            if stage < last_stage and thresholds[stage] < 1.0:
-                scores = class_scores if config.head_type == "atm" else class_scores.softmax(dim=1)
-                confidence, predicted_class = token_confidence(scores)
-                exit_mask = select_exiting_tokens(
-                    confidence, predicted_class, active_mask, thresholds[stage], config.keep_top_k
-                )
-                exit_stage = exit_stage.masked_fill(exit_mask, stage)
-                active_mask = active_mask & ~exit_mask
-                new_backbone_packing, head_packing = self.pack(active_mask)
-                hidden_states = repack(hidden_states, backbone_packing, new_backbone_packing)
-                backbone_packing = new_backbone_packing
-                attention_mask = build_attention_mask(
-                    backbone_packing, config._attn_implementation, hidden_states.dtype
-                )
-            stage += 1
-            if stage == num_stages:
-                break
-
+        stage_logits, stage_mask_logits, stage_class_logits = zip(*stages)
         return DToPModelOutput(
-            logits=stage_logits[-1],
-            exit_stage=exit_stage.reshape(batch_size, *grid_size),
-            tokens_per_layer=torch.stack(tokens_per_layer, dim=1),
-            stage_logits=tuple(stage_logits),
-            stage_class_logits=tuple(stage_class_logits) if stage_class_logits else None,
-            stage_mask_logits=tuple(stage_mask_logits),
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            logits=tokens_to_grid(stage_logits[-1], grid_size),
+            exit_stage=tokens.exit_stage.reshape(-1, *grid_size),
+            tokens_per_layer=torch.stack(record.tokens_per_layer, dim=1),
+            stage_logits=tuple(tokens_to_grid(values, grid_size) for values in stage_logits),
+            stage_class_logits=None if stage_class_logits[0] is None else stage_class_logits,
+            stage_mask_logits=tuple(tokens_to_grid(values, grid_size) for values in stage_mask_logits),
+            hidden_states=None if record.hidden_states is None else tuple(record.hidden_states),
+            attentions=None if record.attentions is None else tuple(record.attentions),
             patch_offsets=patch_offsets,
         )
 
-    def pack(self, active_mask: torch.Tensor) -> tuple[TokenPacking, TokenPacking]:
-        """Packings of the backbone's tokens and of the heads' (patch tokens only): the same one without a class
-        token, so each stage packs (and syncs with the host) once."""
-        head_packing = pack_tokens(active_mask)
-        if not self.config.use_cls_token:
-            return head_packing, head_packing
-        return pack_tokens(self.backbone_active_mask(active_mask)), head_packing
+    def stage_thresholds(self, exit_threshold: float | list[float] | tuple[float, ...] | None) -> tuple[float, ...]:
+        """One threshold per head for this call (the decode head's is 1.0).
 
-    def backbone_active_mask(self, active_mask: torch.Tensor) -> torch.Tensor:
-        """The class token, when kept, is always active (it never exits)."""
-        if not self.config.use_cls_token:
-            return active_mask
-        return torch.cat([active_mask.new_ones(active_mask.shape[0], 1), active_mask], dim=1)
+        Thresholds apply in eval mode always, in training mode only when `config.prune_during_training` is True:
+        otherwise training a fresh model would start pruning by surprise once its heads grow confident.
+        """
+        thresholds = self.config.exit_thresholds_per_head(exit_threshold)  # validates the override too
+        if not self.training or self.config.prune_during_training:
+            return thresholds
+        if exit_threshold is not None and min(thresholds) < 1.0:
+            logger.warning_once(
+                "`exit_threshold` is ignored in training mode unless `config.prune_during_training=True`: "
+                "no token exits."
+            )
+        return (1.0,) * len(thresholds)
 
-    def patch_rows(self, hidden_states: torch.Tensor, backbone_packing: TokenPacking) -> torch.Tensor:
-        """The packed patch tokens, without the class token (heads never see it)."""
-        if not self.config.use_cls_token:
-            return hidden_states
-        is_patch = backbone_packing.flat_index % backbone_packing.num_tokens != 0
-        return hidden_states[is_patch]
+    def stage_layers(self) -> list[nn.ModuleList]:
+        """The layers of each stage: those after the previous head, up to and including this head's layer."""
+        stops = [index + 1 for index in self.config.out_indices]
+        return [self.layers[start:stop] for start, stop in zip([0] + stops[:-1], stops)]
 
-    @staticmethod
-    def attention_on_grid(attn_weights: torch.Tensor | None, packing: TokenPacking) -> torch.Tensor | None:
-        """Padded weights `(batch, heads, max_count, max_count)` -> `(batch, heads, tokens, tokens)`."""
-        if attn_weights is None or packing.is_uniform:
-            return attn_weights
-        batch_size, num_heads = attn_weights.shape[:2]
-        slot_token = packing.padded_token_index()  # (batch, max_count), `tokens` at padding
-        grid = attn_weights.new_zeros(batch_size, packing.num_tokens + 1, packing.num_tokens + 1, num_heads)
-        batch_index = torch.arange(batch_size, device=grid.device)[:, None, None]
-        grid[batch_index, slot_token[:, :, None], slot_token[:, None, :]] = attn_weights.permute(0, 2, 3, 1)
-        return grid[:, :-1, :-1].permute(0, 3, 1, 2)
+    def run_layers(
+        self,
+        layers: nn.ModuleList,
+        hidden_states: torch.Tensor,
+        packing: TokenPacking,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        record: DToPLayerRecord,
+    ) -> torch.Tensor:
+        """Run one stage's layers on the packed active tokens `(total, dim)`; the packing does not change inside a
+        stage, so the attention mask is built once."""
+        attention_mask = build_attention_mask(packing, self.config._attn_implementation, hidden_states.dtype)
+        for layer in layers:
+            # With keep_top_k=0 every token of every image can exit: an empty sequence has nothing to run.
+            hidden_states, attn_weights = (
+                layer(hidden_states, packing, attention_mask, position_embeddings)
+                if packing.total
+                else (hidden_states, None)
+            )
+            record.add(packing, hidden_states, attn_weights)
+        return hidden_states
 
+    def select_exits(
+        self,
+        head: nn.Module,
+        class_logits: torch.Tensor | None,
+        canvas: torch.Tensor,
+        active_mask: torch.Tensor,
+        threshold: float,
+    ) -> torch.Tensor | None:
+        """The tokens that exit after `head` `(batch, tokens)` bool, or `None` when none can (threshold 1.0).
 
-def repack(hidden_states: torch.Tensor, old_packing: TokenPacking, new_packing: TokenPacking) -> torch.Tensor:
-    """Drop the rows of exited tokens from a packed sequence: `(old_total, dim)` -> `(new_total, dim)`."""
-    still_active = new_packing.active_mask.reshape(-1).index_select(0, old_packing.flat_index)  # (old_total,)
-    return hidden_states[still_active]
+        Scores, confidence, threshold test and top-k ranking run in float32 from the head's logits whatever the
+        compute dtype: in bf16, scores near 0.9 are quantised to steps of 2^-8 and their ties would make the top-k
+        fall back to token order.
+        """
+        if threshold >= 1.0:
+            return None  # Confidence never exceeds 1 and the test is strict (SPEC §3): skip the work.
+        with torch.autocast(canvas.device.type, enabled=False):
+            class_logits = None if class_logits is None else class_logits.float()
+            probabilities = head.scores_to_probabilities(head.class_scores(class_logits, canvas.float()))
+            confidence, predicted_class = token_confidence(probabilities)
+        return select_exiting_tokens(confidence, predicted_class, active_mask, threshold, self.config.keep_top_k)
 
 
 class DToPForSemanticSegmentation(DToPPreTrainedModel):
@@ -733,7 +1020,8 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
                 Class ids in `[0, num_labels)`, `config.semantic_loss_ignore_index` for unlabelled pixels. When
                 given, the loss of every head is computed and summed.
             exit_threshold (`float` or `tuple[float]`, *optional*):
-                Overrides `config.exit_threshold` for this call; 1.0 runs the unpruned baseline.
+                Overrides `config.exit_threshold` for this call; 1.0 runs the unpruned baseline. In training mode
+                thresholds apply only when `config.prune_during_training` is True.
 
         Example:
 
@@ -750,9 +1038,8 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
         (torch.Size([2, 5, 8, 8]), torch.Size([2, 8, 8]))
         ```
         """
-        config = self.config
         if labels is not None:
-            labels = check_labels(labels, config.num_labels, config.semantic_loss_ignore_index)
+            labels = check_labels(labels, self.config.num_labels, self.config.semantic_loss_ignore_index)
         outputs = self.dtop(
             pixel_values,
             exit_threshold=exit_threshold,
@@ -773,31 +1060,15 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
         config = self.config
         grid_size = outputs.stage_mask_logits[0].shape[-2:]
         padded_size = (grid_size[0] * config.patch_size, grid_size[1] * config.patch_size)
-        weights = config.stage_loss_weights or (1.0,) * len(config.out_indices)
-        labels = labels.long()
-        total = 0.0
-        for stage, weight in enumerate(weights):
-            if config.head_type == "atm":
-                stage_loss = atm_stage_loss(
-                    outputs.stage_class_logits[stage],
-                    outputs.stage_mask_logits[stage],
-                    labels,
-                    input_size,
-                    padded_size,
-                    ignore_index=config.semantic_loss_ignore_index,
-                    no_object_weight=config.no_object_weight,
-                    focal_weight=config.mask_focal_weight,
-                    dice_weight=config.mask_dice_weight,
-                    focal_alpha=config.focal_alpha,
-                    focal_gamma=config.focal_gamma,
-                    ignore_pixels_as_negatives=config.ignore_pixels_as_negatives,
-                )
-            else:
-                stage_loss = fcn_stage_loss(
-                    outputs.stage_mask_logits[stage], labels, input_size, padded_size, config.semantic_loss_ignore_index
-                )
-            total = total + weight * stage_loss
-        return total
+        weights = config.stage_loss_weights or (1.0,) * config.num_stages
+        class_logits = outputs.stage_class_logits or (None,) * config.num_stages
+        head_losses = [
+            weight * head.loss(stage_class_logits, mask_logits, labels, input_size, padded_size)
+            for head, weight, stage_class_logits, mask_logits in zip(
+                self.dtop.heads, weights, class_logits, outputs.stage_mask_logits
+            )
+        ]
+        return sum(head_losses)
 
 
 __all__ = ["DToPForSemanticSegmentation", "DToPModel", "DToPPreTrainedModel"]

@@ -101,14 +101,18 @@ def select_exiting_tokens(
     return candidate_mask & ~kept_mask
 
 
-def update_canvas(canvas: torch.Tensor, stage_values: torch.Tensor, active_mask: torch.Tensor) -> torch.Tensor:
+def update_canvas(
+    canvas: torch.Tensor | None, stage_values: torch.Tensor, active_mask: torch.Tensor
+) -> torch.Tensor:
     """Write a head's per-token values into the canvas for the tokens it saw; exited tokens keep theirs.
 
     Args:
-        canvas: `(batch, num_labels, tokens)`.
+        canvas: `(batch, num_labels, tokens)`, or `None` before the first head (which sees every token).
         stage_values: `(batch, num_labels, tokens)` (values of inactive tokens are ignored).
         active_mask: `(batch, tokens)` bool.
     """
+    if canvas is None:
+        return stage_values
     return torch.where(active_mask[:, None, :], stage_values, canvas)
 
 
@@ -188,6 +192,16 @@ class TokenPacking:
     def is_uniform(self) -> bool:
         return self.key_padding_mask is None
 
+    @property
+    def is_complete(self) -> bool:
+        """Every token of every image is active: the packed sequence is the whole grid."""
+        return self.total == self.batch_size * self.num_tokens
+
+    @property
+    def row_image_index(self) -> torch.Tensor:
+        """`(total,)` int64: the image each packed row belongs to."""
+        return torch.div(self.flat_index, self.num_tokens, rounding_mode="floor")
+
     def to_padded(self, packed: torch.Tensor) -> torch.Tensor:
         """`(total, *feature)` -> `(batch, max_count, *feature)`; padding slots hold copies of real rows."""
         feature_shape = packed.shape[1:]
@@ -205,7 +219,7 @@ class TokenPacking:
     def to_grid(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """`(total, *feature)` -> `(batch, tokens, *feature)`, `fill` at inactive tokens."""
         feature_shape = packed.shape[1:]
-        if self.total == self.batch_size * self.num_tokens:
+        if self.is_complete:
             return packed.reshape(self.batch_size, self.num_tokens, *feature_shape)
         grid = packed.new_full((self.batch_size * self.num_tokens, *feature_shape), fill)
         grid = grid.index_copy(0, self.flat_index, packed)
@@ -214,7 +228,7 @@ class TokenPacking:
     def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """`(batch, tokens, *feature)` -> `(total, *feature)`: the active tokens only."""
         flat = grid.reshape(self.batch_size * self.num_tokens, *grid.shape[2:])
-        if self.total == self.batch_size * self.num_tokens:
+        if self.is_complete:
             return flat
         return flat.index_select(0, self.flat_index)
 
@@ -227,28 +241,56 @@ class TokenPacking:
         slot_to_token = slot_to_token.index_copy(0, self.padded_index, token_index)
         return slot_to_token.reshape(self.batch_size, self.max_count)
 
+    def attention_to_grid(self, attn_weights: torch.Tensor) -> torch.Tensor:
+        """Padded attention weights `(batch, heads, max_count, max_count)` -> `(batch, heads, tokens, tokens)`,
+        zero for inactive queries and keys."""
+        if self.is_complete:
+            return attn_weights
+        batch_size, num_heads = attn_weights.shape[:2]
+        slot_token = self.padded_token_index()  # (batch, max_count), `tokens` at padding slots
+        # One spare row and column collect the padding slots and are cut off afterwards.
+        grid = attn_weights.new_zeros(batch_size, self.num_tokens + 1, self.num_tokens + 1, num_heads)
+        batch_index = torch.arange(batch_size, device=grid.device)[:, None, None]
+        grid[batch_index, slot_token[:, :, None], slot_token[:, None, :]] = attn_weights.permute(0, 2, 3, 1)
+        return grid[:, :-1, :-1].permute(0, 3, 1, 2)
 
-def pack_tokens(active_mask: torch.Tensor) -> TokenPacking:
-    """Build the packing of the active tokens (one host sync: the padded length must be a Python int).
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the True entries of a 1-D bool mask, in order, given how many there are.
+
+    `nonzero` must read the count from the device (a host sync) to size its output; with the count known on the
+    host, `nonzero_static` needs none.
+    """
+    return torch.nonzero_static(mask, size=count).squeeze(1)
+
+
+def pack_tokens(active_mask: torch.Tensor, count_values: list[int] | None = None) -> TokenPacking:
+    """Build the packing of the active tokens.
 
     Args:
         active_mask: `(batch, tokens)` bool.
+        count_values: the active tokens per image as Python ints, when the caller already has them on the host;
+            otherwise they are read from `active_mask` (one host sync: the padded length must be a Python int).
     """
     batch_size, num_tokens = active_mask.shape
-    counts = active_mask.sum(dim=1)
-    count_values = counts.tolist()
-    max_count = max(count_values) if batch_size else 0
-    flat_index = active_mask.reshape(-1).nonzero().squeeze(1)  # (total,), image-major then token order
-    if (min(count_values) if count_values else 0) == max_count:
-        # Every image has the same number of active tokens: the packed sequence *is* the padded layout.
-        return TokenPacking(active_mask, flat_index, counts, max_count, flat_index, flat_index, None)
     device = active_mask.device
-    total = flat_index.shape[0]
+    counts = active_mask.sum(dim=1)
+    if count_values is None:
+        count_values = counts.tolist()
+    total, max_count = sum(count_values), max(count_values, default=0)
+    if total == batch_size * num_tokens:
+        flat_index = torch.arange(total, device=device)
+    else:
+        flat_index = true_positions(active_mask.reshape(-1), total)  # (total,), image-major then token order
+    if min(count_values, default=0) == max_count:
+        # Every image has the same number of active tokens: the packed sequence *is* the padded layout.
+        packed_order = torch.arange(total, device=device)
+        return TokenPacking(active_mask, flat_index, counts, max_count, packed_order, packed_order, None)
     first_row = counts.cumsum(dim=0) - counts  # (batch,) packed row of each image's first token
     slot = torch.arange(max_count, device=device)[None, :]  # (1, max_count)
     key_padding_mask = slot < counts[:, None]  # (batch, max_count)
     slot_source = (first_row[:, None] + torch.where(key_padding_mask, slot, 0)).clamp(max=max(total - 1, 0))
-    image_index = flat_index // num_tokens
+    image_index = torch.div(flat_index, num_tokens, rounding_mode="floor")
     position_in_image = torch.arange(total, device=device) - first_row.index_select(0, image_index)
     padded_index = image_index * max_count + position_in_image
     return TokenPacking(
@@ -263,14 +305,112 @@ def pack_tokens(active_mask: torch.Tensor) -> TokenPacking:
     )
 
 
+@dataclass
+class ActiveTokens:
+    """The tokens still in the network after each stage, and their two packings.
+
+    The backbone's sequence is `num_prefix_tokens` prefix tokens (class, distillation, register tokens: they
+    never exit) followed by the patch tokens; the heads see the patch tokens only.
+
+    Attributes:
+        active_mask: `(batch, tokens)` bool, patch tokens still in the network.
+        exit_stage: `(batch, tokens)` int64, the head that finalised each patch token (the decode head's index
+            for tokens that have not exited).
+        sequence: packing of the prefix tokens and the active patch tokens: what the layers see.
+        patches: packing of the active patch tokens: what the heads see.
+        num_prefix_tokens: prefix tokens per image.
+    """
+
+    active_mask: torch.Tensor
+    exit_stage: torch.Tensor
+    sequence: TokenPacking
+    patches: TokenPacking
+    num_prefix_tokens: int
+
+    @classmethod
+    def pack(cls, active_mask: torch.Tensor, exit_stage: torch.Tensor, count_values: list[int], num_prefix_tokens: int):
+        """Both packings from the active patch tokens per image, known on the host (no sync)."""
+        patches = pack_tokens(active_mask, count_values)
+        if num_prefix_tokens == 0:
+            return cls(active_mask, exit_stage, patches, patches, num_prefix_tokens)
+        prefix_mask = active_mask.new_ones(active_mask.shape[0], num_prefix_tokens)
+        sequence_mask = torch.cat([prefix_mask, active_mask], dim=1)  # (batch, prefix + tokens)
+        sequence_counts = [count + num_prefix_tokens for count in count_values]
+        sequence = pack_tokens(sequence_mask, sequence_counts)
+        return cls(active_mask, exit_stage, sequence, patches, num_prefix_tokens)
+
+    @classmethod
+    def all_active(
+        cls, batch_size: int, grid_size: tuple[int, int], num_prefix_tokens: int, num_stages: int, device: torch.device
+    ) -> "ActiveTokens":
+        """Every token active before the first layer; every exit stage the decode head's."""
+        num_tokens = grid_size[0] * grid_size[1]
+        active_mask = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)
+        exit_stage = torch.full((batch_size, num_tokens), num_stages - 1, dtype=torch.long, device=device)
+        return cls.pack(active_mask, exit_stage, [num_tokens] * batch_size, num_prefix_tokens)
+
+    def patch_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(sequence.total, dim)` -> `(patches.total, dim)`: the packed patch tokens, without the prefix tokens."""
+        if self.num_prefix_tokens == 0:
+            return hidden_states
+        # Image i's prefix rows come first in its run: patch row j of the heads' packing is sequence row
+        # j + (i + 1) * num_prefix_tokens.
+        rows = torch.arange(self.patches.total, device=hidden_states.device)
+        rows = rows + (self.patches.row_image_index + 1) * self.num_prefix_tokens
+        return hidden_states.index_select(0, rows)
+
+    def after_exit(self, exit_mask: torch.Tensor | None, stage: int) -> tuple["ActiveTokens", torch.Tensor | None]:
+        """Let the tokens of `exit_mask` `(batch, tokens)` exit after head `stage`.
+
+        Returns:
+            The new active tokens, and the rows of the old sequence packing that stay `(new_total,)` int64, or
+            `None` when nothing exited (the packing, and every packed tensor, stays as it is: no copy).
+
+        One host sync (the new token counts size the packed sequence), none when `exit_mask` is `None`.
+        """
+        if exit_mask is None:
+            return self, None
+        active_mask = self.active_mask & ~exit_mask
+        count_values = active_mask.sum(dim=1).tolist()  # the stage's one host sync
+        if sum(count_values) == self.patches.total:
+            return self, None
+        exit_stage = self.exit_stage.masked_fill(exit_mask, stage)
+        tokens = ActiveTokens.pack(active_mask, exit_stage, count_values, self.num_prefix_tokens)
+        # (old_total,) True for the rows of tokens that are still active, in the old packed order.
+        still_active = tokens.sequence.active_mask.reshape(-1).index_select(0, self.sequence.flat_index)
+        return tokens, true_positions(still_active, tokens.sequence.total)
+
+
+def keep_rows(kept_rows: torch.Tensor | None, *packed: torch.Tensor | tuple[torch.Tensor, ...] | None):
+    """Drop the rows of exited tokens from packed tensors `(old_total, ...)` -> `(new_total, ...)`.
+
+    Each argument is a packed tensor, a tuple of them (e.g. rotary `(cos, sin)`) or `None`; `kept_rows` `None`
+    (nothing exited) returns them unchanged.
+    """
+    if kept_rows is None:
+        return packed
+
+    def select(value):
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return tuple(select(item) for item in value)
+        return value.index_select(0, kept_rows)
+
+    return tuple(select(value) for value in packed)
+
+
 __all__ = [
+    "ActiveTokens",
     "TokenPacking",
     "assemble_atm_scores",
     "atm_class_scores",
+    "keep_rows",
     "pack_tokens",
     "select_exiting_tokens",
     "token_confidence",
     "tokens_seen_per_stage",
     "tokens_to_grid",
+    "true_positions",
     "update_canvas",
 ]

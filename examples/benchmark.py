@@ -19,6 +19,7 @@ times, the speed-up, R = GFLOPs unpruned / GFLOPs pruned (SPEC §5, all heads in
 of R, the unpruned model against transformers' `ViTModel` plus the same heads, and peak memory of both.
 
     python examples/benchmark.py                       # defaults: ViT-B/16 dims, 512x512 batch 1, 256x256 batch 1 and 8
+    python examples/benchmark.py --preset vit-large    # any size of dtop_hf.presets_dtop.MODEL_SIZES
     python examples/benchmark.py --cases 512x1 512x8 --repeats 7 --output_json bench.json
     python examples/benchmark.py --device cuda --cases 512x1 512x8 512x32
 
@@ -44,29 +45,18 @@ import time
 import torch
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
+from dtop_hf.presets_dtop import MODEL_SIZES, model_size_kwargs
 from dtop_hf.toolkit.evaluation.flops import count_flops_from_outputs
 
 
-PRESETS = {
-    # SPEC §1-2: the official ViT-B/16 ADE20K model.
-    "vit-b": dict(num_labels=150),
-    # A tiny model for smoke tests.
-    "tiny": dict(
-        num_labels=5, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=4, out_indices=(1, 2, 3), head_hidden_size=16, head_num_attention_heads=2,
-        head_num_layers=1,
-    ),
-    # A small model for quick looks.
-    "vit-s": dict(
-        num_labels=150, hidden_size=384, num_attention_heads=6, intermediate_size=1536,
-        head_hidden_size=192, head_num_attention_heads=6,
-    ),
-}
+# Random-weight models have ADE20K's 150 classes, except the tiny smoke-test size (5).
+DEFAULT_NUM_LABELS, TINY_NUM_LABELS = 150, 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", type=str, default="vit-b", choices=sorted(PRESETS), help="Model dims (random weights).")
+    parser.add_argument("--preset", type=str, default="vit-base", choices=sorted(MODEL_SIZES), help="Model size (random weights).")
+    parser.add_argument("--num_labels", type=int, default=None, help=f"Classes (default {DEFAULT_NUM_LABELS}; tiny: {TINY_NUM_LABELS}).")
     parser.add_argument("--model", type=str, default=None, help="A trained DToP folder / Hub id (uses its thresholds).")
     parser.add_argument(
         "--cases", type=str, nargs="+", default=["512x1", "256x1", "256x8"],
@@ -111,7 +101,8 @@ def build_model(args: argparse.Namespace) -> DToPForSemanticSegmentation:
     if args.model:
         model = DToPForSemanticSegmentation.from_pretrained(args.model)
     else:
-        model = DToPForSemanticSegmentation(DToPConfig(**PRESETS[args.preset]))
+        num_labels = args.num_labels or (TINY_NUM_LABELS if args.preset == "tiny" else DEFAULT_NUM_LABELS)
+        model = DToPForSemanticSegmentation(DToPConfig(**model_size_kwargs(args.preset), num_labels=num_labels))
     return model.eval().to(args.device)
 
 
@@ -206,6 +197,8 @@ def peak_memory_mb(args: argparse.Namespace, image_size: int, batch_size: int, t
                "--preset", args.preset, "--cases", f"{image_size}x{batch_size}"]
     if args.model:
         command += ["--model", args.model]
+    if args.num_labels:
+        command += ["--num_labels", str(args.num_labels)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -12,30 +12,41 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Train a DToP segmenter with Accelerate: the base model (`--stage base`, no pruning), then the pruning
-fine-tune (`--stage prune`, auxiliary exit thresholds on), as in the official recipe (SPEC §4).
+fine-tune (`--stage prune`, auxiliary exit thresholds on, tokens exit in training too), as in the official recipe
+(SPEC §4).
 
-The data set is an argument: nothing (the built-in synthetic scenes), a local folder of images and label PNGs,
-or a Hub data set such as `scene_parse_150` (see `dtop_hf/data.py` for the layouts). Without
-`--model_name_or_path` a fresh model is built from a small preset (`dtop_hf.toolkit.training.recipe.SMALL_PRESET`), changed with
-`--config_overrides`; a DToP folder or Hub id continues from those weights; a ViT checkpoint (e.g.
-`google/vit-base-patch16-224`) initialises the backbone with new heads.
+The data set is an argument: nothing (the built-in synthetic scenes), a local folder (the ADE20K, Pascal Context 59
+or COCO-Stuff-10K release folder, a Hub parquet snapshot, or images/ + annotations/; see
+`dtop_hf/toolkit/data/layouts.py`), or a Hub data set such as `scene_parse_150`.
+
+`--preset` sets everything at once; explicit flags still override it:
+- a paper configuration (`dtop-vit-base-ade20k`, `dtop-vit-large-ade20k`, `dtop-vit-large-pascal-context`,
+  `dtop-vit-large-coco-stuff-10k`; `dtop_hf.presets_dtop.PAPER_PRESETS`): architecture, drop path, exit thresholds,
+  the data set's crop, train scale, crop rule, pixel mean/std, test resize and slide windows, and the phase's schedule
+  (AdamW 2e-5, heads 10x, 1500 warm-up steps, poly 0.9, batch 4 per process, the official iterations);
+- a model size (`small`, the default for fresh models, `tiny`, `quickstart`, `vit-base`, ...;
+  `dtop_hf.presets_dtop.MODEL_SIZES`): the architecture of a fresh model only.
+Without `--model_name_or_path` a fresh model is built from the preset, changed with `--config_overrides`; a DToP
+folder or Hub id continues from those weights; a ViT checkpoint (e.g. `google/vit-base-patch16-384`) initialises
+the backbone with new heads.
 
 Launch (one process, or several through Accelerate):
 
     accelerate launch examples/finetune.py --output_dir outputs/base --stage base
     accelerate launch examples/finetune.py --output_dir outputs/prune --stage prune \
         --model_name_or_path outputs/base --exit_threshold 0.9 --train_scope heads
-    accelerate launch examples/finetune.py --dataset_name scene_parse_150 --model_name_or_path <folder|hub id> \
-        --crop_size 512 --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --max_train_steps 40000
+    accelerate launch --num_processes 4 examples/finetune.py --preset dtop-vit-base-ade20k --stage base \
+        --dataset_name data/ADEChallengeData2016 --model_name_or_path dtop-vit-base-ade20k-init --output_dir base
 
 Two processes on CPU (`--cpu` alone makes Accelerate run one process: hf-notes §7.3):
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...
 
-Checkpoints (`--checkpointing_steps N`) go to `output_dir/step_N` with the full training state;
-`--resume_from_checkpoint latest` continues exactly where the last one left off. The final model, its image
-processor, `all_results.json`, `train_log.jsonl` (one line per optimiser step) and a model card end up in
-`--output_dir`.
+Checkpoints (`--checkpointing_steps N`) go to `output_dir/step_N` with the full training state, written aside and
+renamed when complete (a run killed while saving never leaves a half checkpoint that looks whole);
+`--checkpoints_total_limit K` keeps the K newest; `--resume_from_checkpoint latest` continues exactly where the last
+complete one left off. The final model, its image processor, `all_results.json`, `train_log.jsonl` (one line per
+optimiser step) and a model card end up in `--output_dir`.
 """
 
 import argparse
@@ -52,47 +63,54 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from arguments import (
+    add_cpu_argument,
+    add_dataset_arguments,
+    load_dataset_from_arguments,
+    parse_exit_threshold,
+    require_positive,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPImageProcessor
+from dtop_hf.presets_dtop import MODEL_SIZES, PAPER_PRESETS, VIT_BASE_PATCH16, DToPPaperPreset
 from dtop_hf.toolkit.data.datasets import (
     BUILTIN_NAMES,
     SegmentationDataset,
-    SegmentationTrainTransform,
-    add_dataset_arguments,
     build_eval_dataset,
     check_segmentation_split,
     collate_segmentation_batch,
-    load_dataset_from_arguments,
 )
+from dtop_hf.toolkit.data.label_maps import DATASET_LABELS
+from dtop_hf.toolkit.data.transforms import SegmentationTrainTransform
 from dtop_hf.toolkit.evaluation.loop import evaluate_model
-from dtop_hf.toolkit.training.recipe import (
-    build_optimizer,
-    build_poly_scheduler,
-    build_preset_config,
-    check_config_fields,
+from dtop_hf.toolkit.inference.loading import load_dtop_config, load_image_processor as load_saved_image_processor
+from dtop_hf.toolkit.training.checkpoints import (
+    checkpoint_problem,
     checkpoint_step,
     find_latest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from dtop_hf.toolkit.training.config_overrides import build_preset_config, check_config_fields, parse_config_overrides
+from dtop_hf.toolkit.training.optimization import (
+    build_optimizer,
+    build_poly_scheduler,
     num_update_steps,
-    parse_config_overrides,
     set_train_scope,
 )
+from dtop_hf.vit_weights import SUPPORTED_MODEL_TYPES, from_vit_pretrained
 
 
 logger = get_logger(__name__)
 
-# Official ViT-B threshold (SPEC §3), used by `--stage prune` when neither the flag nor the config sets one.
+# Official ViT-B threshold (SPEC §3), used by `--stage prune` when neither the flag, the preset nor the config sets one.
 DEFAULT_PRUNE_THRESHOLD = 0.9
-# Official warm-up: 1500 of 40k iterations (SPEC §4).
+# Official warm-up: 1500 of 40k iterations (SPEC §4), for runs without a preset.
 WARMUP_FRACTION = 1500 / 40000
-
-
-def parse_exit_threshold(text: str) -> float | tuple[float, ...]:
-    """`"0.9"` -> 0.9, `"0.9,0.95"` -> one value per auxiliary head."""
-    values = tuple(float(value) for value in text.split(","))
-    return values[0] if len(values) == 1 else values
+PRESET_NAMES = sorted(PAPER_PRESETS) + sorted(MODEL_SIZES)
 
 
 def parse_checkpointing_steps(text: str) -> int | str:
@@ -105,149 +123,119 @@ def parse_checkpointing_steps(text: str) -> int | str:
     return int(text)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def preset_defaults(name: str, stage: str) -> dict:
+    """Flag defaults a paper configuration sets for `stage` (a model size sets no flag: it is read in `load_model`)."""
+    if name not in PAPER_PRESETS:
+        return {}
+    preset = PAPER_PRESETS[name]
+    dataset, schedule = preset.dataset, preset.base_schedule if stage == "base" else preset.prune_schedule
+    return {
+        "crop_size": dataset.crop_size,
+        "train_scale": dataset.scale,
+        "resize_ratio_range": dataset.ratio_range,
+        "cat_max_ratio": dataset.cat_max_ratio,
+        "do_reduce_labels": dataset.do_reduce_labels,
+        "sliding_window": True,
+        "learning_rate": schedule.learning_rate,
+        "head_lr_multiplier": schedule.head_lr_multiplier,
+        "weight_decay": schedule.weight_decay,
+        "num_warmup_steps": schedule.warmup_steps,
+        "max_train_steps": schedule.max_steps,
+        "lr_decay_steps": schedule.decay_steps,
+        "per_device_train_batch_size": schedule.per_device_batch_size,
+        "per_device_eval_batch_size": 1,  # the official `val_dataloader` batch
+        "exit_threshold": preset.exit_threshold if stage == "prune" else None,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a DToP segmenter (base or pruning fine-tune) with Accelerate.")
     data = parser.add_argument_group("data")
     add_dataset_arguments(data)
-    data.add_argument(
-        "--synthetic_train_samples", type=int, default=1000, help="Training images of the built-in data set."
-    )
+    data.add_argument("--synthetic_train_samples", type=int, default=1000, help="Training images of the built-in set.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training samples.")
+    data.add_argument("--crop_size", type=int, default=None, help="Training crop side; default: the model's size.")
     data.add_argument(
-        "--crop_size",
-        type=int,
-        default=None,
-        help="Training crop side (official 512); default: the model's image_size.",
-    )
+        "--train_scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+        help="RandomResize base scale (official ADE20K 2048 512); default: 4 x crop, crop.",
+    )  # fmt: skip
     data.add_argument(
-        "--resize_ratio_range",
-        type=float,
-        nargs=2,
-        default=(0.5, 2.0),
-        metavar=("MIN", "MAX"),
-        help="Random resize ratio range of the training augmentation (official 0.5 2.0).",
-    )
+        "--resize_ratio_range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
+        help="RandomResize ratio range (official 0.5 2.0).",
+    )  # fmt: skip
+    data.add_argument("--cat_max_ratio", type=float, default=0.75, help="RandomCrop: redraw crops one class rules.")
     data.add_argument(
-        "--photometric_distortion",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Brightness / contrast / saturation / hue jitter of the training augmentation (official: on).",
-    )
-    data.add_argument(
-        "--sliding_window",
-        action="store_true",
-        help="Evaluate in the official test mode (shorter side = crop, sliding windows).",
-    )
+        "--photometric_distortion", action=argparse.BooleanOptionalAction, default=True,
+        help="mmseg's PhotoMetricDistortion in the training augmentation (official: on).",
+    )  # fmt: skip
+    data.add_argument("--sliding_window", action="store_true", help="Evaluate in the official slide test mode.")
 
     model = parser.add_argument_group("model")
+    model.add_argument("--preset", type=str, default=None, choices=PRESET_NAMES, help="Paper config or model size.")
+    model.add_argument("--model_name_or_path", type=str, default=None, help="DToP or ViT checkpoint; none = fresh.")
+    model.add_argument("--config_overrides", type=str, default=None, help='DToPConfig fields, "hidden_size=64,..."')
+    model.add_argument("--stage", type=str, default="base", choices=["base", "prune"], help="base: no pruning.")
     model.add_argument(
-        "--model_name_or_path",
-        type=str,
-        default=None,
-        help="DToP or ViT checkpoint (folder or Hub id); none = fresh preset.",
-    )
-    model.add_argument(
-        "--config_overrides",
-        type=str,
-        default=None,
-        help='DToPConfig fields, e.g. "hidden_size=64,out_indices=[1,2,3]".',
-    )
-    model.add_argument(
-        "--stage",
-        type=str,
-        default="base",
-        choices=["base", "prune"],
-        help="base: no pruning; prune: auxiliary exit thresholds on.",
-    )
-    model.add_argument(
-        "--exit_threshold",
-        type=parse_exit_threshold,
-        default=None,
-        help="Prune stage: '0.9' or one per auxiliary head '0.9,0.95'; default: the config's, else 0.9.",
-    )
-    model.add_argument(
-        "--train_scope",
-        type=str,
-        default="all",
-        choices=["all", "heads"],
-        help="all (official code) or heads only (the paper's @Finetune).",
-    )
+        "--exit_threshold", type=parse_exit_threshold, default=None,
+        help="Prune stage: '0.9' or one per auxiliary head '0.9,0.95'; default: the preset's, the config's, 0.9.",
+    )  # fmt: skip
+    model.add_argument("--train_scope", type=str, default="all", choices=["all", "heads"], help="heads = @Finetune.")
 
     training = parser.add_argument_group("training")
-    training.add_argument(
-        "--per_device_train_batch_size", type=int, default=8, help="Training batch size per process."
-    )
-    training.add_argument(
-        "--per_device_eval_batch_size", type=int, default=8, help="Evaluation batch size per process."
-    )
+    training.add_argument("--per_device_train_batch_size", type=int, default=8, help="Training batch per process.")
+    training.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Evaluation batch per process.")
     training.add_argument("--learning_rate", type=float, default=2e-5, help="AdamW learning rate of the backbone.")
-    training.add_argument(
-        "--head_lr_multiplier", type=float, default=10.0, help="Heads train at this multiple of the learning rate."
-    )
+    training.add_argument("--head_lr_multiplier", type=float, default=10.0, help="Heads train at this multiple.")
     training.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
     training.add_argument("--num_train_epochs", type=int, default=3, help="Epochs, unless --max_train_steps is set.")
-    training.add_argument(
-        "--max_train_steps", type=int, default=None, help="Optimiser steps; overrides --num_train_epochs."
-    )
-    training.add_argument(
-        "--num_warmup_steps",
-        type=int,
-        default=None,
-        help="Linear warm-up steps; default: the official 1500/40000 of the steps.",
-    )
+    training.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (wins over epochs).")
+    training.add_argument("--num_warmup_steps", type=int, default=None, help="Warm-up; default 1500/40000 of steps.")
+    training.add_argument("--lr_decay_steps", type=int, default=None, help="Poly decay ends here; default: the end.")
     training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimiser step.")
     training.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=["no", "fp16", "bf16"],
+        "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
         help="Passed to Accelerate, for training (evaluation runs in float32); default: its launch config.",
-    )
+    )  # fmt: skip
     training.add_argument("--seed", type=int, default=42, help="Seed of weights, data order and augmentation.")
-    training.add_argument(
-        "--cpu", action="store_true", help="Run on CPU (needed for several CPU processes, see the module docstring)."
-    )
-    training.add_argument(
-        "--ddp_find_unused_parameters",
-        action="store_true",
-        help="Fallback if DDP reports parameters without gradient.",
-    )
+    add_cpu_argument(training)
+    training.add_argument("--ddp_find_unused_parameters", action="store_true", help="If DDP finds unused parameters.")
 
     output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", type=str, default="dtop-finetuned", help="Model, checkpoints and logs.")
     output.add_argument(
-        "--output_dir", type=str, default="dtop-finetuned", help="Where the model, checkpoints and logs go."
-    )
-    output.add_argument(
-        "--checkpointing_steps",
-        type=parse_checkpointing_steps,
-        default=None,
+        "--checkpointing_steps", type=parse_checkpointing_steps, default=None,
         help="Save the training state every N steps, or 'epoch', into output_dir/step_N.",
-    )
-    output.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help="'latest' (in --output_dir) or a step_N folder."
-    )
+    )  # fmt: skip
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep the N newest checkpoints.")
+    output.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a step_N folder.")
     output.add_argument("--eval_steps", type=int, default=None, help="Evaluate every N steps (always at the end).")
     output.add_argument("--with_tracking", action="store_true", help="Log through Accelerate's trackers.")
-    output.add_argument(
-        "--report_to",
-        type=str,
-        default="tensorboard",
-        help="Tracker(s) for --with_tracking ('all', 'tensorboard', ...).",
-    )
+    output.add_argument("--report_to", type=str, default="tensorboard", help="Tracker(s) for --with_tracking.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the final model to the Hub.")
-    output.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository; default: the output folder name."
-    )
+    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repository; default: the folder name.")
     output.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the cached login).")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    # A preset changes the defaults, so that flags given explicitly still win.
+    first_pass, _ = parser.parse_known_args(argv)
+    if first_pass.preset is not None:
+        parser.set_defaults(**preset_defaults(first_pass.preset, first_pass.stage))
     args = parser.parse_args(argv)
 
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"`--max_train_steps` must be >= 1, got {args.max_train_steps}.")
+    require_positive(
+        args,
+        (
+            "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+            "max_train_steps", "checkpoints_total_limit", "lr_decay_steps",
+        ),
+    )  # fmt: skip
     if args.stage == "base" and args.exit_threshold is not None:
         raise ValueError("`--exit_threshold` only applies to `--stage prune` (the base stage trains without pruning).")
+    if not 0.0 < args.cat_max_ratio <= 1.0:
+        raise ValueError(f"`--cat_max_ratio` must lie in (0, 1] (1.0 = plain random crops), got {args.cat_max_ratio}.")
     return args
 
 
@@ -264,27 +252,68 @@ def stage_exit_threshold(
     return DEFAULT_PRUNE_THRESHOLD
 
 
+def fresh_config(args: argparse.Namespace, overrides: dict, id2label: dict[int, str]) -> DToPConfig:
+    """A new model's config: the paper configuration's architecture, or a model size (default `small`)."""
+    if args.preset in PAPER_PRESETS:
+        return DToPConfig(**{**PAPER_PRESETS[args.preset].config_kwargs(), **label_fields(id2label), **overrides})
+    # A fresh model stores position embeddings for `--crop_size`, else for the built-in images' size.
+    image_size = args.crop_size or (args.synthetic_image_size if args.dataset_name in BUILTIN_NAMES else None)
+    size = args.preset or "small"
+    return build_preset_config(overrides, id2label, size=size, **({"image_size": image_size} if image_size else {}))
+
+
+def label_fields(id2label: dict[int, str]) -> dict:
+    return {"id2label": dict(id2label), "label2id": {name: index for index, name in id2label.items()}}
+
+
+def check_preset_labels(preset: DToPPaperPreset, id2label: dict[int, str]) -> None:
+    """A paper configuration trains on its own data set: the classes must be that data set's."""
+    expected = DATASET_LABELS[preset.dataset.name]
+    if len(id2label) != len(expected):
+        raise ValueError(
+            f"`--preset {preset.name}` trains on {preset.dataset.display_name} ({len(expected)} classes), but the "
+            f"data set has {len(id2label)} classes. Pass the {preset.dataset.display_name} folder as `--dataset_name`."
+        )
+
+
 def load_model(
     args: argparse.Namespace, id2label: dict[int, str]
 ) -> tuple[DToPForSemanticSegmentation, DToPImageProcessor]:
-    """The model (fresh preset, DToP checkpoint or ViT checkpoint) with the stage's exit threshold, and its processor.
+    """The model (fresh, DToP checkpoint or ViT checkpoint) set up for the stage, and its image processor.
 
-    A fresh preset model stores position embeddings for `--crop_size`, else for the built-in images' size.
+    The prune stage turns on `prune_during_training` (tokens exit in training mode too); the base stage turns it
+    off and sets every threshold to 1.0.
     """
     overrides = parse_config_overrides(args.config_overrides)
     check_config_fields(overrides)
-    label_fields = {"id2label": id2label, "label2id": {name: index for index, name in id2label.items()}}
+    paper_preset = PAPER_PRESETS.get(args.preset)
+    if paper_preset is not None:
+        check_preset_labels(paper_preset, id2label)
+    processor_kwargs = image_processor_kwargs(args, paper_preset)
     if args.model_name_or_path is None:
-        image_size = args.crop_size or (args.synthetic_image_size if args.dataset_name in BUILTIN_NAMES else None)
-        config = build_preset_config(overrides, id2label, **({"image_size": image_size} if image_size else {}))
-        config.exit_threshold = stage_exit_threshold(args.stage, args.exit_threshold, config)
-        model = DToPForSemanticSegmentation(config)
-    elif AutoConfig.from_pretrained(args.model_name_or_path).model_type == "vit":
+        model = DToPForSemanticSegmentation(fresh_config(args, overrides, id2label))
+        image_processor = DToPImageProcessor(**processor_kwargs(model.config))
+    elif AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=True).model_type == "vit":
         from dtop_hf.vit_weights import from_vit_pretrained
 
-        model = from_vit_pretrained(DToPForSemanticSegmentation, args.model_name_or_path, **label_fields, **overrides)
-        model.config.exit_threshold = stage_exit_threshold(args.stage, args.exit_threshold, model.config)
+        # The backbone fields come from the ViT checkpoint; the preset gives the rest (stage layout, drop path, ...).
+        preset_fields = {
+            key: value
+            for key, value in (paper_preset.config_kwargs() if paper_preset else {}).items()
+            if key not in VIT_BASE_PATCH16
+        }
+        model = from_vit_pretrained(
+            DToPForSemanticSegmentation, args.model_name_or_path, **{**preset_fields, **label_fields(id2label), **overrides}
+        )
+        try:  # the ViT checkpoint's own normalisation, when it has a preprocessor_config.json
+            image_processor = DToPImageProcessor.from_pretrained(args.model_name_or_path, **processor_kwargs(model.config))
+        except OSError:
+            logger.info(f"{args.model_name_or_path} has no image processor: using DToP's defaults")
+            image_processor = DToPImageProcessor(**processor_kwargs(model.config))
     else:
+        # A DToP folder or Hub id: the shared loader's checks and messages (not DToP, no processor saved, ...).
+        config = load_dtop_config(args.model_name_or_path, "--model_name_or_path")
+        load_saved_image_processor(args.model_name_or_path, config, "--model_name_or_path")
         config = DToPConfig.from_pretrained(args.model_name_or_path, **overrides)
         relabel = {int(key): value for key, value in config.id2label.items()} != id2label
         if relabel:
@@ -292,27 +321,32 @@ def load_model(
                 f"The checkpoint has {config.num_labels} classes, the data {len(id2label)}: the class-specific head "
                 "weights are re-initialised."
             )
-            config.id2label, config.label2id = label_fields["id2label"], label_fields["label2id"]
-        config.exit_threshold = stage_exit_threshold(args.stage, args.exit_threshold, config)
+            config.update(label_fields(id2label))
         model = DToPForSemanticSegmentation.from_pretrained(
             args.model_name_or_path, config=config, ignore_mismatched_sizes=relabel
         )
-    crop_size = args.crop_size or model.config.image_size
-    processor_kwargs = {
-        "size": {"height": crop_size, "width": crop_size},
-        "crop_size": {"height": crop_size, "width": crop_size},
-        "stride": {"height": 2 * crop_size // 3, "width": 2 * crop_size // 3},  # 341 for 512 (SPEC §4)
-        "do_reduce_labels": args.do_reduce_labels,
-    }
-    image_processor = None
-    if args.model_name_or_path is not None:
-        try:  # the checkpoint's own normalisation, when it has a preprocessor_config.json
-            image_processor = DToPImageProcessor.from_pretrained(args.model_name_or_path, **processor_kwargs)
-        except OSError:
-            logger.info(f"{args.model_name_or_path} has no image processor: using DToP's defaults")
-    if image_processor is None:
-        image_processor = DToPImageProcessor(**processor_kwargs)
+        image_processor = DToPImageProcessor.from_pretrained(args.model_name_or_path, **processor_kwargs(config))
+    model.config.exit_threshold = stage_exit_threshold(args.stage, args.exit_threshold, model.config)
+    model.config.prune_during_training = args.stage == "prune"
     return model, image_processor
+
+
+def image_processor_kwargs(args: argparse.Namespace, paper_preset: DToPPaperPreset | None):
+    """`config -> DToPImageProcessor kwargs`: the paper configuration's test mode (normalisation, resize, windows),
+    else windows of `--crop_size` (default: the model's size) at stride 2/3 of it (341 for 512)."""
+
+    def kwargs(config: DToPConfig) -> dict:
+        if paper_preset is not None:
+            return {**paper_preset.dataset.image_processor_kwargs(), "do_reduce_labels": args.do_reduce_labels}
+        crop_size = args.crop_size or config.image_size
+        return {
+            "size": {"height": crop_size, "width": crop_size},
+            "crop_size": {"height": crop_size, "width": crop_size},
+            "stride": {"height": 2 * crop_size // 3, "width": 2 * crop_size // 3},
+            "do_reduce_labels": args.do_reduce_labels,
+        }
+
+    return kwargs
 
 
 def load_checked_splits(args: argparse.Namespace, accelerator: Accelerator):
@@ -355,7 +389,9 @@ def build_dataloaders(
         SegmentationTrainTransform(
             image_processor,
             crop_size,
+            scale=args.train_scale,
             ratio_range=tuple(args.resize_ratio_range),
+            cat_max_ratio=args.cat_max_ratio,
             photometric_distortion=args.photometric_distortion,
             ignore_index=ignore_index,
         ),
@@ -395,13 +431,34 @@ def resume_point(args: argparse.Namespace) -> Path | None:
         raise ValueError(
             f"`--resume_from_checkpoint` {str(path)!r} is not a folder: pass 'latest' or a step_N folder."
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(path)!r} is not a complete checkpoint ({problem}): pass 'latest' to "
+            "resume from the newest complete one."
+        )
     return path
 
 
+def save_and_prune(accelerator: Accelerator, args: argparse.Namespace, step: int) -> None:
+    """A crash-safe checkpoint of the training state, then (main process) `--checkpoints_total_limit` pruning."""
+    save_checkpoint(accelerator, args.output_dir, step)
+    if args.checkpoints_total_limit is not None and accelerator.is_main_process:
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+
+
 def rewrite_train_log(log_path: Path, keep_until_step: int) -> None:
-    """Keep the log lines of steps <= `keep_until_step` (those after the checkpoint are redone by the resumed run)."""
-    lines = log_path.read_text().splitlines() if log_path.is_file() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_until_step]
+    """Keep the log lines of steps <= `keep_until_step` (those after the checkpoint are redone by the resumed run).
+    A last line cut short by a killed run is dropped."""
+    kept = []
+    for line in log_path.read_text().splitlines() if log_path.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry["step"] <= keep_until_step:
+            kept.append(line)
     log_path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -547,8 +604,10 @@ def main(argv: list[str] | None = None) -> None:
     num_warmup_steps = (
         args.num_warmup_steps if args.num_warmup_steps is not None else round(WARMUP_FRACTION * max_train_steps)
     )
+    # The decay horizon is the run's end, unless set apart (the official ViT-B phase 1 stops at 40k of 160k).
+    decay_steps = args.lr_decay_steps or max_train_steps
     scheduler = build_poly_scheduler(
-        optimizer, num_warmup_steps * accelerator.num_processes, max_train_steps * accelerator.num_processes
+        optimizer, num_warmup_steps * accelerator.num_processes, decay_steps * accelerator.num_processes
     )
 
     model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
@@ -557,6 +616,13 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch = num_update_steps(len(train_dataloader), args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if args.preset in PAPER_PRESETS:
+        official_batch = PAPER_PRESETS[args.preset].prune_schedule.total_batch_size
+        if total_batch_size != official_batch:
+            logger.warning(
+                f"`--preset {args.preset}`: the official batch is {official_batch} images per step, this run's is "
+                f"{total_batch_size}; launch 4 processes or set `--gradient_accumulation_steps` to match."
+            )
     logger.info(
         f"{len(splits['train'])} training / {len(splits['validation'])} validation images, crop {crop_size}; "
         f"batch {args.per_device_train_batch_size} per process x {accelerator.num_processes} processes x "
@@ -626,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
                     step=completed_steps,
                 )
             if isinstance(args.checkpointing_steps, int) and completed_steps % args.checkpointing_steps == 0:
-                accelerator.save_state(str(Path(args.output_dir) / f"step_{completed_steps}"))
+                save_and_prune(accelerator, args, completed_steps)
             if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < max_train_steps:
                 log_evaluation(
                     accelerator,
@@ -643,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
             if completed_steps >= max_train_steps:
                 break
         if args.checkpointing_steps == "epoch":
-            accelerator.save_state(str(Path(args.output_dir) / f"step_{completed_steps}"))
+            save_and_prune(accelerator, args, completed_steps)
         if completed_steps >= max_train_steps:
             break
     progress_bar.close()

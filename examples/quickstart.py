@@ -13,18 +13,22 @@
 # limitations under the License.
 """DToP from nothing, in one command and a few CPU minutes, offline: on the built-in synthetic scenes, train a
 small base model (no pruning), prune-finetune it (auxiliary exit thresholds on), sweep exit thresholds (mIoU and
-GFLOPs per image) and draw exit maps; print the table and where everything went.
+GFLOPs per image), calibrate one threshold per auxiliary head (at most `--max_miou_drop` mIoU points lost, chosen
+on calibration scenes the report never uses) and draw exit maps; print the table and where everything went.
 
     python examples/quickstart.py                          # default size: a few minutes on a laptop CPU
     python examples/quickstart.py --tiny                   # seconds (CI smoke test); or DTOP_QUICKSTART_TINY=1
     python examples/quickstart.py --base_steps 3000 --train_samples 3000   # longer, better
 
-It chains the example scripts in one process: `finetune.py` twice (`--stage base`, then `--stage prune`),
-`evaluate.py` (threshold sweep) and `segment.py` (pictures of a photo). Written to `--output_dir`:
+It chains the example scripts in one process: `finetune.py` twice (`--stage base`, then `--stage prune`) and
+`evaluate.py` (threshold sweep and calibration), then draws a photo as `segment.py` does (with
+`dtop_hf.toolkit.inference`). Written to `--output_dir`:
 
-    base/         the base model          model/        the pruned model: use this one
+    base/         the base model          model/        the pruned model (exit threshold 0.9)
+    calibrated/   the pruned model with its calibrated per-head thresholds: use this one
     evaluation/   table.md, results.json, gflops_vs_miou.png, pictures/ (validation scenes, one row per threshold)
-    pictures/     segment.py's PNGs for a photo and a validation scene, at the model's threshold and the lowest swept
+    pictures/     segment.py's PNGs for a photo and a validation scene, at the model's threshold, the calibrated
+                  ones and the lowest swept
     data/         the generated data set (reused by later runs)
 
 The model folder loads in `pipeline("image-segmentation", model=..., trust_remote_code=True)` and in
@@ -40,14 +44,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dtop_hf.toolkit.evaluation.calibration import check_thresholds
+from dtop_hf.toolkit.evaluation.calibration import check_thresholds, choose_threshold, format_threshold, speedup
+from dtop_hf.toolkit.inference.images import open_image
+from dtop_hf.toolkit.inference.loading import load_model_and_processor
+from dtop_hf.toolkit.inference.pictures import describe, write_outputs
+from dtop_hf.toolkit.inference.segmentation import segment_image, stage_labels
+from dtop_hf.toolkit.inference.visualization import default_stage_names, make_palette
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 TINY_ENVIRONMENT_VARIABLE = "DTOP_QUICKSTART_TINY"
-# Run sizes. "default": dtop_hf.toolkit.training.recipe.SMALL_PRESET narrowed to width 128 (a 6-layer ViT, patch 8, ATM heads
-# of width 64 after layers 3, 4 and 6; 1.9M parameters) on 96 px scenes, a 12x12 token grid: about 0.16 s per
-# training step on two CPU cores. "tiny": a 4-layer width-32 ViT on 32 px scenes, for CI.
+# Run sizes. "default": the "quickstart" model size of dtop_hf.presets_dtop.MODEL_SIZES (a 6-layer width-128 ViT, patch
+# 8, ATM heads of width 64 after layers 3, 4 and 6; 1.9M parameters) on 96 px scenes, a 12x12 token grid: about
+# 0.16 s per training step on two CPU cores. "tiny": the "tiny" size (a 4-layer width-32 ViT) on 32 px scenes, for CI.
 RUN_SIZES = {
     "default": {
         "image_size": 96,
@@ -58,9 +67,7 @@ RUN_SIZES = {
         "batch_size": 8,
         "learning_rate": 3e-4,
         "head_lr_multiplier": 3.0,
-        "config_overrides": (
-            "hidden_size=128,num_attention_heads=2,intermediate_size=512,head_hidden_size=64,head_num_attention_heads=2"
-        ),
+        "model_size": "quickstart",
         "thresholds": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
     },
     "tiny": {
@@ -72,10 +79,7 @@ RUN_SIZES = {
         "batch_size": 4,
         "learning_rate": 1e-3,
         "head_lr_multiplier": 1.0,
-        "config_overrides": (
-            "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64,patch_size=4,"
-            "head_hidden_size=16,head_num_attention_heads=2,head_num_layers=1,out_indices=[1,2,3]"
-        ),
+        "model_size": "tiny",
         "thresholds": (1.0, 0.5),
     },
 }
@@ -104,9 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--batch_size", type=int, default=None, help=sized("batch_size", "Training batch size"))
     group.add_argument("--learning_rate", type=float, default=None, help=sized("learning_rate", "AdamW learning rate of the backbone"))
     group.add_argument("--head_lr_multiplier", type=float, default=None, help=sized("head_lr_multiplier", "The heads train at this multiple of the learning rate"))
-    group.add_argument("--config_overrides", type=str, default=None, help=sized("config_overrides", "DToPConfig fields of the fresh model (see finetune.py)"))
+    group.add_argument("--model_size", type=str, default=None, help=sized("model_size", "Model size of dtop_hf.presets_dtop.MODEL_SIZES"))
+    group.add_argument("--config_overrides", type=str, default=None, help="DToPConfig fields changed on the model size (see finetune.py; default: none).")
     group.add_argument("--thresholds", type=float, nargs="+", default=None, help=sized("thresholds", "Exit thresholds of the evaluation sweep; 1.0 = unpruned"))
     parser.add_argument("--exit_threshold", type=float, default=0.9, help="Exit threshold trained with in the pruning fine-tune and kept in the model (default: %(default)s, ViT-B's).")
+    parser.add_argument("--max_miou_drop", type=float, default=0.3, help="Calibration budget: mIoU points the per-head thresholds may lose against the unpruned model (default: %(default)s).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of weights and data order (default: %(default)s).")
     parser.add_argument("--photo", type=str, default=None, help="Your own photo to segment at the end (default: scikit-image's astronaut when installed, and a validation scene).")
     args = parser.parse_args(argv)
@@ -121,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_thresholds(args.thresholds)
     if not 0.0 < args.exit_threshold < 1.0:
         raise ValueError(f"`--exit_threshold` must lie in (0, 1) for the pruning fine-tune to prune, got {args.exit_threshold}.")
+    if args.max_miou_drop < 0:
+        raise ValueError(f"`--max_miou_drop` must be >= 0 (mIoU points), got {args.max_miou_drop}.")
     if args.photo is not None and not Path(args.photo).is_file():
         raise ValueError(f"`--photo` {args.photo!r} is not a file: pass the path of an image.")
     return args
@@ -164,10 +172,9 @@ def sample_images(args: argparse.Namespace) -> dict[str, Image.Image]:
     installed), and always one validation scene of the built-in data set."""
     from dtop_hf.toolkit.data.synthetic_scenes import make_synthetic_scenes
 
-    segment = load_example("segment")
     images = {}
     if args.photo is not None:
-        images[Path(args.photo).stem] = segment.open_image(args.photo)
+        images[Path(args.photo).stem] = open_image(args.photo)
     else:
         try:
             from skimage import data as skimage_data
@@ -181,31 +188,31 @@ def sample_images(args: argparse.Namespace) -> dict[str, Image.Image]:
 
 
 def draw_pictures(
-    model_dir: Path, images: dict[str, Image.Image], output_dir: Path, thresholds: list[float]
+    model_dir: Path, images: dict[str, Image.Image], output_dir: Path, thresholds: list[float | tuple[float, ...]]
 ) -> list[str]:
-    """segment.py on each image with the pruned model, once per exit threshold; returns its printed summaries.
-
-    Files are named `<image>_t<threshold>_<kind>.png`."""
-    segment = load_example("segment")
-    model, image_processor = segment.load_model_and_processor(str(model_dir))
+    """Segment each image with the pruned model, once per exit threshold, and draw it as segment.py does; returns
+    the summaries segment.py prints. Files are named `<image>_t<threshold>_<kind>.png` (`t0.6-0.9` for one
+    threshold per auxiliary head)."""
+    model, image_processor = load_model_and_processor(str(model_dir))
     config = model.config
-    palette = segment.make_palette(config.num_labels)
-    stage_names = segment.default_stage_names(len(config.out_indices), config.out_indices)
+    palette = make_palette(config.num_labels)
+    stage_names = default_stage_names(len(config.out_indices), config.out_indices)
+    labels = stage_labels(config.out_indices)
     id2label = {int(key): value for key, value in config.id2label.items()}
     summaries = []
     for name, image in images.items():
         for exit_threshold in thresholds:
-            result = segment.segment_image(model, image_processor, image, exit_threshold=exit_threshold)
-            label = f"{name}_t{exit_threshold:g}"
-            segment.write_pictures(image, result, palette, stage_names, output_dir, label)
-            summaries.append(segment.describe(Path(label), image, result, stage_names, id2label))
+            result = segment_image(model, image_processor, image, exit_threshold=exit_threshold)
+            label = f"{name}_t{format_threshold(exit_threshold).replace(' / ', '-')}"
+            write_outputs(image, result, palette, stage_names, output_dir, label)
+            summaries.append(describe(label, image.size, result, labels, id2label))
     return summaries
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    base_dir, model_dir = output_dir / "base", output_dir / "model"
+    base_dir, model_dir, calibrated_dir = output_dir / "base", output_dir / "model", output_dir / "calibrated"
     evaluation_dir, pictures_dir, data_dir = output_dir / "evaluation", output_dir / "pictures", output_dir / "data"
     finetune, evaluate = load_example("finetune"), load_example("evaluate")
     data = data_arguments(args, data_dir)
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     print(f"\n[1/4] Base model (no pruning) -> {base_dir}", flush=True)
-    base_overrides = ["--config_overrides", args.config_overrides] if args.config_overrides else []
+    base_overrides = ["--preset", args.model_size] + (["--config_overrides", args.config_overrides] if args.config_overrides else [])
     finetune.main(["--stage", "base", "--output_dir", str(base_dir)] + base_overrides + data + training_arguments(args, args.base_steps))
     timings["base training"] = time.perf_counter() - start
 
@@ -234,22 +241,32 @@ def main(argv: list[str] | None = None) -> dict:
     timings["pruning fine-tune"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    print(f"\n[3/4] Threshold sweep on the validation scenes -> {evaluation_dir}", flush=True)
+    print(
+        f"\n[3/4] Threshold sweep on the validation scenes, per-head thresholds calibrated on {args.validation_samples} "
+        f"calibration scenes (at most {args.max_miou_drop:g} mIoU points lost) -> {evaluation_dir}, {calibrated_dir}",
+        flush=True,
+    )
     summary = evaluate.main(
         [
             "--model", str(model_dir), "--dataset_name", "builtin", "--output_dir", str(evaluation_dir),
             "--synthetic_image_size", str(args.image_size), "--synthetic_validation_samples", str(args.validation_samples),
             "--cache_dir", str(data_dir), "--per_device_eval_batch_size", str(2 * args.batch_size),
             "--num_pictures", "2", "--thresholds", *map(str, args.thresholds),
+            "--max_miou_drop", str(args.max_miou_drop), "--calibration_samples", str(args.validation_samples),
+            "--calibrated_output_dir", str(calibrated_dir),
         ]
     )  # fmt: skip
-    timings["evaluation"] = time.perf_counter() - start
+    calibration = summary["calibration"]
+    calibrated = "error" not in calibration
+    timings["evaluation and calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    # At the model's own threshold, and at the sweep's lowest: a model trained for minutes is rarely sure enough
-    # of a real photo for its tokens to pass 0.9.
-    picture_thresholds = sorted({args.exit_threshold, min(args.thresholds)}, reverse=True)
-    print(f"\n[4/4] Exit maps with examples/segment.py at thresholds {picture_thresholds} -> {pictures_dir}", flush=True)
+    # At the model's own threshold, the calibrated ones, and the sweep's lowest: a model trained for minutes is rarely
+    # sure enough of a real photo for its tokens to pass 0.9.
+    picture_thresholds = [args.exit_threshold] + ([calibration["chosen"]["exit_threshold"]] if calibrated else [])
+    picture_thresholds = list(dict.fromkeys(picture_thresholds + [min(args.thresholds)]))
+    shown = ", ".join(map(format_threshold, picture_thresholds))
+    print(f"\n[4/4] Exit maps (as examples/segment.py draws them) at thresholds {shown} -> {pictures_dir}", flush=True)
     summaries = draw_pictures(model_dir, sample_images(args), pictures_dir, picture_thresholds)
     print("\n".join(summaries))
     timings["pictures"] = time.perf_counter() - start
@@ -257,18 +274,47 @@ def main(argv: list[str] | None = None) -> dict:
     table = (evaluation_dir / "table.md").read_text(encoding="utf-8").split("\n\nIoU per class")[0]
     print("\n" + "=" * 100)
     print(f"DToP quick start done in {sum(timings.values()):.0f} s (" + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()) + ")")
-    print(f"\nThreshold sweep of {model_dir} on {summary['num_images']} validation scenes (GFLOPs per image):\n")
+    print(
+        f"\nThreshold sweep of {model_dir} on {summary['num_images']} validation scenes (GFLOPs per image), one "
+        "threshold for every head, beside the thresholds calibrated for each head:\n"
+    )
     print(table)
+    print("\n" + compare_on_validation(summary, args.max_miou_drop) if calibrated else f"\n{calibration['error']}")
+    use = calibrated_dir if calibrated else model_dir
     print(
         f"\nWritten:\n"
-        f"  {model_dir}   the pruned model (exit threshold {args.exit_threshold}); base model in {base_dir}\n"
+        + (f"  {calibrated_dir}   the pruned model with its calibrated thresholds: use this one\n" if calibrated else "")
+        + f"  {model_dir}   the pruned model (exit threshold {args.exit_threshold}); base model in {base_dir}\n"
         f"  {evaluation_dir}   table.md, results.json, gflops_vs_miou.png, pictures/\n"
         f"  {pictures_dir}   <image>_t<threshold>_segmentation.png, _exit_map.png, _overlay.png\n"
-        f"\nNext: python examples/segment.py your_photo.jpg --model {model_dir}\n"
+        f"\nNext: python examples/segment.py your_photo.jpg --model {use}\n"
         f"      python examples/evaluate.py --model {model_dir} --synthetic_image_size {args.image_size} --max_miou_drop 0.5 "
         f"--output_dir {output_dir / 'calibration'}"
     )
-    return {"summary": summary, "timings": timings, "model_dir": model_dir, "pictures_dir": pictures_dir}
+    return {
+        "summary": summary,
+        "timings": timings,
+        "model_dir": model_dir,
+        "calibrated_dir": calibrated_dir if calibrated else None,
+        "pictures_dir": pictures_dir,
+    }
+
+
+def compare_on_validation(summary: dict, max_miou_drop: float) -> str:
+    """R at the mIoU budget on the validation scenes: the calibrated thresholds (chosen on other scenes) against
+    the best single threshold of the sweep (chosen, with hindsight, on the validation scenes themselves)."""
+    calibrated = summary["calibration"]["on_evaluation_split"]
+    baseline = calibrated["baseline"]
+    single = choose_threshold(summary["results"] + [baseline], max_miou_drop=max_miou_drop / 100)
+
+    def describe_point(result: dict) -> str:
+        change = 100 * (result["mean_iou"] - baseline["mean_iou"])
+        return f"{format_threshold(result['exit_threshold'])}: R = {speedup(result, baseline):.2f} at {change:+.2f} mIoU"
+
+    return (
+        f"On the validation scenes, within {max_miou_drop:g} mIoU points: calibrated thresholds "
+        f"{describe_point(calibrated['chosen'])}; best single threshold of the sweep {describe_point(single)}."
+    )
 
 
 if __name__ == "__main__":

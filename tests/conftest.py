@@ -20,6 +20,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -45,6 +47,10 @@ TRANSFORMERS_TEST_MARKERS = (
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# The example scripts import their shared flags (`examples/arguments.py`) as a top-level module, as they do when run
+# from examples/. Appended, not prepended: examples/evaluate.py must never shadow the `evaluate` package.
+if str(EXAMPLES) not in sys.path:
+    sys.path.append(str(EXAMPLES))
 
 
 def load_example(name: str, module_name: str | None = None):
@@ -219,6 +225,24 @@ def images_that_prune_differently(batch_size: int = 2, image_size: int = 32, see
         noise = torch.randn(3, image_size, image_size, generator=generator) * (0.25 + index)
         images.append(noise + (index - 0.5) * ramp[None, :, None] + 0.3 * ramp[None, None, :])
     return torch.stack(images)
+
+
+def run_without_dtop_hf(script: str, arguments: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `python -I -c script *arguments` in a fresh interpreter, outside the repository, offline, with an empty
+    Hugging Face cache and no PYTHON* / HF_* / TRANSFORMERS_* variables (the script itself must block `dtop_hf`:
+    an editable install stays importable even under `-I`). Fails the test when the script fails."""
+    working_dir = tmp_path / "elsewhere"
+    working_dir.mkdir(exist_ok=True)
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))
+    }
+    environment.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-I", "-c", script, *map(str, arguments)],
+        cwd=working_dir, env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
 
 
 @pytest.fixture(params=["atm", "fcn"])

@@ -11,8 +11,11 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests for exit-threshold calibration: the pure choice, the bisection, a calibrated tiny model saved and reloaded."""
+"""Tests for exit-threshold calibration: the pure choice, the bisection, the per-head search on a synthetic surface,
+the downward extension when nothing exits, a calibrated tiny model saved and reloaded (one threshold, and one per
+head)."""
 
+import itertools
 import json
 import math
 from functools import partial
@@ -23,11 +26,18 @@ from torch.utils.data import DataLoader
 
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor
 from dtop_hf.toolkit.evaluation.calibration import (
+    NothingToCalibrateError,
+    calibrate_per_head_thresholds,
     calibrate_threshold,
     check_thresholds,
     choose_threshold,
+    compact_threshold,
+    format_threshold,
+    per_head,
+    refine_grids,
     refinement_bracket,
     save_calibrated_model,
+    threshold_neighbours,
 )
 from dtop_hf.toolkit.data.datasets import SegmentationDataset, SegmentationEvalTransform, collate_segmentation_batch
 from dtop_hf.toolkit.evaluation.loop import evaluate_model
@@ -123,6 +133,117 @@ def test_bisection_moves_to_the_boundary_of_the_constraint():
     assert 1.0 not in calls  # a budget needs no baseline
 
 
+# A synthetic 3-head model: lower thresholds cost less (head 1 saves most, it comes earliest) and, below a
+# head-specific knee, lose accuracy quadratically (earlier heads are less reliable, so their knee is higher).
+SAVING_PER_HEAD = (3.0, 2.0, 1.0)
+KNEE_PER_HEAD = (0.9, 0.8, 0.7)
+ACCURACY_LOSS_PER_HEAD = (0.5, 1.0, 2.0)
+GRID = [round(1.0 - 0.05 * step, 2) for step in range(11)]  # 1.0, 0.95, ..., 0.5
+
+
+def three_head_surface(threshold, calls: list) -> dict:
+    thresholds = per_head(threshold, 3)
+    calls.append(thresholds)
+    cost = 10.0 + sum(saving * value for saving, value in zip(SAVING_PER_HEAD, thresholds))
+    drop = sum(
+        loss * max(0.0, knee - value) ** 2
+        for loss, knee, value in zip(ACCURACY_LOSS_PER_HEAD, KNEE_PER_HEAD, thresholds)
+    )
+    return {"mean_iou": 0.5 - drop, "gflops": cost}
+
+
+def grid_optimum(**constraint) -> dict:
+    """The answer of the full grid (11^3 = 1331 evaluations), for comparison."""
+    results = [
+        {**three_head_surface(setting, []), "exit_threshold": setting} for setting in itertools.product(GRID, repeat=3)
+    ]
+    return choose_threshold(results, **constraint)
+
+
+@pytest.mark.parametrize(
+    "constraint, optimum",
+    [
+        ({"max_miou_drop": 0.002}, (0.85, 0.8, 0.7)),
+        ({"max_miou_drop": 0.01}, (0.8, 0.75, 0.7)),
+        ({"target_gflops": 14.0}, (0.65, 0.7, 0.65)),
+        ({"target_gflops": 13.5}, (0.5, 0.65, 0.7)),  # needs a move of all three heads at once
+    ],
+)
+def test_per_head_search_finds_the_grid_optimum_with_far_fewer_evaluations(constraint, optimum):
+    assert tuple(grid_optimum(**constraint)["exit_threshold"]) == optimum
+    calls = []
+    # On the grid alone (no bisection, no finer levels): exactly the full grid's answer.
+    outcome = calibrate_per_head_thresholds(
+        partial(three_head_surface, calls=calls), GRID, num_heads=3, num_refinements=0, num_grid_refinements=0,
+        **constraint,
+    )  # fmt: skip
+    assert per_head(outcome.chosen["exit_threshold"], 3) == optimum
+    assert outcome.num_evaluations == len(calls) == len(set(calls))  # each setting evaluated once
+    assert len(calls) <= 1331 // 8
+    # The single shared threshold is worse: the heads want different thresholds.
+    assert outcome.best_single["exit_threshold"] in GRID
+    key, better = ("gflops", min) if "max_miou_drop" in constraint else ("mean_iou", max)
+    assert better(outcome.chosen[key], outcome.best_single[key]) == outcome.chosen[key] != outcome.best_single[key]
+
+    # With bisection and finer grids: at least as good as the grid's optimum, still far fewer evaluations.
+    calls.clear()
+    refined = calibrate_per_head_thresholds(partial(three_head_surface, calls=calls), GRID, num_heads=3, **constraint)
+    assert better(refined.chosen[key], outcome.chosen[key]) == refined.chosen[key]
+    assert len(calls) <= 1331 // 5
+    if "max_miou_drop" in constraint:
+        assert refined.baseline["exit_threshold"] == 1.0
+        assert 0.5 - refined.chosen["mean_iou"] <= constraint["max_miou_drop"] + 1e-12
+    else:
+        assert refined.chosen["gflops"] <= constraint["target_gflops"]
+
+
+def test_threshold_forms_and_neighbours():
+    assert per_head(0.8, 2) == (0.8, 0.8) and per_head([0.6, 0.9], 2) == (0.6, 0.9)
+    with pytest.raises(ValueError, match="one exit threshold per auxiliary head \\(2\\)"):
+        per_head((0.6, 0.7, 0.9), 2)
+    assert compact_threshold((0.7, 0.7)) == 0.7 and compact_threshold([0.6, 0.9]) == (0.6, 0.9)
+    assert format_threshold((0.6, 0.9)) == "0.6 / 0.9" and format_threshold(0.85) == "0.85"
+    grids = [[0.5, 0.6, 0.7], [0.5, 0.6, 0.7]]
+    neighbours = threshold_neighbours((0.6, 0.6), grids, line_radius=None)
+    # 2 + 2 single-head moves, then both down, an exchange each way, both up.
+    assert sorted(neighbours) == sorted(
+        [(0.5, 0.6), (0.7, 0.6), (0.6, 0.5), (0.6, 0.7), (0.5, 0.5), (0.5, 0.7), (0.7, 0.5), (0.7, 0.7)]
+    )
+    assert refine_grids(grids, (0.6, 0.7), min_step=1e-3) == [[0.5, 0.55, 0.6, 0.65, 0.7], [0.5, 0.6, 0.65, 0.7]]
+    check_thresholds([1.0, (0.6, 0.9)])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        check_thresholds([(0.6, 1.2)])
+
+
+def confident_below(threshold: float, calls: list) -> dict:
+    """A model that is never confident: tokens only exit below 0.15, and then cost less at no accuracy loss."""
+    calls.append(threshold)
+    return {"mean_iou": 0.4, "gflops": 10.0 if threshold >= 0.15 else 6.0 + 20 * threshold}
+
+
+def test_sweep_extends_downward_when_nothing_exits():
+    calls = []
+    chosen, results = calibrate_threshold(
+        partial(confident_below, calls=calls), [0.9, 0.8, 0.6], max_miou_drop=0.001, num_refinements=0
+    )
+    # 1.0, the sweep, then halving the lowest threshold: 0.3 and 0.15 save nothing, 0.075 does.
+    assert calls == [1.0, 0.9, 0.8, 0.6, 0.3, 0.15, 0.075]
+    assert chosen["exit_threshold"] == 0.075 and chosen["gflops"] < 10.0
+    # A budget below the unpruned cost extends the sweep the same way.
+    calls.clear()
+    chosen, _ = calibrate_threshold(partial(confident_below, calls=calls), [1.0, 0.5], target_gflops=8.0)
+    assert chosen["gflops"] <= 8.0 and min(calls) < 0.15
+
+
+def test_a_model_that_never_exits_is_reported_plainly():
+    never = partial(confident_below, calls=[])
+    for constraint in ({"max_miou_drop": 0.01}, {"target_gflops": 5.0}):
+        with pytest.raises(NothingToCalibrateError, match="no exit threshold from 1.0 down to 0.2 lets a single"):
+            calibrate_threshold(never, [1.0, 0.8], min_threshold=0.2, **constraint)
+        with pytest.raises(NothingToCalibrateError, match="nothing to calibrate|saves anything"):
+            calibrate_per_head_thresholds(never, [1.0, 0.8], num_heads=2, min_threshold=0.2, **constraint)
+
+
 @pytest.fixture
 def tiny_setup(model_tester):
     """A tiny random model with spread-out confidences, 3 synthetic images and a one-process Accelerator."""
@@ -167,3 +288,31 @@ def test_calibrates_a_tiny_model_and_ships_the_threshold(tiny_setup, tmp_path):
     saved = json.loads((folder / "calibration.json").read_text())
     assert saved["exit_threshold"] == chosen["exit_threshold"]
     assert all(value is None or math.isfinite(value) for value in saved["per_category_iou"])
+
+
+def test_per_head_calibration_of_a_tiny_model_round_trips_through_save_pretrained(tiny_setup, tmp_path):
+    model, processor, dataloader, accelerator = tiny_setup
+    evaluate = partial(evaluate_model, model, dataloader, accelerator, image_processor=processor)
+    baseline = evaluate(exit_threshold=1.0)
+    outcome = calibrate_per_head_thresholds(
+        lambda threshold: evaluate(exit_threshold=threshold),
+        [1.0, 0.9, 0.7, 0.5, 0.3],
+        num_heads=2,
+        max_miou_drop=0.05,
+        num_refinements=1,
+        num_grid_refinements=1,
+    )
+    chosen = outcome.chosen
+    assert baseline["mean_iou"] - chosen["mean_iou"] <= 0.05 + 1e-12
+    assert chosen["gflops"] <= outcome.best_single["gflops"] < baseline["gflops"]
+
+    folder = save_calibrated_model(model, processor, tmp_path / "calibrated", chosen, report={"note": "test"})
+    assert model.config.exit_threshold == 1.0
+    reloaded = DToPForSemanticSegmentation.from_pretrained(folder).eval()
+    assert reloaded.config.exit_thresholds_per_head()[:-1] == per_head(chosen["exit_threshold"], 2)
+    shipped = evaluate_model(reloaded, dataloader, accelerator, image_processor=processor)
+    assert shipped["gflops"] == pytest.approx(chosen["gflops"], rel=1e-12)
+    assert shipped["mean_iou"] == pytest.approx(chosen["mean_iou"], rel=1e-12)
+    saved = json.loads((folder / "calibration.json").read_text())
+    assert per_head(saved["exit_threshold"], 2) == per_head(chosen["exit_threshold"], 2)
+    assert saved["report"] == {"note": "test"}

@@ -74,7 +74,11 @@ OFFICIAL_BACKBONE_NAMES = [
     ("layernorm_after", "ln2"), ("attention.o_proj", "attn.attn.out_proj"), ("attention.", "attn.attn."),
     ("mlp.fc1", "ffn.layers.0.0"), ("mlp.fc2", "ffn.layers.1"),
 ]  # fmt: skip
-OFFICIAL_HEAD_NAMES = [("queries.", "q."), ("layers.", "decoder.layers."), (".o_proj.", ".out_proj.")]
+OFFICIAL_HEAD_NAMES = [
+    ("queries.", "q."), ("layers.", "decoder.layers."), ("cross_attn.o_proj.", "multihead_attn.proj."),
+    ("cross_attn.q_proj.", "multihead_attn.q."), ("cross_attn.k_proj.", "multihead_attn.k."),
+    ("cross_attn.v_proj.", "multihead_attn.v."), (".o_proj.", ".out_proj."),
+]  # fmt: skip
 TIMM_BACKBONE_NAMES = [
     ("embeddings.position_embeddings", "pos_embed"), ("embeddings.cls_token", "cls_token"),
     ("embeddings.patch_embeddings.projection", "patch_embed.proj"), ("layers.", "blocks."),
@@ -399,14 +403,18 @@ def test_backbone_only_checkpoints_initialise_the_backbone(tmp_path, layout):
         if key not in ("embeddings.position_embeddings", "embeddings.cls_token"):
             assert torch.equal(loaded[key], value), key
     assert "newly initialised" in (tmp_path / "out" / "README.md").read_text()
+    # The written processor serves the model's own input size (issue 14 §6), not the default 512 windows.
+    processor = DToPImageProcessor.from_pretrained(tmp_path / "out")
+    assert processor.crop_size == {"height": 48, "width": 48} and processor.size.height == 48
 
 
 def test_unknown_backbone_layout_is_refused():
     with pytest.raises(ValueError, match="from_vit_pretrained"):
         detect_checkpoint_layout({"vit.encoder.layer.0.attention.attention.query.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match="blocks.0.ls1.gamma"):
-        layer_scaled = {"blocks.0.attn.qkv.weight": torch.zeros(6, 2), "blocks.0.ls1.gamma": torch.ones(2)}
-        convert_backbone_state_dict(layer_scaled, "timm")
+    # Layer scale is reproduced now (DINOv2); timm's query/key norms (not in any supported family) are refused.
+    with pytest.raises(ValueError, match="blocks.0.attn.q_norm.weight"):
+        qk_normed = {"blocks.0.attn.qkv.weight": torch.zeros(6, 2), "blocks.0.attn.q_norm.weight": torch.ones(2)}
+        convert_backbone_state_dict(qk_normed, "timm")
 
 
 # ----------------------------------------------------------------------------------------------------------------

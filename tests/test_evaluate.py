@@ -12,7 +12,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Tests for examples/evaluate.py: the sweep as a subprocess (table, JSON, plot, pictures), one process against two,
-calibration through the script, and clear errors on bad input."""
+calibration through the script (per-head thresholds, on calibration images only, a model that never exits), and
+clear errors on bad input."""
 
 import importlib.util
 import json
@@ -27,6 +28,7 @@ from PIL import Image
 
 from dtop_hf import DToPConfig, DToPImageProcessor
 from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
+from dtop_hf.toolkit.evaluation.calibration import per_head
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +69,10 @@ def load_script():
     return module
 
 
-def save_tiny_model(model_tester, folder: Path, id2label: dict[int, str]) -> Path:
+def save_tiny_model(model_tester, folder: Path, id2label: dict[int, str], **config) -> Path:
     # initializer_range 0.5: random heads with confident, varied predictions, so that thresholds prune.
-    model = model_tester(num_labels=len(id2label), id2label=id2label, initializer_range=0.5).create_model()
+    config = {"initializer_range": 0.5, **config}
+    model = model_tester(num_labels=len(id2label), id2label=id2label, **config).create_model()
     model.save_pretrained(folder)
     DToPImageProcessor(size={"height": 32, "width": 32}, do_reduce_labels=True).save_pretrained(folder)
     return folder
@@ -174,17 +177,24 @@ def test_calibration_writes_a_model_tuned_to_the_budget(tiny_model_dir, tmp_path
     sweep = module.main(common + ["--output_dir", str(tmp_path / "sweep")])["results"]
     target = (sweep[0]["gflops"] + sweep[-1]["gflops"]) / 2
     summary = module.main(
-        common + ["--output_dir", str(tmp_path), "--target_gflops", str(target), "--num_refinements", "2"]
+        common
+        + ["--output_dir", str(tmp_path), "--target_gflops", str(target), "--num_refinements", "2"]
+        + ["--calibration_samples", "4", "--num_grid_refinements", "1"]
     )
-    chosen = summary["calibration"]["chosen"]
-    assert chosen["gflops"] <= target
-    assert len(summary["results"]) > 3  # the sweep plus bisection points
+    calibration = summary["calibration"]
+    chosen = calibration["chosen"]
+    assert chosen["gflops"] <= target  # on the calibration images, where it was chosen
+    assert len(calibration["results"]) > 3  # the sweep plus bisection points and the per-head search
+    assert [result["exit_threshold"] for result in summary["results"]] == [1.0, 0.7, 0.5]  # the report's sweep
     config = DToPConfig.from_pretrained(tmp_path / "calibrated")
-    assert config.exit_threshold == chosen["exit_threshold"] < 1.0
-    assert (
-        json.loads((tmp_path / "results.json").read_text())["calibration"]["chosen"]["exit_threshold"]
-        == chosen["exit_threshold"]
-    )
+    assert config.exit_thresholds_per_head()[:-1] == per_head(chosen["exit_threshold"], 2)
+    assert min(per_head(chosen["exit_threshold"], 2)) < 1.0
+    saved = json.loads((tmp_path / "results.json").read_text())["calibration"]["chosen"]["exit_threshold"]
+    assert per_head(saved, 2) == per_head(chosen["exit_threshold"], 2)
+    # Both numbers of the chosen thresholds are reported: on the calibration images and on the evaluated split.
+    reported = calibration["on_evaluation_split"]["chosen"]
+    assert per_head(reported["exit_threshold"], 2) == per_head(chosen["exit_threshold"], 2)
+    assert reported["num_images"] == 5 and chosen["num_images"] == 4
 
 
 def test_thresholds_outside_the_unit_interval_are_rejected(capsys):
@@ -219,3 +229,103 @@ def test_data_set_without_usable_samples_is_rejected(tiny_model_dir, tmp_path):
         module.main(
             ["--model", str(tiny_model_dir), "--dataset_name", str(folder), "--output_dir", str(tmp_path / "out")]
         )
+
+
+def test_per_head_thresholds_round_trip_through_the_cli_and_the_table(tiny_model_dir, tmp_path, capsys):
+    module = load_script()
+    arguments = ["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--num_pictures", "1"]
+    arguments += SWEEP_ARGS[:-5] + ["1.0", "0.5", "0.5,0.7", "0.7,0.7"]
+    assert module.parse_args(arguments).thresholds == [1.0, 0.5, (0.5, 0.7), (0.7, 0.7)]
+    summary = module.main(arguments)
+    # (0.7, 0.7) is one threshold for every head: it runs and shows as 0.7.
+    assert [result["exit_threshold"] for result in summary["results"]] == [1.0, 0.7, 0.5, (0.5, 0.7)]
+    table = capsys.readouterr().out
+    assert "| 0.5 / 0.7 |" in table and "| 0.7 |" in table
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert saved[3]["exit_threshold"] == [0.5, 0.7]
+    # The per-head point lies between its two shared neighbours in cost.
+    costs = {per_head(result["exit_threshold"], 2): result["gflops"] for result in summary["results"]}
+    assert costs[(0.5, 0.5)] <= costs[(0.5, 0.7)] <= costs[(0.7, 0.7)]
+
+
+def test_per_head_thresholds_of_the_wrong_length_are_rejected(tiny_model_dir, tmp_path, capsys):
+    module = load_script()
+    with pytest.raises(ValueError, match="`--thresholds` 0.5,0.6,0.7 gives 3 values, but the model has 2 auxiliary"):
+        module.main(
+            ["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--thresholds", "1.0", "0.5,0.6,0.7"]
+        )
+    with pytest.raises(SystemExit):
+        module.parse_args(["--model", "unused", "--thresholds", "0.5,high"])
+    assert "0.6,0.9" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--calibration_split"):
+        module.parse_args(["--model", "unused", "--max_miou_drop", "1", "--calibration_split", "validation"])
+    with pytest.raises(ValueError, match="calibration_search single"):
+        module.parse_args(["--model", "unused", "--calibration_search", "single", "--thresholds", "1.0", "0.5,0.7"])
+
+
+def test_calibration_never_reads_the_evaluated_split(tiny_model_dir, tmp_path, monkeypatch):
+    module = load_script()
+    calls = []
+    original = module.evaluate_model
+
+    def spy(model, dataloader, accelerator, **kwargs):
+        calls.append((dataloader.dataset.split_name, kwargs["exit_threshold"]))
+        return original(model, dataloader, accelerator, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate_model", spy)
+    common = ["--model", str(tiny_model_dir), "--num_pictures", "0", "--max_miou_drop", "5"]
+    common += SWEEP_ARGS[:-2] + ["--calibration_samples", "3", "--num_grid_refinements", "1"]
+    summary = module.main(common + ["--output_dir", str(tmp_path / "five")])
+    calibration = summary["calibration"]
+    splits = [split for split, _ in calls]
+    assert set(splits) == {"calibration", "eval"}
+    # The search ran on the calibration images only, all of it before the report looked at the evaluated split.
+    first_report = splits.index("eval")
+    assert set(splits[:first_report]) == {"calibration"} and "calibration" not in splits[first_report:]
+    assert first_report == calibration["num_evaluations"] > 5
+    # The evaluated split saw the sweep and the three reported settings, nothing the search tried besides.
+    reported = {per_head(threshold, 2) for split, threshold in calls if split == "eval"}
+    expected = {per_head(threshold, 2) for threshold in (1.0, 0.7, 0.5)}
+    expected |= {per_head(calibration[role]["exit_threshold"], 2) for role in ("baseline", "best_single", "chosen")}
+    assert reported == expected
+    # Another evaluated split (3 images instead of 5): the same thresholds, measured on the same calibration images.
+    other = module.main(common + ["--output_dir", str(tmp_path / "three"), "--max_eval_samples", "3"])["calibration"]
+    assert other["chosen"]["exit_threshold"] == calibration["chosen"]["exit_threshold"]
+    assert other["chosen"]["mean_iou"] == calibration["chosen"]["mean_iou"]
+    assert other["on_evaluation_split"]["chosen"]["num_images"] == 3
+
+
+def test_calibrating_a_model_that_never_exits_in_the_sweep_extends_it_downward(model_tester, tmp_path):
+    module = load_script()
+    # Default initialisation: the auxiliary heads' confidences stay near 0.27, below every swept threshold.
+    folder = save_tiny_model(model_tester, tmp_path / "unsure", dict(SYNTHETIC_ID2LABEL), initializer_range=0.02)
+    arguments = ["--model", str(folder), "--num_pictures", "0", "--max_miou_drop", "50", "--calibration_samples", "2"]
+    arguments += SWEEP_ARGS[:-5] + ["1.0", "0.9", "0.7", "0.5", "--calibration_search", "single"]
+    summary = module.main(arguments + ["--output_dir", str(tmp_path / "out")])
+    sweep = {result["exit_threshold"]: result["gflops"] for result in summary["results"]}
+    assert len(set(sweep.values())) == 1  # nothing exits anywhere in the sweep's range
+    calibration = summary["calibration"]
+    searched = [result["exit_threshold"] for result in calibration["results"]]
+    assert min(searched) < 0.5  # tried lower thresholds
+    chosen = calibration["chosen"]
+    assert chosen["exit_threshold"] < 0.5 and chosen["gflops"] < calibration["baseline"]["gflops"]
+    assert DToPConfig.from_pretrained(tmp_path / "out" / "calibrated").exit_threshold == chosen["exit_threshold"]
+
+
+def test_a_model_that_never_exits_is_reported_plainly_and_not_saved(model_tester, tmp_path):
+    # keep_top_k 64 keeps every token of the 8x8 grid: no threshold, however low, lets one exit.
+    folder = save_tiny_model(model_tester, tmp_path / "never", dict(SYNTHETIC_ID2LABEL), keep_top_k=64)
+    output_dir = tmp_path / "out"
+    arguments = ["--model", str(folder), "--output_dir", str(output_dir), "--num_pictures", "0"]
+    arguments += SWEEP_ARGS[:-2] + ["--max_miou_drop", "1", "--calibration_samples", "2"]
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT)] + arguments, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "Cannot calibrate: no exit threshold from 1.0 down to 0.01 lets a single token exit" in completed.stdout
+    assert "No calibrated model written" in completed.stdout
+    assert not (output_dir / "calibrated").exists()
+    summary = json.loads((output_dir / "results.json").read_text())
+    assert "Cannot calibrate" in summary["calibration"]["error"]
+    assert [result["exit_threshold"] for result in summary["results"]] == [1.0, 0.7, 0.5]  # the report is written

@@ -33,23 +33,16 @@ from PIL import Image
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor
 from dtop_hf.toolkit.data.datasets import (
     SegmentationDataset,
-    SegmentationEvalTransform,
-    SegmentationTrainTransform,
     check_segmentation_split,
     collate_segmentation_batch,
     load_segmentation_dataset,
     reduce_labels,
     standardize_columns,
 )
-from dtop_hf.toolkit.training.recipe import (
-    build_optimizer,
-    build_poly_scheduler,
-    build_preset_config,
-    checkpoint_step,
-    find_latest_checkpoint,
-    parse_config_overrides,
-    set_train_scope,
-)
+from dtop_hf.toolkit.data.transforms import SegmentationEvalTransform, SegmentationTrainTransform
+from dtop_hf.toolkit.training.checkpoints import checkpoint_step, find_latest_checkpoint, write_manifest
+from dtop_hf.toolkit.training.config_overrides import build_preset_config, parse_config_overrides
+from dtop_hf.toolkit.training.optimization import build_optimizer, build_poly_scheduler, set_train_scope
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +158,10 @@ def test_checkpoint_folders(tmp_path):
     assert find_latest_checkpoint(tmp_path) is None
     for step in (2, 10, 4):
         (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "model.safetensors").write_bytes(b"weights")
+        write_manifest(tmp_path / f"step_{step}", step)
     (tmp_path / "runs").mkdir()
+    (tmp_path / "step_12").mkdir()  # no manifest: an interrupted save, skipped
     assert find_latest_checkpoint(tmp_path).name == "step_10"
     assert checkpoint_step(tmp_path / "step_4") == 4
     with pytest.raises(ValueError, match="step_N"):

@@ -22,7 +22,7 @@ from dtop_hf.toolkit.evaluation.flops import (
     count_flops,
     count_flops_from_outputs,
     flops_from_token_counts,
-    sliding_window_inference_with_flops,
+    sum_windows_per_image,
     tokens_seen_per_stage,
 )
 
@@ -133,49 +133,66 @@ def test_fewer_tokens_cost_less_on_vit_b():
     torch.testing.assert_close(pruned_flops.layers[:, :6], full_flops.layers[:, :6])
 
 
-def test_sliding_window_exact_per_window_and_summed_approximation(model_tester, exit_thresholds, varied_images):
+def split_inputs(processor: DToPImageProcessor, pixel_values: torch.Tensor) -> dict:
+    """The slide-mode windows of every image of `pixel_values`, with their `patch_offsets`."""
+    windows, offsets = [], []
+    for index, image in enumerate(pixel_values):
+        image_windows, image_offsets = processor.split_image(image, index)
+        windows += image_windows
+        offsets += [torch.tensor(offset) for offset in image_offsets]
+    return {"pixel_values": torch.stack(windows), "patch_offsets": offsets}
+
+
+def test_split_image_gflops_are_the_exact_sum_of_its_windows(model_tester, exit_thresholds, varied_images):
     model = counting_model(model_tester, keep_top_k=1)
-    processor = DToPImageProcessor()
-    window = dict(crop_size={"height": 16, "width": 16}, stride={"height": 8, "width": 8}, batch_size=1)
+    processor = DToPImageProcessor(crop_size={"height": 16, "width": 16}, stride={"height": 8, "width": 8})
     pixel_values = varied_images(batch_size=1)[..., :24, :]  # 2 x 3 windows of 4 x 4 tokens
-    threshold = exit_thresholds(model, pixel_values)
+    inputs = split_inputs(processor, pixel_values)
+    assert len(inputs["patch_offsets"]) == 6
+    threshold = exit_thresholds(model, inputs["pixel_values"])
     with torch.no_grad():
         for exit_threshold in (1.0, threshold):
             counter = FlopCounterMode(display=False)
             with counter:
-                outputs, exact = sliding_window_inference_with_flops(
-                    processor, model, pixel_values, exit_threshold=exit_threshold, **window
-                )
-            assert outputs.num_windows == 6
-            assert exact.total.item() * 1e9 == pytest.approx(counter.get_total_flops() // 2, rel=1e-12)
-            # From the summed counts the attention term assumes equal windows: exact without pruning; with
-            # windows that prune unevenly (as here), a slight undercount.
-            summed = count_flops_from_outputs(model.config, outputs).total.item()
+                outputs = model(**inputs, exit_threshold=exit_threshold)
+            flops = count_flops_from_outputs(model.config, outputs)
+            assert flops.total.shape == (1,)
+            # The sum of the windows' own counts, each from its tokens_per_layer (attention is quadratic per window).
+            per_window = flops_from_token_counts(
+                model.config, outputs.tokens_per_layer, tokens_seen_per_stage(outputs.exit_stage, 3)
+            )
+            assert flops.total.item() == pytest.approx(per_window.total.sum().item(), rel=1e-12)
+            assert flops.backbone_and_final_head.item() == pytest.approx(
+                per_window.backbone_and_final_head.sum().item(), rel=1e-12
+            )
+            # Windows of one image all have the same size: no padding, so the executed MACs are that sum exactly.
             if exit_threshold == 1.0:
-                assert summed == pytest.approx(exact.total.item(), rel=1e-12)
+                assert flops.total.item() * 1e9 == pytest.approx(counter.get_total_flops() // 2, rel=1e-12)
             else:
-                assert outputs.tokens_per_layer[0, -1] < outputs.tokens_per_layer[0, 0]
-                assert exact.total.item() * 0.98 < summed < exact.total.item()
+                assert outputs.tokens_per_layer[:, -1].sum() < outputs.tokens_per_layer[:, 0].sum()
+                alone = [count_flops(model, window[None], exit_threshold).total for window in inputs["pixel_values"]]
+                assert flops.total.item() == pytest.approx(torch.cat(alone).sum().item(), rel=1e-12)
 
 
-def test_sliding_window_flops_are_per_image(model_tester, exit_thresholds, varied_images):
+def test_split_image_flops_are_per_image(model_tester, exit_thresholds, varied_images):
     model = counting_model(model_tester)
-    processor = DToPImageProcessor()
-    window = dict(crop_size={"height": 32, "width": 16}, stride={"height": 32, "width": 16}, batch_size=3)
-    pixel_values = varied_images(batch_size=2)  # 2 windows per image, batched 3 at a time across images
-    threshold = exit_thresholds(model, pixel_values)
+    processor = DToPImageProcessor(crop_size={"height": 32, "width": 16}, stride={"height": 32, "width": 16})
+    pixel_values = varied_images(batch_size=2)  # 2 windows per image, all 4 in one forward
+    inputs = split_inputs(processor, pixel_values)
+    threshold = exit_thresholds(model, inputs["pixel_values"])
     with torch.no_grad():
-        _, batch_flops = sliding_window_inference_with_flops(
-            processor, model, pixel_values, exit_threshold=threshold, **window
-        )
+        batch_flops = count_flops_from_outputs(model.config, model(**inputs, exit_threshold=threshold))
         alone = [
-            sliding_window_inference_with_flops(processor, model, image[None], exit_threshold=threshold, **window)[
-                1
-            ].total
+            count_flops_from_outputs(model.config, model(**split_inputs(processor, image[None]), exit_threshold=threshold)).total
             for image in pixel_values
         ]
     torch.testing.assert_close(batch_flops.total, torch.cat(alone))
     assert batch_flops.total[0] != batch_flops.total[1]
+    # Unpruned: every window as if no token had left.
+    with torch.no_grad():
+        unpruned = count_flops_from_outputs(model.config, model(**inputs, exit_threshold=threshold), unpruned=True)
+        reference = count_flops_from_outputs(model.config, model(**inputs, exit_threshold=1.0))
+    torch.testing.assert_close(unpruned.total, reference.total)
 
 
 def test_bad_shapes_raise():
@@ -184,8 +201,8 @@ def test_bad_shapes_raise():
         flops_from_token_counts(config, torch.ones(1, 11), torch.ones(1, 3))
     with pytest.raises(ValueError, match="tokens_per_stage"):
         flops_from_token_counts(config, torch.ones(1, 12), torch.ones(1, 2))
-    with pytest.raises(ValueError, match="num_windows"):
-        flops_from_token_counts(config, torch.ones(1, 12), torch.ones(1, 3), num_windows=0)
+    with pytest.raises(ValueError, match="patch_offsets"):
+        sum_windows_per_image(torch.ones(3, 12), [torch.tensor([0, 0, 16, 0, 16])] * 2)
     with pytest.raises(ValueError, match="tokens_per_layer"):
         count_flops_from_outputs(config, {"exit_stage": torch.zeros(1, 2, 2, dtype=torch.long)})
 

@@ -13,16 +13,15 @@
 # limitations under the License.
 """Tests of DToPImageProcessor: preprocessing, labels, post-processing back to image size, sliding windows."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import pipeline
 
 from dtop_hf import DToPImageProcessor
-from dtop_hf.image_processing_dtop import window_starts
+from dtop_hf.image_processing_dtop import first_argmax, keep_ratio_size, window_starts
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,32 +31,11 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-class ConstantModel(torch.nn.Module):
-    """Stands in for a DToP model whose scores are the same for every token of every window."""
-
-    def __init__(self, scores: torch.Tensor, head_type: str = "atm", patch_size: int = 4):
-        super().__init__()
-        self.config = SimpleNamespace(
-            head_type=head_type, num_labels=len(scores), num_hidden_layers=2, out_indices=(0, 1)
-        )
-        self.scores, self.patch_size = scores, patch_size
-        self.calls = []
-
-    def forward(self, pixel_values, exit_threshold=None):
-        self.calls.append(tuple(pixel_values.shape))
-        batch_size, _, height, width = pixel_values.shape
-        grid = (height // self.patch_size, width // self.patch_size)
-        return SimpleNamespace(
-            logits=self.scores[None, :, None, None].expand(batch_size, -1, *grid),
-            exit_stage=torch.ones(batch_size, *grid, dtype=torch.long),
-            tokens_per_layer=torch.full((batch_size, 2), grid[0] * grid[1]),
-        )
-
-
 def test_defaults_are_dtops():
     processor = DToPImageProcessor()
     assert processor.size == {"height": 512, "width": 512}
     assert processor.crop_size == {"height": 512, "width": 512} and processor.stride == {"height": 341, "width": 341}
+    assert processor.do_split_image is False and processor.patch_size is None
     assert tuple(processor.image_mean) == IMAGENET_MEAN and tuple(processor.image_std) == IMAGENET_STD
     assert processor.do_reduce_labels is False
 
@@ -162,9 +140,19 @@ def test_save_and_load_keeps_the_sliding_window_settings(tmp_path):
     reloaded = DToPImageProcessor.from_pretrained(tmp_path)
     assert reloaded.crop_size == {"height": 48, "width": 40} and reloaded.stride == {"height": 30, "width": 20}
     assert reloaded.size == {"height": 64, "width": 64} and reloaded.do_reduce_labels is True
+    assert reloaded.do_split_image is False
+    slide = DToPImageProcessor(do_split_image=True, size={"shortest_edge": 520, "longest_edge": 2048}, crop_size=480)
+    slide.save_pretrained(tmp_path / "slide")
+    reloaded = DToPImageProcessor.from_pretrained(tmp_path / "slide")
+    assert reloaded.do_split_image is True and reloaded.size == {"shortest_edge": 520, "longest_edge": 2048}
+    assert reloaded.crop_size == {"height": 480, "width": 480} and reloaded.stride == {"height": 341, "width": 341}
+    # Without a size, slide mode keeps the ratio with the shorter side at the crop and the longer at most 4x that.
+    assert DToPImageProcessor(do_split_image=True, crop_size=32).size == {"shortest_edge": 32, "longest_edge": 128}
 
 
-# --- sliding-window inference ----------------------------------------------------------------------------------
+# --- slide mode (the official test mode, EoMT's convention) ------------------------------------------------------
+
+SLIDE = {"crop_size": {"height": 32, "width": 32}, "stride": {"height": 21, "width": 21}}
 
 
 def test_window_starts_cover_the_image_with_the_last_window_flush():
@@ -175,82 +163,253 @@ def test_window_starts_cover_the_image_with_the_last_window_flush():
     for length, crop, stride in [(100, 32, 16), (683, 512, 341), (2048, 512, 341), (40, 32, 10)]:
         starts = window_starts(length, crop, stride)
         assert starts[-1] + crop == length and all(b - a <= stride for a, b in zip(starts, starts[1:], strict=False))
+        # mmseg's grid count
+        assert len(starts) == max(length - crop + stride - 1, 0) // stride + 1
 
 
-@pytest.mark.parametrize("head_type", ["atm", "fcn"])
+def test_keep_ratio_resize_is_the_official_one():
+    # scale = min(long / long side, short / short side), sides rounded half up (mmcv's rescale_size).
+    assert keep_ratio_size((512, 683), 512, 2048) == (512, 683)
+    assert keep_ratio_size((300, 400), 512, 2048) == (512, 683)  # 682.67 -> 683
+    assert keep_ratio_size((400, 300), 520, 2048) == (693, 520)
+    assert keep_ratio_size((100, 1000), 512, 2048) == (205, 2048)  # the long side caps the scale (2.048)
+    processor = DToPImageProcessor(size={"shortest_edge": 32, "longest_edge": 128})
+    pixel_values = processor(images=[random_image(45, 170), random_image(20, 200)])["pixel_values"]
+    assert [item.shape[-2:] for item in pixel_values] == [(32, 121), (13, 128)]
+
+
+def test_split_images_into_windows_with_their_patch_offsets():
+    processor = DToPImageProcessor(do_split_image=True, **SLIDE)
+    assert processor.size == {"shortest_edge": 32, "longest_edge": 128}
+    images = [random_image(45, 170), random_image(170, 45, seed=1)]
+    inputs = processor(images=images, return_tensors="pt")
+    whole = processor(images=images, do_split_image=False)["pixel_values"]
+    assert [item.shape[-2:] for item in whole] == [(32, 121), (121, 32)]
+    starts = window_starts(121, 32, 21)
+    assert len(starts) == 6 and inputs["pixel_values"].shape == (12, 3, 32, 32)
+    offsets = [offset.tolist() for offset in inputs["patch_offsets"]]
+    assert offsets[:6] == [[0, 0, 32, start, start + 32] for start in starts]  # wide: along the width
+    assert offsets[6:] == [[1, start, start + 32, 0, 32] for start in starts]  # tall: along the height
+    for window, (index, top, bottom, left, right) in zip(inputs["pixel_values"], offsets, strict=True):
+        assert torch.equal(window, torch.from_numpy(whole[index][:, top:bottom, left:right]))
+    # A short side longer than the crop gives a grid of windows (Pascal Context: 520 short side, 480 crop).
+    grid = DToPImageProcessor(do_split_image=True, size={"shortest_edge": 40, "longest_edge": 160}, **SLIDE)
+    offsets = grid(images=random_image(60, 100), return_tensors="pt")["patch_offsets"]  # resized to 40 x 67
+    assert len(offsets) == len(window_starts(40, 32, 21)) * len(window_starts(67, 32, 21)) == 2 * 3
+    with pytest.raises(ValueError, match="segmentation_maps"):
+        processor(images=images[0], segmentation_maps=Image.new("L", (170, 45)))
+    with pytest.raises(ValueError, match="shortest_edge"):
+        processor(images=images[0], size={"height": 32, "width": 32})
+    with pytest.raises(ValueError, match="one at a time"):  # the second image's short side (13) is below the crop
+        processor(images=[images[0], random_image(20, 200)], return_tensors="pt")
+
+
 @pytest.mark.parametrize("size", [(50, 37), (20, 50), (32, 32)])
-def test_constant_model_averages_to_the_constant(head_type, size):
-    scores = torch.tensor([0.2, 1.5, -0.3])
-    model = ConstantModel(scores, head_type=head_type)
+def test_constant_window_scores_merge_to_the_constant(size):
     processor = DToPImageProcessor(crop_size={"height": 32, "width": 32}, stride={"height": 10, "width": 12})
-    result = processor.sliding_window_inference(model, torch.randn(2, 3, *size), batch_size=3)
-    expected = scores if head_type == "atm" else scores.softmax(dim=0)  # FCN logits are averaged as probabilities
-    assert result.logits.shape == (2, 3, *size) and result.exit_stage.shape == (2, *size)
-    torch.testing.assert_close(
-        result.logits, expected[None, :, None, None].expand_as(result.logits), rtol=0, atol=1e-6
-    )
-    padded = (max(size[0], 32), max(size[1], 32))
-    num_windows = len(window_starts(padded[0], 32, 10)) * len(window_starts(padded[1], 32, 12))
-    assert result.num_windows == num_windows and len(model.calls) == -(-2 * num_windows // 3)
-    assert all(call[1:] == (3, 32, 32) for call in model.calls)
-    assert (result.tokens_per_layer == num_windows * 64).all()
+    windows, offsets = processor.split_image(torch.randn(3, *size))
+    num_windows = len(window_starts(size[0], 32, 10)) * len(window_starts(size[1], 32, 12))
+    assert len(windows) == len(offsets) == num_windows
+    # A side shorter than the crop gets one window of its own length (nothing padded).
+    assert all(window.shape[-2:] == (min(size[0], 32), min(size[1], 32)) for window in windows)
+    # Scores (any sign: FCN logits are averaged as the head returns them) equal in every window.
+    scores = torch.tensor([0.2, 1.5, -0.3])
+    grid = (-(-windows[0].shape[-2] // 4), -(-windows[0].shape[-1] // 4))
+    window_scores = scores[None, :, None, None].expand(num_windows, -1, *grid)
+    merged = processor.merge_windows(window_scores, [torch.tensor(offset) for offset in offsets])
+    assert len(merged) == 1 and merged[0].shape == (3, *size)
+    torch.testing.assert_close(merged[0], scores[:, None, None].expand(3, *size), rtol=0, atol=1e-6)
+
+
+def test_bad_strides_raise():
+    for stride in ({"height": 0, "width": 16}, {"height": 16, "width": 33}):
+        processor = DToPImageProcessor(crop_size={"height": 32, "width": 32}, stride=stride)
+        with pytest.raises(ValueError, match="`stride` must be in"):
+            processor.split_image(torch.randn(3, 40, 40))
+
+
+def run_windows(model, processor, pixel_values, exit_threshold=None):
+    """Each image of `pixel_values` cut into windows, all windows in one forward pass (the model's output)."""
+    windows, offsets = [], []
+    for index, image in enumerate(pixel_values):
+        image_windows, image_offsets = processor.split_image(image, index)
+        windows += image_windows
+        offsets += [torch.tensor(offset) for offset in image_offsets]
+    with torch.no_grad():
+        return model(torch.stack(windows), exit_threshold=exit_threshold, patch_offsets=offsets)
 
 
 def test_crop_of_the_image_size_is_whole_image_inference(model_tester, exit_thresholds, varied_images, head_type):
     model = model_tester(head_type=head_type).create_model()
     pixel_values = varied_images(2)
     thresholds = exit_thresholds(model, pixel_values)
-    processor = DToPImageProcessor(crop_size={"height": 32, "width": 32}, stride={"height": 20, "width": 20})
-    result = processor.sliding_window_inference(model, pixel_values, exit_threshold=thresholds)
+    processor = DToPImageProcessor(size={"height": 32, "width": 32}, crop_size=32, stride=20)
+    split = run_windows(model, processor, pixel_values, thresholds)
     with torch.no_grad():
-        outputs = model(pixel_values, exit_threshold=thresholds)
-    scores = outputs.logits if head_type == "atm" else outputs.logits.softmax(dim=1)
-    expected = F.interpolate(scores, size=(32, 32), mode="bilinear", align_corners=False)
-    assert result.num_windows == 1
-    torch.testing.assert_close(result.logits, expected, rtol=0, atol=1e-6)
-    assert torch.equal(result.exit_stage, outputs.exit_stage.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2))
-    assert torch.equal(result.tokens_per_layer, outputs.tokens_per_layer)
-    exit_stage = outputs.exit_stage.flatten(1)
-    expected_per_stage = torch.stack([(exit_stage >= stage).sum(dim=1) for stage in range(3)], dim=1)
-    assert torch.equal(result.tokens_per_stage, expected_per_stage)
+        whole = model(pixel_values, exit_threshold=thresholds)
+    assert [offset.tolist() for offset in split.patch_offsets] == [[0, 0, 32, 0, 32], [1, 0, 32, 0, 32]]
+    sizes = [(45, 70), (32, 32)]
+    merged = processor.post_process_semantic_segmentation(split, sizes, return_segmentation_scores=True)
+    expected = processor.post_process_semantic_segmentation(whole, sizes, return_segmentation_scores=True)
+    for item, reference in zip(merged, expected, strict=True):
+        torch.testing.assert_close(item.segmentation_scores, reference.segmentation_scores, rtol=0, atol=1e-6)
+    exit_maps = processor.post_process_exit_map(split, target_sizes=[(32, 32)] * 2)
+    assert torch.equal(torch.stack(exit_maps), whole.exit_stage.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2))
 
 
-def test_overlapping_windows_average_the_window_probabilities(model_tester, exit_thresholds, varied_images):
+def test_overlapping_windows_average_the_window_scores(model_tester, exit_thresholds, varied_images):
     model = model_tester().create_model()
     pixel_values = varied_images(2, image_size=48)[..., :40]  # (2, 3, 48, 40): windows overlap both ways
     thresholds = exit_thresholds(model, pixel_values[..., :32, :32])
     processor = DToPImageProcessor(crop_size={"height": 32, "width": 32}, stride={"height": 16, "width": 16})
-    result = processor.sliding_window_inference(model, pixel_values, exit_threshold=thresholds, batch_size=3)
+    outputs = run_windows(model, processor, pixel_values, thresholds)
 
-    # Reference: every window alone, its probabilities upsampled to the crop, summed, divided by the coverage.
+    # Reference: every window alone, its scores upsampled to the crop, summed, divided by the coverage.
     tops, lefts = window_starts(48, 32, 16), window_starts(40, 32, 16)
     assert (tops, lefts) == ([0, 16], [0, 8])
     total = torch.zeros(2, 5, 48, 40)
     coverage = torch.zeros(48, 40)
-    tokens_per_layer = torch.zeros(2, 4, dtype=torch.long)
-    for top in tops:
-        for left in lefts:
-            with torch.no_grad():
-                window = model(pixel_values[..., top : top + 32, left : left + 32], exit_threshold=thresholds)
-            total[..., top : top + 32, left : left + 32] += F.interpolate(
-                window.logits, size=(32, 32), mode="bilinear", align_corners=False
-            )
-            coverage[top : top + 32, left : left + 32] += 1
-            tokens_per_layer += window.tokens_per_layer
+    window_exits = []
+    for image in range(2):
+        for top in tops:
+            for left in lefts:
+                with torch.no_grad():
+                    window = model(pixel_values[image : image + 1, :, top : top + 32, left : left + 32], exit_threshold=thresholds)
+                total[image, :, top : top + 32, left : left + 32] += F.interpolate(
+                    window.logits, size=(32, 32), mode="bilinear", align_corners=False
+                )[0]
+                coverage[top : top + 32, left : left + 32] += 1 / 2  # counted once per image
+                window_exits.append(window.exit_stage)
     assert coverage.min() == 1 and coverage.max() == 4
-    assert result.num_windows == 4
-    torch.testing.assert_close(result.logits, total / coverage, rtol=0, atol=1e-5)
-    assert torch.equal(result.tokens_per_layer, tokens_per_layer)
-    assert (result.tokens_per_layer[:, -1] < 4 * 64).all()  # the windows pruned
-    # The window batch size is a memory knob only.
-    one_at_a_time = processor.sliding_window_inference(model, pixel_values, exit_threshold=thresholds, batch_size=1)
-    torch.testing.assert_close(one_at_a_time.logits, result.logits, rtol=0, atol=1e-5)
-    assert torch.equal(one_at_a_time.exit_stage, result.exit_stage)
+    merged = processor.post_process_semantic_segmentation(outputs, [(48, 40)] * 2, return_segmentation_scores=True)
+    torch.testing.assert_close(
+        torch.stack([item.segmentation_scores for item in merged]), total / coverage, rtol=0, atol=1e-5
+    )
+    assert torch.equal(outputs.exit_stage, torch.cat(window_exits))  # each window pruned as if alone
+    assert (outputs.tokens_per_layer[:, -1] < 64).any()  # the windows pruned
+    # The last window covering a pixel gives its exit stage.
+    exit_map = processor.post_process_exit_map(outputs, target_sizes=[(48, 40)] * 2)[1]
+    last = window_exits[-1][0].repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)
+    assert torch.equal(exit_map[16:, 8:], last)
 
 
-def test_sliding_window_rejects_bad_strides():
-    processor = DToPImageProcessor(crop_size={"height": 32, "width": 32})
-    model = ConstantModel(torch.zeros(3))
-    for stride in ({"height": 0, "width": 16}, {"height": 16, "width": 33}):
-        with pytest.raises(ValueError, match="`stride` must be in"):
-            processor.sliding_window_inference(model, torch.randn(1, 3, 40, 40), stride=stride)
+def mmseg_slide_inference(model, image: Image.Image, scale: tuple[int, int], crop: int, stride: int, exit_threshold):
+    """A plain re-implementation of mmseg's test mode, written from its code: `Resize(scale, keep_ratio=True)`,
+    `slide_inference` (windows, scores summed and divided by the overlap count) and `postprocess_result` (one
+    bilinear resize to the original size, argmax)."""
+    long_edge, short_edge = scale
+    width, height = image.size
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    new_width, new_height = int(width * factor + 0.5), int(height * factor + 0.5)
+    pixels = np.asarray(image.resize((new_width, new_height), Image.BILINEAR), dtype=np.float32) / 255
+    pixels = (pixels - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    inputs = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    h_img, w_img = inputs.shape[-2:]
+    h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
+    preds = torch.zeros(1, model.config.num_labels, h_img, w_img)
+    count_mat = torch.zeros(1, 1, h_img, w_img)
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * stride, w_idx * stride
+            y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            with torch.no_grad():
+                crop_seg_logit = model(inputs[:, :, y1:y2, x1:x2], exit_threshold=exit_threshold).logits
+            crop_seg_logit = F.interpolate(crop_seg_logit, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+            preds += F.pad(crop_seg_logit, (x1, preds.shape[3] - x2, y1, preds.shape[2] - y2))
+            count_mat[:, :, y1:y2, x1:x2] += 1
+    seg_logits = preds / count_mat
+    seg_logits = F.interpolate(seg_logits, size=(height, width), mode="bilinear", align_corners=False)
+    return seg_logits[0].argmax(dim=0)
+
+
+SLIDE_CASES = {
+    "wide": ((45, 170), (128, 32)),  # (height, width), mmseg scale (long, short): one row of 6 windows
+    "tall": ((170, 45), (128, 32)),  # one column of 6 windows
+    "grid": ((60, 100), (160, 40)),  # short side 40 > crop 32: 2 x 3 windows
+}
+
+
+@pytest.mark.parametrize("case", sorted(SLIDE_CASES))
+def test_slide_mode_equals_mmseg_slide_inference_also_through_the_pipeline(case, model_tester, exit_thresholds, tmp_path):
+    (height, width), (long_edge, short_edge) = SLIDE_CASES[case]
+    model = model_tester(num_labels=5, initializer_range=0.5).create_model()
+    processor = DToPImageProcessor(do_split_image=True, size={"shortest_edge": short_edge, "longest_edge": long_edge}, **SLIDE)
+    image = Image.fromarray(
+        np.asarray(random_image(height // 5 + 1, width // 5 + 1, seed=3).resize((width, height), Image.BICUBIC))
+    )  # smooth content: regions of several classes
+    inputs = processor(images=image, return_tensors="pt")
+    thresholds = exit_thresholds(model, inputs["pixel_values"])
+    reference = mmseg_slide_inference(model, image, (long_edge, short_edge), 32, 21, thresholds)
+    assert len(reference.unique()) >= 2
+
+    with torch.no_grad():
+        outputs = model(**inputs, exit_threshold=thresholds)
+    assert (outputs.exit_stage < 2).any()  # the windows pruned
+    segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=[(height, width)])[0]
+    assert segmentation.shape == (height, width)
+    assert (segmentation == reference).float().mean() >= 0.995, float((segmentation == reference).float().mean())
+
+    model.config.exit_threshold = thresholds  # the pipeline runs the saved model's thresholds
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    segments = pipeline("image-segmentation", model=str(tmp_path), trust_remote_code=True)(image)
+    from_pipeline = torch.full((height, width), -1)
+    label2id = {label: index for index, label in model.config.id2label.items()}
+    for segment in segments:
+        from_pipeline[torch.from_numpy(np.array(segment["mask"]) > 0)] = label2id[segment["label"]]
+    assert (from_pipeline == reference).float().mean() >= 0.995
+
+
+def test_padded_inputs_crop_the_padding_before_resizing():
+    # A 30 x 26 input with 4-pixel patches: the model pads it to 32 x 28 (an 8 x 7 grid); the post-processing
+    # upsamples the grid to 32 x 28, crops the 30 x 26 the input covered, and only then resizes to the target.
+    processor = DToPImageProcessor(size={"height": 30, "width": 26})
+    logits = torch.randn(1, 4, 8, 7)
+    target = (61, 47)
+    result = processor.post_process_semantic_segmentation({"logits": logits}, [target], return_segmentation_scores=True)[0]
+    unpadded = F.interpolate(logits, size=(32, 28), mode="bilinear", align_corners=False)[..., :30, :26]
+    expected = F.interpolate(unpadded, size=target, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(result.segmentation_scores, expected, rtol=0, atol=0)
+    assert torch.equal(result.segmentation, expected.argmax(dim=0))
+    stretched = F.interpolate(F.interpolate(logits, size=(30, 26), mode="bilinear", align_corners=False), size=target, mode="bilinear", align_corners=False)
+    assert not torch.allclose(stretched[0], expected)  # the old behaviour differs
+    # An explicit patch size gives the same; exit maps crop the same way (nearest).
+    explicit = DToPImageProcessor(size={"height": 30, "width": 26}, patch_size=4)
+    assert torch.equal(explicit.post_process_semantic_segmentation({"logits": logits}, [target])[0], result.segmentation)
+    exit_stage = torch.randint(0, 3, (1, 8, 7))
+    exit_map = processor.post_process_exit_map({"exit_stage": exit_stage}, [(30, 26)])[0]
+    tokens = exit_stage[0].repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)[:30, :26]
+    assert torch.equal(exit_map, tokens)
+
+
+def test_padded_window_with_a_real_model(model_tester):
+    # Slide mode with an image whose short side (13 px) is below the crop: one 13 x 32 window, padded by the model.
+    model = model_tester().create_model()
+    processor = DToPImageProcessor(do_split_image=True, **SLIDE)
+    inputs = processor(images=random_image(20, 200), return_tensors="pt")
+    assert inputs["pixel_values"].shape[-2:] == (13, 32)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.logits.shape[-2:] == (4, 8)  # ceil(13 / 4) x 8 tokens
+    scores = processor.post_process_semantic_segmentation(outputs, [(20, 200)], return_segmentation_scores=True)
+    window_scores = F.interpolate(outputs.logits, size=(16, 32), mode="bilinear", align_corners=False)[..., :13, :]
+    offsets = [offset.tolist() for offset in inputs["patch_offsets"]]
+    merged = torch.zeros(5, 13, 128)
+    counts = torch.zeros(13, 128)
+    for window, (_, top, bottom, left, right) in zip(window_scores, offsets, strict=True):
+        merged[:, top:bottom, left:right] += window
+        counts[top:bottom, left:right] += 1
+    expected = F.interpolate((merged / counts)[None], size=(20, 200), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(scores[0].segmentation_scores, expected, rtol=0, atol=1e-6)
+
+
+def test_first_argmax_is_argmax_ties_included():
+    scores = torch.randn(150, 37, 53)
+    scores[7, :5] = scores[3, :5] = scores[:, :5].amax(dim=0) + 1  # ties: the first class wins
+    scores[:, 10] = 0.0  # all equal: class 0
+    assert torch.equal(first_argmax(scores), scores.argmax(dim=0))
+    assert (first_argmax(scores)[:5] == 3).all() and (first_argmax(scores)[10] == 0).all()
+    few = torch.randn(300, 4, 5)  # more classes than a byte holds
+    assert torch.equal(first_argmax(few), few.argmax(dim=0))

@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
 
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor, DToPModel
-from dtop_hf.pruning import atm_class_scores, pack_tokens, select_exiting_tokens
+from dtop_hf.pruning import pack_tokens, select_exiting_tokens
 
 
 # Batch invariance: an image alone and inside a batch run the same maths on differently laid out tensors (other
@@ -60,18 +60,17 @@ def dense_stage_logits(model: torch.nn.Module, pixel_values: torch.Tensor) -> li
     for layer_index, layer in enumerate(dtop.layers):
         hidden_states, _ = layer(hidden_states, packing, None)
         if layer_index in config.out_indices:
-            head_output = dtop.heads[config.out_indices.index(layer_index)](hidden_states, packing)
+            head = dtop.heads[config.out_indices.index(layer_index)]
+            head_output = head(hidden_states, packing)
             values = packing.to_grid(head_output.mask_logits).transpose(1, 2)  # (batch, num_labels, tokens)
-            if config.head_type == "atm":
-                values = atm_class_scores(head_output.class_logits, values)
+            values = head.class_scores(head_output.class_logits, values)  # ATM: presence x sigmoid; FCN: as is
             stage_logits.append(values.reshape(batch_size, -1, *grid_size))
     return stage_logits
 
 
-def confidence_and_class(stage_scores: torch.Tensor, head_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def confidence_and_class(model: torch.nn.Module, stage_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(batch, tokens)` confidence and predicted class as the exit rule sees them."""
-    scores = stage_scores.softmax(dim=1) if head_type == "fcn" else stage_scores
-    confidence, predicted_class = scores.flatten(2).max(dim=1)
+    confidence, predicted_class = model.class_probabilities(stage_scores).flatten(2).max(dim=1)
     return confidence, predicted_class
 
 
@@ -277,7 +276,7 @@ def test_exit_decisions_follow_the_exit_rule(model_tester, exit_thresholds, vari
     exit_stage = outputs.exit_stage.flatten(1)
     active_mask = torch.ones_like(exit_stage, dtype=torch.bool)
     for stage, threshold in enumerate(thresholds):
-        confidence, predicted_class = confidence_and_class(outputs.stage_logits[stage], head_type)
+        confidence, predicted_class = confidence_and_class(model, outputs.stage_logits[stage])
         expected_exit = select_exiting_tokens(
             confidence, predicted_class, active_mask, threshold, model.config.keep_top_k
         )
@@ -358,7 +357,10 @@ def test_every_token_exiting_at_the_first_head(model_tester, head_type):
     assert torch.isfinite(outputs.logits).all()
     assert torch.equal(outputs.stage_mask_logits[-1], outputs.stage_mask_logits[0])
     model.train()
-    loss = model(pixel_values, labels=labels, exit_threshold=1e-6).loss
+    model.config.prune_during_training = True
+    outputs = model(pixel_values, labels=labels, exit_threshold=1e-6)
+    assert (outputs.exit_stage == 0).all()
+    loss = outputs.loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -539,6 +541,7 @@ def test_every_trainable_parameter_gets_a_gradient_with_pruning_on(
 ):
     model, pixel_values, thresholds = pruned_setup(model_tester, exit_thresholds, varied_images, head_type)
     model.train()
+    model.config.prune_during_training = True
     labels = torch.randint(0, 5, (3, 32, 32), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     outputs = model(pixel_values, labels=labels, exit_threshold=thresholds)
@@ -586,6 +589,34 @@ def test_hidden_states_and_attentions(model_tester, exit_thresholds, varied_imag
     assert len(flagged.hidden_states) == config.num_hidden_layers + 1 and flagged.attentions is None
     config.output_hidden_states = False
     assert run(model, pixel_values).hidden_states is None
+
+
+@pytest.mark.parametrize("batch", ["one image", "two equal images"])
+def test_attentions_are_on_the_token_grid_when_the_packing_is_uniform(
+    model_tester, exit_thresholds, varied_images, head_type, batch
+):
+    # Batch 1, or images with equal token counts: the packed layout is uniform although tokens have exited, and
+    # the weights must still come back as (batch, heads, tokens, tokens), not (batch, heads, active, active).
+    model = model_tester(head_type=head_type).create_model()
+    model.set_attn_implementation("eager")
+    pixel_values = varied_images(1)
+    thresholds = exit_thresholds(model, pixel_values)
+    if batch == "two equal images":
+        pixel_values = pixel_values.repeat(2, 1, 1, 1)
+    outputs = run(model, pixel_values, exit_threshold=thresholds, output_attentions=True)
+    batch_size, num_heads = len(pixel_values), model.config.num_attention_heads
+    assert (outputs.tokens_per_layer[:, -1] < 64).all()  # tokens exited
+    assert all(weights.shape == (batch_size, num_heads, 64, 64) for weights in outputs.attentions)
+    exit_stage = outputs.exit_stage.flatten(1)
+    last_weights = outputs.attentions[-1]  # (batch, heads, queries, keys)
+    exited = exit_stage < len(model.config.out_indices) - 1  # (batch, tokens) not in the last layer
+    assert (last_weights.transpose(1, 2)[exited] == 0).all() and (last_weights.permute(0, 3, 1, 2)[exited] == 0).all()
+    row_sums = last_weights.sum(dim=-1).transpose(1, 2)[~exited]  # (active tokens, heads)
+    torch.testing.assert_close(row_sums, torch.ones_like(row_sums))
+    # The same weights as inside a batch whose images prune differently (padded layout).
+    mixed = run(model, torch.cat([pixel_values[:1], varied_images(3)[1:]]), exit_threshold=thresholds, output_attentions=True)
+    for alone, in_batch in zip(outputs.attentions, mixed.attentions, strict=True):
+        torch.testing.assert_close(alone[:1], in_batch[:1], rtol=0, atol=BATCH_ATOL)
 
 
 def test_return_dict_false_gives_the_same_values_as_a_tuple(model_tester, exit_thresholds, varied_images, head_type):
@@ -645,6 +676,30 @@ def test_save_and_load_round_trip(model_tester, exit_thresholds, varied_images, 
     reloaded = DToPForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert reloaded.config.exit_threshold == thresholds and reloaded.config.head_type == head_type
     assert_outputs_close(run(reloaded, pixel_values), expected, atol=0)
+    original_state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    assert original_state.keys() == reloaded_state.keys()
+    assert all(torch.equal(original_state[key], reloaded_state[key]) for key in original_state)
+
+
+def test_checkpoints_with_the_old_cross_attention_names_still_load(model_tester, tmp_path):
+    # Before the ATM cross-attention took the names of the other attentions, it was saved as
+    # `multihead_attn.{q,k,v,proj}`; such checkpoints load through the key renaming of `from_pretrained`.
+    from safetensors.torch import load_file, save_file
+
+    model = model_tester().create_model()
+    model.save_pretrained(tmp_path)
+    weights_file = tmp_path / "model.safetensors"
+    old_names = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "proj"}
+    state_dict = {}
+    for key, value in load_file(weights_file).items():
+        if ".cross_attn." in key:
+            module, projection, suffix = key.rsplit(".", 2)
+            key = f"{module.replace('.cross_attn', '.multihead_attn')}.{old_names[projection]}.{suffix}"
+        state_dict[key] = value
+    assert any(".multihead_attn.proj." in key for key in state_dict)
+    save_file(state_dict, weights_file, metadata={"format": "pt"})
+
+    reloaded = DToPForSemanticSegmentation.from_pretrained(tmp_path).eval()
     original_state, reloaded_state = model.state_dict(), reloaded.state_dict()
     assert original_state.keys() == reloaded_state.keys()
     assert all(torch.equal(original_state[key], reloaded_state[key]) for key in original_state)

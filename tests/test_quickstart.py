@@ -91,6 +91,23 @@ def test_quickstart_prints_the_sweep_table_and_where_everything_went(quickstart_
         assert str(output_dir / folder) in final_part
 
 
+def test_quickstart_calibrates_per_head_thresholds_on_calibration_scenes(quickstart_run):
+    output_dir, stdout = quickstart_run
+    calibration = json.loads((output_dir / "evaluation" / "results.json").read_text())["calibration"]
+    assert calibration["max_miou_drop_points"] == 0.3 and calibration["search"] == "per_head"
+    assert "calibration scenes" in calibration["data"] and calibration["num_images"] == 6
+    # The calibrated copy carries the chosen thresholds, one per auxiliary head.
+    chosen = calibration["chosen"]["exit_threshold"]
+    chosen = tuple(chosen) if isinstance(chosen, list) else (chosen, chosen)
+    assert DToPConfig.from_pretrained(output_dir / "calibrated").exit_thresholds_per_head()[:-1] == chosen
+    # The final table shows the sweep and the calibrated point side by side, with both splits' numbers.
+    final_part = stdout.split("DToP quick start done in")[1]
+    assert "calibrated (saved)" in final_part
+    assert "| exit threshold | chosen as | calibration mIoU (%) | Δ mIoU | GFLOPs | R | evaluation mIoU (%)" in final_part
+    assert "On the validation scenes, within 0.3 mIoU points: calibrated thresholds" in final_part
+    assert str(output_dir / "calibrated") in final_part
+
+
 def test_quickstart_writes_models_and_pictures(quickstart_run):
     output_dir, _ = quickstart_run
     model_dir = output_dir / "model"

@@ -132,6 +132,8 @@ class DToPCommonModelTester(DToPModelTester):
             head_num_layers=1,
             exit_threshold=0.2,
             keep_top_k=2,
+            # The training tests prune too (the default keeps training mode unpruned).
+            prune_during_training=True,
         )
         super().__init__(parent, **{**defaults, **kwargs})
 

@@ -68,4 +68,20 @@ COCO_STUFF_LABELS = (
 )  # fmt: skip
 
 
-__all__ = ["ADE20K_LABELS", "COCO_STUFF_LABELS", "PASCAL_CONTEXT_59_LABELS"]
+# Class names per data-set preset name (`dtop_hf.presets_dtop.DATASET_PRESETS`).
+DATASET_LABELS = {
+    "ade20k": ADE20K_LABELS,
+    "ade20k-640": ADE20K_LABELS,
+    "pascal-context-59": PASCAL_CONTEXT_59_LABELS,
+    "coco-stuff-10k": COCO_STUFF_LABELS,
+}
+
+
+def dataset_id2label(name: str) -> dict[int, str]:
+    """`id2label` of a data-set preset (`"ade20k"`, `"pascal-context-59"`, ...), ids after label reduction."""
+    if name not in DATASET_LABELS:
+        raise ValueError(f"No class names for data set {name!r}: expected one of {sorted(DATASET_LABELS)}.")
+    return dict(enumerate(DATASET_LABELS[name]))
+
+
+__all__ = ["ADE20K_LABELS", "COCO_STUFF_LABELS", "DATASET_LABELS", "PASCAL_CONTEXT_59_LABELS", "dataset_id2label"]

@@ -30,6 +30,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from ...configuration_dtop import DToPConfig
+from ...modeling_dtop import DTOP_HEAD_CLASSES
 from ...pruning import tokens_seen_per_stage
 
 
@@ -59,28 +60,18 @@ class DToPFlops(ModelOutput):
 
 
 def flops_from_token_counts(
-    config: DToPConfig,
-    tokens_per_layer: torch.Tensor,
-    tokens_per_stage: torch.Tensor,
-    num_windows: int = 1,
+    config: DToPConfig, tokens_per_layer: torch.Tensor, tokens_per_stage: torch.Tensor
 ) -> DToPFlops:
-    """The analytic count (SPEC §5) from token counts; no model needed.
-
-    For an image that ran as `num_windows` forward passes (sliding-window inference), pass the counts summed over
-    its windows. Every term is linear in the token counts except the attention products of the ViT layers,
-    `2 * n^2 * hidden_size` per window; from sums these are computed as if every window had kept the same number of
-    tokens, which is exact when pruning is off and otherwise a lower bound (windows that prune unevenly cost a
-    little more). Count windows one at a time (`num_windows=1`) and add them up when exactness matters.
+    """The analytic count (SPEC §5) of forward passes from their token counts; no model needed.
 
     Args:
         config: the model's [`DToPConfig`].
         tokens_per_layer: `(batch, num_hidden_layers)` int, tokens entering each ViT layer (class token included
-            when `config.use_cls_token`).
+            when `config.use_cls_token`), one row per forward pass (an image, or a window of a split image).
         tokens_per_stage: `(batch, num_stages)` int, patch tokens each head processed.
-        num_windows: forward passes the counts add up over (1 for whole-image inference).
 
     Returns:
-        [`DToPFlops`] on the device of `tokens_per_layer`.
+        [`DToPFlops`] per row, on the device of `tokens_per_layer`.
     """
     num_stages = len(config.out_indices)
     if tokens_per_layer.ndim != 2 or tokens_per_layer.shape[1] != config.num_hidden_layers:
@@ -93,37 +84,24 @@ def flops_from_token_counts(
             f"`tokens_per_stage` must have shape ({tokens_per_layer.shape[0]}, {num_stages}), "
             f"got {tuple(tokens_per_stage.shape)}."
         )
-    if num_windows < 1:
-        raise ValueError(f"`num_windows` must be >= 1, got {num_windows}.")
     # Exact integer arithmetic: ViT-L at 2048 px reaches ~1e13 MACs, far inside int64.
     tokens_per_layer, tokens_per_stage = tokens_per_layer.long(), tokens_per_stage.long()
     dim, intermediate = config.hidden_size, config.intermediate_size
 
     # Patch embedding: Conv2d(channels -> dim, kernel = stride = patch) over every patch of the grid; the first
-    # head saw every patch token, so its count is the grid size (summed over windows).
+    # head saw every patch token, so its count is the grid size.
     patch_embedding = tokens_per_stage[:, 0] * dim * config.num_channels * config.patch_size**2
 
-    # ViT layer on n tokens: q, k, v, o projections 4 n C^2; QK^T and weights @ V 2 n^2 C; MLP 2 n C I.
-    linear_macs = tokens_per_layer * (4 * dim * dim + 2 * dim * intermediate)
-    attention_macs = 2 * dim * tokens_per_layer**2 // num_windows
+    # ViT layer on n tokens: q, k, v, o projections 4 n C^2; QK^T and weights @ V 2 n^2 C; MLP 2 n C I (a gated
+    # MLP has three matrices: 3 n C I).
+    mlp_matrices = 3 if config.use_gated_mlp else 2
+    linear_macs = tokens_per_layer * (4 * dim * dim + mlp_matrices * dim * intermediate)
+    attention_macs = 2 * dim * tokens_per_layer**2
     layers = linear_macs + attention_macs  # (batch, num_hidden_layers)
 
-    head_dim = config.head_hidden_size
-    if config.head_type == "atm":
-        num_queries, feed_forward = config.num_labels, config.head_intermediate_size
-        # Per head call, independent of the tokens: per decoder layer the query self-attention (q, k, v, o
-        # projections 4 Q D^2, QK^T and AV 2 Q^2 D), the cross-attention's query and output projections 2 Q D^2
-        # and the FFN 2 Q D F; then the class embedding Q D 2.
-        per_layer_fixed = 4 * num_queries * head_dim**2 + 2 * num_queries**2 * head_dim
-        per_layer_fixed += 2 * num_queries * head_dim**2 + 2 * num_queries * head_dim * feed_forward
-        fixed = config.head_num_layers * per_layer_fixed + 2 * num_queries * head_dim
-        # Per token: input projection C D; per decoder layer the memory's key and value projections 2 D^2, the
-        # scores Q D and the weighted values Q D.
-        per_token = dim * head_dim + config.head_num_layers * (2 * head_dim**2 + 2 * num_queries * head_dim)
-        heads = tokens_per_stage * per_token + num_windows * fixed
-    else:
-        # FCN: input projection C D and classifier D num_labels per token.
-        heads = tokens_per_stage * (dim * head_dim + head_dim * config.num_labels)
+    # Each head class states its own cost: per active token, and per call (ATM's class queries).
+    per_token, per_call = DTOP_HEAD_CLASSES[config.head_type].multiply_accumulates(config)
+    heads = tokens_per_stage * per_token + per_call
 
     patch_embedding, layers, heads = (value.double() / GIGA for value in (patch_embedding, layers, heads))
     backbone = patch_embedding + layers.sum(dim=1)
@@ -136,26 +114,43 @@ def flops_from_token_counts(
     )
 
 
-def count_flops_from_outputs(config: DToPConfig, outputs) -> DToPFlops:
+def sum_windows_per_image(values: torch.Tensor, patch_offsets: list[torch.Tensor] | None) -> torch.Tensor:
+    """Per-window rows `(num_windows, ...)` -> per-image sums `(num_images, ...)`, grouped by the image index that
+    leads each window's `patch_offsets`; rows are returned as they are when `patch_offsets` is `None`."""
+    if patch_offsets is None:
+        return values
+    image_index = torch.tensor([int(offsets[0]) for offsets in patch_offsets], device=values.device)
+    if len(image_index) != len(values):
+        raise ValueError(f"Got {len(image_index)} `patch_offsets` for {len(values)} forward rows: pass one per window.")
+    summed = values.new_zeros(int(image_index.max()) + 1, *values.shape[1:])
+    return summed.index_add_(0, image_index, values)
+
+
+def count_flops_from_outputs(config: DToPConfig, outputs, unpruned: bool = False) -> DToPFlops:
     """Per-image GFLOPs from a DToP output, so that an evaluation loop needs no second forward pass.
+
+    Each forward row (an image, or a window) is counted from its own `tokens_per_layer` and token-grid
+    `exit_stage`; for split inputs (`outputs.patch_offsets`, slide mode) the windows of an image are summed: the
+    exact cost of the image, attention included.
 
     Args:
         config: the model's [`DToPConfig`].
-        outputs: a [`DToPModelOutput`] / [`DToPSemanticSegmenterOutput`] (uses `tokens_per_layer` and the
-            token-grid `exit_stage`), or a [`DToPSlidingWindowOutput`] (uses `tokens_per_layer`,
-            `tokens_per_stage` and `num_windows`: see [`flops_from_token_counts`] for the one approximation).
+        outputs: a [`DToPModelOutput`] / [`DToPSemanticSegmenterOutput`].
+        unpruned: count the same inputs as if no token had exited (every layer and head sees what the first saw).
 
     Returns:
-        [`DToPFlops`]: `.total` and `.backbone_and_final_head` of shape `(batch_size,)`.
+        [`DToPFlops`]: `.total` and `.backbone_and_final_head` of shape `(num_images,)`.
     """
     tokens_per_layer = outputs.get("tokens_per_layer")
     if tokens_per_layer is None:
         raise ValueError("`outputs.tokens_per_layer` is None: pass the output of a DToP model forward.")
-    tokens_per_stage = outputs.get("tokens_per_stage")
-    num_windows = outputs.get("num_windows") or 1
-    if tokens_per_stage is None:
-        tokens_per_stage = tokens_seen_per_stage(outputs["exit_stage"], len(config.out_indices))
-    return flops_from_token_counts(config, tokens_per_layer, tokens_per_stage, num_windows)
+    tokens_per_stage = tokens_seen_per_stage(outputs["exit_stage"], len(config.out_indices))
+    if unpruned:
+        tokens_per_layer = tokens_per_layer[:, :1].expand_as(tokens_per_layer)
+        tokens_per_stage = tokens_per_stage[:, :1].expand_as(tokens_per_stage)
+    per_row = flops_from_token_counts(config, tokens_per_layer, tokens_per_stage)
+    patch_offsets = outputs.get("patch_offsets")
+    return DToPFlops(**{name: sum_windows_per_image(value, patch_offsets) for name, value in per_row.items()})
 
 
 @torch.no_grad()
@@ -182,55 +177,11 @@ def count_flops(
     return count_flops_from_outputs(model.config, outputs)
 
 
-class DToPFlopsRecorder:
-    """Stands in for a DToP model where a caller runs it several times per image (sliding-window inference):
-    forwards every call to the model and keeps each window's exact count."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.config = model.config
-        self.window_flops: list[DToPFlops] = []
-
-    def __call__(self, pixel_values: torch.Tensor, **kwargs):
-        outputs = self.model(pixel_values, **kwargs)
-        self.window_flops.append(count_flops_from_outputs(self.config, outputs))
-        return outputs
-
-    def per_image(self, num_images: int) -> DToPFlops:
-        """Sum the recorded windows per image; windows must have run image by image (all of image 0's first)."""
-        per_window = {
-            name: torch.cat([flops[name] for flops in self.window_flops]) for name in DToPFlops.__dataclass_fields__
-        }
-        return DToPFlops(
-            **{name: value.reshape(num_images, -1, *value.shape[1:]).sum(dim=1) for name, value in per_window.items()}
-        )
-
-
-def sliding_window_inference_with_flops(image_processor, model: torch.nn.Module, pixel_values: torch.Tensor, **kwargs):
-    """[`DToPImageProcessor.sliding_window_inference`] plus each image's exact GFLOPs, summed over its windows.
-
-    Unlike [`count_flops_from_outputs`] on the summed token counts, the attention cost is counted window by window.
-
-    Args:
-        image_processor: a [`DToPImageProcessor`].
-        model: a [`DToPForSemanticSegmentation`] or [`DToPModel`].
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): processed images.
-        kwargs: passed to `sliding_window_inference` (`crop_size`, `stride`, `exit_threshold`, `batch_size`).
-
-    Returns:
-        The [`DToPSlidingWindowOutput`] and the [`DToPFlops`] per image.
-    """
-    recorder = DToPFlopsRecorder(model)
-    outputs = image_processor.sliding_window_inference(recorder, pixel_values, **kwargs)
-    return outputs, recorder.per_image(pixel_values.shape[0])
-
-
 __all__ = [
     "DToPFlops",
-    "DToPFlopsRecorder",
     "count_flops",
     "count_flops_from_outputs",
     "flops_from_token_counts",
-    "sliding_window_inference_with_flops",
+    "sum_windows_per_image",
     "tokens_seen_per_stage",
 ]

@@ -20,16 +20,9 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .flops import count_flops_from_outputs, sliding_window_inference_with_flops, tokens_seen_per_stage
 from ...image_processing_dtop import DToPImageProcessor
+from ..inference.segmentation import exits_per_stage, predict_batch
 from .metrics import StreamingMeanIoU
-
-
-def exits_per_stage(tokens_per_stage: torch.Tensor) -> torch.Tensor:
-    """Tokens finalised by each head from the tokens each head saw: head k finalised `seen[k] - seen[k + 1]`,
-    the decode head everything it saw. `(batch, num_stages)` -> `(batch, num_stages)`."""
-    later = torch.cat([tokens_per_stage[:, 1:], torch.zeros_like(tokens_per_stage[:, :1])], dim=1)
-    return tokens_per_stage - later
 
 
 @contextmanager
@@ -71,33 +64,22 @@ def evaluate_batch(
         by each head, summed over windows in sliding-window mode).
     """
     config = model.config
-    num_stages = len(config.out_indices)
     pixel_values = batch["pixel_values"]
     label_sizes = [tuple(size) for size in batch["label_sizes"].tolist()]
-    if sliding_window:
-        # Images of one batch may differ in size: one image (and its own windows) at a time, padding cropped off.
-        segmentations, flops_parts, seen_parts = [], [], []
-        for index, (height, width) in enumerate(batch["image_sizes"].tolist()):
-            outputs, image_flops = sliding_window_inference_with_flops(
-                image_processor,
-                model,
-                pixel_values[index : index + 1, :, :height, :width],
-                exit_threshold=exit_threshold,
-            )
-            segmentations += image_processor.post_process_semantic_segmentation(
-                outputs, target_sizes=[label_sizes[index]]
-            )
-            flops_parts.append(image_flops)
-            seen_parts.append(outputs.tokens_per_stage)
-        gflops = torch.cat([part.total for part in flops_parts])
-        gflops_paper = torch.cat([part.backbone_and_final_head for part in flops_parts])
-        tokens_per_stage = torch.cat(seen_parts)
-    else:
-        outputs = model(pixel_values, exit_threshold=exit_threshold)
-        flops = count_flops_from_outputs(config, outputs)
-        gflops, gflops_paper = flops.total, flops.backbone_and_final_head
-        tokens_per_stage = tokens_seen_per_stage(outputs.exit_stage, num_stages)
-        segmentations = image_processor.post_process_semantic_segmentation(outputs, target_sizes=label_sizes)
+    # Slide mode cuts each image (its padding in the batch left out) into windows and merges them back; whole-image
+    # mode runs the batch as it is. Either way the counts are per image, windows summed exactly.
+    prediction = predict_batch(
+        model,
+        image_processor,
+        pixel_values,
+        target_sizes=label_sizes,
+        image_sizes=batch["image_sizes"].tolist(),
+        exit_threshold=exit_threshold,
+        sliding_window=sliding_window,
+    )
+    segmentations = prediction.segmentation
+    gflops, gflops_paper = prediction.flops.total, prediction.flops.backbone_and_final_head
+    tokens_per_stage = prediction.tokens_per_stage
 
     confusions = []
     for segmentation, labels, (height, width) in zip(segmentations, batch["labels"], label_sizes):
@@ -135,9 +117,10 @@ def evaluate_model(
         dataloader: batches from `collate_segmentation_batch`, with label maps at their original size.
         accelerator: the `Accelerator` that prepared `dataloader`.
         exit_threshold: per-call threshold override (1.0 = unpruned); `None` uses the model config's.
-        sliding_window: run the official test mode (`DToPImageProcessor.sliding_window_inference`, windows of the
-            processor's `crop_size` and `stride`) on images resized with kept ratio; otherwise one forward per
-            batch of images resized to the processor's `size`.
+        sliding_window: run the official test mode (the processor's slide-mode windows, `crop_size` and `stride`,
+            merged as mmseg's `slide_inference`) on images resized with kept ratio (see
+            [`~toolkit.inference.segmentation.sliding_window_processor`]); otherwise one forward per batch of images
+            resized to the processor's `size`.
         image_processor: its `post_process_semantic_segmentation` and sliding-window settings are used;
             defaults to `DToPImageProcessor()`.
         max_batches: stop after this many batches per process (quick checks); `None` = the whole data loader.
@@ -152,6 +135,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     image_processor = image_processor or DToPImageProcessor()
+    sliding_window = sliding_window or image_processor.do_split_image  # a processor saved in slide mode
     config = model.config
     metric = StreamingMeanIoU(config.num_labels, ignore_index=config.semantic_loss_ignore_index)
     gflops_sum, gflops_paper_sum, num_images = 0.0, 0.0, 0

@@ -14,10 +14,23 @@
 """Streaming semantic-segmentation metrics from a confusion matrix (evaluate's `mean_iou` semantics, offline).
 
 `evaluate.load("mean_iou")` needs the Hub. A confusion matrix is all mIoU needs, it is exact, it adds up across
-batches and processes (sum the matrices), and it costs one `bincount` per batch.
+batches and processes (sum the matrices), and it costs one `bincount` per batch. The same metric ships as an
+`evaluate` module inside the package ([`load_mean_iou_metric`]), for `transformers.Trainer`'s `compute_metrics`.
 """
 
+from pathlib import Path
+
+import numpy as np
 import torch
+
+
+# `evaluate.load` takes a folder that holds a script of the same name: `mean_iou/mean_iou.py` beside this file.
+MEAN_IOU_EVALUATE_PATH = Path(__file__).resolve().parent / "mean_iou"
+
+
+def as_class_map(values: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor of class ids from a tensor, an array or anything `np.asarray` reads (a PIL image, nested lists)."""
+    return values if torch.is_tensor(values) else torch.from_numpy(np.array(values))
 
 
 class StreamingMeanIoU:
@@ -41,8 +54,9 @@ class StreamingMeanIoU:
         self.ignore_index = ignore_index
         self.confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
 
-    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch: `predictions` and `labels` of the same shape, int class ids."""
+    def update(self, predictions: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+        """Add a batch: `predictions` and `labels` of the same shape, int class ids (tensors or arrays)."""
+        predictions, labels = as_class_map(predictions), as_class_map(labels)
         if predictions.shape != labels.shape:
             raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ in shape.")
         predictions, labels = predictions.flatten().long().cpu(), labels.flatten().long().cpu()
@@ -88,4 +102,19 @@ class StreamingMeanIoU:
         }
 
 
-__all__ = ["StreamingMeanIoU"]
+def load_mean_iou_metric(**kwargs):
+    """The package's mIoU as an `evaluate` module, offline: `evaluate.load` on the script shipped in the package.
+
+    Same arguments, inputs and outputs as the Hub's `mean_iou` (`compute(predictions=..., references=...,
+    num_labels=..., ignore_index=..., reduce_labels=...)` -> `mean_iou`, `mean_accuracy`, `overall_accuracy`,
+    `per_category_iou`, `per_category_accuracy`), computed by [`StreamingMeanIoU`].
+
+    Args:
+        kwargs: passed to `evaluate.load` (e.g. `experiment_id`, `num_process` / `process_id` for distributed use).
+    """
+    import evaluate
+
+    return evaluate.load(str(MEAN_IOU_EVALUATE_PATH), **kwargs)
+
+
+__all__ = ["MEAN_IOU_EVALUATE_PATH", "StreamingMeanIoU", "as_class_map", "load_mean_iou_metric"]
