@@ -288,7 +288,7 @@ def fit_config_to_backbone(config: DToPConfig, backbone_fields: dict) -> tuple[D
     if (fields["num_hidden_layers"], fields["hidden_size"]) != (config.num_hidden_layers, config.hidden_size):
         layout = default_stage_layout(fields["num_hidden_layers"], fields["hidden_size"])
         fields.update({name: value for name, value in layout.items() if name != "exit_threshold"})
-    changes = {name: (getattr(config, name), value) for name, value in fields.items() if getattr(config, name) != value}
+    changes = {name: (getattr(config, name), new) for name, new in fields.items() if getattr(config, name) != new}
     if not changes:
         return config, {}
     return DToPConfig.from_dict({**config.to_dict(), **{name: new for name, (_, new) in changes.items()}}), changes

@@ -40,12 +40,16 @@ from .pruning import (
     ActiveTokens,
     TokenPacking,
     atm_class_scores,
-    keep_rows,
     select_exiting_tokens,
     token_confidence,
     tokens_to_grid,
     update_canvas,
 )
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 from .vit_weights import from_vit_pretrained, resize_position_grid
 
 
@@ -175,6 +179,20 @@ def build_attention_mask(packing: TokenPacking, attn_implementation: str | None,
     )
 
 
+def use_varlen_attention(query: torch.Tensor, attn_implementation: str | None, dropout: float) -> bool:
+    """Whether the ViT attention runs the flash kernel for packed variable-length sequences (`varlen_attn`):
+    with sdpa (eager stays for the attention weights) on a CUDA GPU the flash kernel supports (Ampere or newer),
+    in half precision (the kernel has no float32), without attention dropout (the kernel has none)."""
+    return (
+        varlen_attn is not None
+        and attn_implementation == "sdpa"
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and torch.cuda.get_device_capability(query.device) >= (8, 0)
+    )
+
+
 class DToPEmbeddings(nn.Module):
     """Patch embedding, the kept prefix tokens (class, distillation, registers) and the positions: absolute position
     embeddings resized to the input grid the way the source family resizes them, or DINOv3's rotary embedding
@@ -257,7 +275,8 @@ class DToPEmbeddings(nn.Module):
         coordinates = patch_center_coordinates(grid_size, device)  # (h * w, 2), (y, x)
         if self.training:
             coordinates = augment_coordinates(coordinates, config.rope_shift, config.rope_jitter, config.rope_rescale)
-        inverse_frequency = 1 / config.rope_theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
+        quarter_steps = torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)  # (head_dim / 4,)
+        inverse_frequency = 1 / config.rope_theta**quarter_steps
         # (h * w, 2, head_dim / 4) -> (h * w, head_dim / 2): y frequencies, then x; tiled over both rotated halves.
         angles = 2 * math.pi * coordinates[:, :, None] * inverse_frequency[None, None, :]
         angles = angles.flatten(1, 2).tile(2)  # (h * w, head_dim)
@@ -354,9 +373,19 @@ class DToPAttention(nn.Module):
         if position_embeddings is not None:
             query, key = apply_rotary_position_embeddings(query, key, *position_embeddings)
         # (total, heads, head_dim) -> (batch, max_count, heads, head_dim) -> (batch, heads, max_count, head_dim)
+        value = self.v_proj(hidden_states).view(head_shape)
+        dropout = self.attention_dropout if self.training else 0.0
+        if use_varlen_attention(query, self.config._attn_implementation, dropout):
+            # The packed tokens go straight into the kernel with each image's cumulative length: no padded copy,
+            # no key mask (issue 13 §1). (total, heads, head_dim) -> (total, dim)
+            cu_seqlens, max_count = packing.cu_seqlens, packing.max_count
+            attn_output = varlen_attn(
+                query, key, value, cu_seqlens, cu_seqlens, max_count, max_count, scale=self.scaling
+            )
+            return self.o_proj(attn_output.reshape(hidden_states.shape)), None
         query = packing.to_padded(query).transpose(1, 2)
         key = packing.to_padded(key).transpose(1, 2)
-        value = packing.to_padded(self.v_proj(hidden_states).view(head_shape)).transpose(1, 2)
+        value = packing.to_padded(value).transpose(1, 2)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -366,7 +395,7 @@ class DToPAttention(nn.Module):
             key,
             value,
             attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
         )
         attn_output = attn_output.reshape(packing.batch_size, packing.max_count, -1)  # (batch, max_count, dim)
@@ -759,10 +788,15 @@ class DToPPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
-    def from_vit_pretrained(cls, vit_name_or_path: str, **kwargs) -> "DToPPreTrainedModel":
-        """Start from any transformers ViT checkpoint (folder or Hub id): backbone weights loaded, position
-        embeddings resized once (bicubic) to `image_size`, new heads. Keyword arguments override DToPConfig fields
-        (e.g. `num_labels=150, image_size=512`); see [`~vit_weights.from_vit_pretrained`]."""
+    def from_vit_pretrained(
+        cls, vit_name_or_path: str, **kwargs
+    ) -> "DToPPreTrainedModel | tuple":
+        """Start from a transformers ViT, DeiT, DINOv2 (with registers) or DINOv3 checkpoint, or a task model of one
+        (folder or Hub id; the family is read from its config): the backbone reproduces the family, its weights are
+        loaded strictly, positions resized once to `image_size`, new heads after the default stage layout.
+        Keyword arguments override DToPConfig fields (e.g. `num_labels=150, image_size=512`); `use_cls_token=True`
+        keeps the class, distillation and register tokens; `output_image_processor=True` also returns a processor
+        with the checkpoint's normalisation. See [`~vit_weights.from_vit_pretrained`]."""
         return from_vit_pretrained(cls, vit_name_or_path, **kwargs)
 
     def class_probabilities(self, class_scores: torch.Tensor) -> torch.Tensor:
@@ -816,8 +850,14 @@ def check_pixel_values(pixel_values: torch.Tensor, config: DToPConfig) -> None:
         raise ValueError(
             f"Images must be at least one patch ({config.patch_size}x{config.patch_size}) large, got {height}x{width}."
         )
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("`pixel_values` contains NaN or infinite values.")
+    if not torch.compiler.is_compiling():
+        # An asynchronous assertion costs no device-to-host sync: on CPU it fails right here; on an accelerator it
+        # fails the device's stream later, as an out-of-range index does (`bool(...)` would sync every forward).
+        message = "`pixel_values` contains NaN or infinite values."
+        try:
+            torch._assert_async(torch.isfinite(pixel_values).all(), message)
+        except RuntimeError as error:
+            raise ValueError(message) from error
 
 
 class DToPLayerRecord:
@@ -910,8 +950,9 @@ class DToPModel(DToPPreTrainedModel):
             canvas = update_canvas(canvas, stage_values, tokens.active_mask)
             stages.append((head.class_scores(head_output.class_logits, canvas), canvas, head_output.class_logits))
             exit_mask = self.select_exits(head, head_output.class_logits, canvas, tokens.active_mask, threshold)
-            tokens, kept_rows = tokens.after_exit(exit_mask, stage)
-            hidden_states, position_embeddings = keep_rows(kept_rows, hidden_states, position_embeddings)
+            tokens, hidden_states, position_embeddings = tokens.after_exit(
+                exit_mask, stage, hidden_states, position_embeddings
+            )
 
         stage_logits, stage_mask_logits, stage_class_logits = zip(*stages)
         return DToPModelOutput(
@@ -1014,14 +1055,11 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
     ) -> DToPSemanticSegmenterOutput:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                Normalised images.
             labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
                 Class ids in `[0, num_labels)`, `config.semantic_loss_ignore_index` for unlabelled pixels. When
                 given, the loss of every head is computed and summed.
-            exit_threshold (`float` or `tuple[float]`, *optional*):
-                Overrides `config.exit_threshold` for this call; 1.0 runs the unpruned baseline. In training mode
-                thresholds apply only when `config.prune_during_training` is True.
+            pixel_values, exit_threshold, output_hidden_states, output_attentions, patch_offsets:
+                As in [`DToPModel.forward`].
 
         Example:
 

@@ -164,6 +164,8 @@ class TokenPacking:
             repeat a real row (the image's first, or row 0) instead of holding zeros: one gather fills the padded
             layout with no allocation-and-fill, and the key mask hides the repeats.
         key_padding_mask: `(batch, max_count)` bool, True at real tokens; `None` when `is_uniform`.
+        cu_seqlens: `(batch + 1,)` int32, the packed row where each image starts, then `total` (the cumulative
+            lengths of variable-length attention kernels).
         has_empty_image: True when some image has no active token left.
     """
 
@@ -174,6 +176,7 @@ class TokenPacking:
     padded_index: torch.Tensor
     slot_source: torch.Tensor
     key_padding_mask: torch.Tensor | None
+    cu_seqlens: torch.Tensor
     has_empty_image: bool = False
 
     @property
@@ -275,17 +278,18 @@ def pack_tokens(active_mask: torch.Tensor, count_values: list[int] | None = None
     batch_size, num_tokens = active_mask.shape
     device = active_mask.device
     counts = active_mask.sum(dim=1)
+    cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(dim=0)]).to(torch.int32)
     if count_values is None:
         count_values = counts.tolist()
-    total, max_count = sum(count_values), max(count_values, default=0)
+    total, max_count = sum(count_values), max(count_values)
     if total == batch_size * num_tokens:
         flat_index = torch.arange(total, device=device)
     else:
         flat_index = true_positions(active_mask.reshape(-1), total)  # (total,), image-major then token order
-    if min(count_values, default=0) == max_count:
+    if min(count_values) == max_count:
         # Every image has the same number of active tokens: the packed sequence *is* the padded layout.
         packed_order = torch.arange(total, device=device)
-        return TokenPacking(active_mask, flat_index, counts, max_count, packed_order, packed_order, None)
+        return TokenPacking(active_mask, flat_index, counts, max_count, packed_order, packed_order, None, cu_seqlens)
     first_row = counts.cumsum(dim=0) - counts  # (batch,) packed row of each image's first token
     slot = torch.arange(max_count, device=device)[None, :]  # (1, max_count)
     key_padding_mask = slot < counts[:, None]  # (batch, max_count)
@@ -301,6 +305,7 @@ def pack_tokens(active_mask: torch.Tensor, count_values: list[int] | None = None
         padded_index,
         slot_source.reshape(-1),
         key_padding_mask,
+        cu_seqlens,
         has_empty_image=min(count_values) == 0,
     )
 
@@ -328,7 +333,9 @@ class ActiveTokens:
     num_prefix_tokens: int
 
     @classmethod
-    def pack(cls, active_mask: torch.Tensor, exit_stage: torch.Tensor, count_values: list[int], num_prefix_tokens: int):
+    def pack(
+        cls, active_mask: torch.Tensor, exit_stage: torch.Tensor, count_values: list[int], num_prefix_tokens: int
+    ) -> "ActiveTokens":
         """Both packings from the active patch tokens per image, known on the host (no sync)."""
         patches = pack_tokens(active_mask, count_values)
         if num_prefix_tokens == 0:
@@ -359,45 +366,43 @@ class ActiveTokens:
         rows = rows + (self.patches.row_image_index + 1) * self.num_prefix_tokens
         return hidden_states.index_select(0, rows)
 
-    def after_exit(self, exit_mask: torch.Tensor | None, stage: int) -> tuple["ActiveTokens", torch.Tensor | None]:
-        """Let the tokens of `exit_mask` `(batch, tokens)` exit after head `stage`.
+    @torch.compiler.disable
+    def after_exit(
+        self,
+        exit_mask: torch.Tensor | None,
+        stage: int,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple["ActiveTokens", torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Let the tokens of `exit_mask` `(batch, tokens)` exit after head `stage`: new packings, and the packed
+        `hidden_states` `(total, dim)` (and rotary `position_embeddings`, each `(total, head_dim)`) without their
+        rows.
 
-        Returns:
-            The new active tokens, and the rows of the old sequence packing that stay `(new_total,)` int64, or
-            `None` when nothing exited (the packing, and every packed tensor, stays as it is: no copy).
-
-        One host sync (the new token counts size the packed sequence), none when `exit_mask` is `None`.
+        One host sync (the new token counts size the packed sequence); none when `exit_mask` is `None`
+        (threshold 1.0), and no copy when nothing exited. Under `torch.compile` this bookkeeping runs eagerly (it is
+        small, and its sizes come from the host sync), and the token dimension of what it returns is marked
+        dynamic, so that the compiled layers and heads that follow serve every token count without recompiling.
         """
         if exit_mask is None:
-            return self, None
+            return self, hidden_states, position_embeddings
         active_mask = self.active_mask & ~exit_mask
         count_values = active_mask.sum(dim=1).tolist()  # the stage's one host sync
         if sum(count_values) == self.patches.total:
-            return self, None
+            return self, hidden_states, position_embeddings
         exit_stage = self.exit_stage.masked_fill(exit_mask, stage)
         tokens = ActiveTokens.pack(active_mask, exit_stage, count_values, self.num_prefix_tokens)
         # (old_total,) True for the rows of tokens that are still active, in the old packed order.
         still_active = tokens.sequence.active_mask.reshape(-1).index_select(0, self.sequence.flat_index)
-        return tokens, true_positions(still_active, tokens.sequence.total)
-
-
-def keep_rows(kept_rows: torch.Tensor | None, *packed: torch.Tensor | tuple[torch.Tensor, ...] | None):
-    """Drop the rows of exited tokens from packed tensors `(old_total, ...)` -> `(new_total, ...)`.
-
-    Each argument is a packed tensor, a tuple of them (e.g. rotary `(cos, sin)`) or `None`; `kept_rows` `None`
-    (nothing exited) returns them unchanged.
-    """
-    if kept_rows is None:
-        return packed
-
-    def select(value):
-        if value is None:
-            return None
-        if isinstance(value, tuple):
-            return tuple(select(item) for item in value)
-        return value.index_select(0, kept_rows)
-
-    return tuple(select(value) for value in packed)
+        kept_rows = true_positions(still_active, tokens.sequence.total)
+        hidden_states = hidden_states.index_select(0, kept_rows)
+        if position_embeddings is not None:
+            position_embeddings = tuple(values.index_select(0, kept_rows) for values in position_embeddings)
+        token_sized = [hidden_states, *(position_embeddings or ())]
+        for packing in (tokens.sequence, tokens.patches):
+            token_sized += [packing.flat_index, packing.padded_index, packing.slot_source]
+        for tensor in token_sized:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return tokens, hidden_states, position_embeddings
 
 
 __all__ = [
@@ -405,7 +410,6 @@ __all__ = [
     "TokenPacking",
     "assemble_atm_scores",
     "atm_class_scores",
-    "keep_rows",
     "pack_tokens",
     "select_exiting_tokens",
     "token_confidence",

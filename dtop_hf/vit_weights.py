@@ -44,28 +44,28 @@ IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 # The source base model's parameter names (transformers v5 names: `from_pretrained` converts older checkpoints) ->
 # DToP base model names. DToP mirrors ViT's names; the families with layer scale keep transformers' `layer_scale*`.
 VIT_KEY_MAPPING = {  # ViTModel, DeiTModel
-    r"^embeddings\.(cls_token|distillation_token|position_embeddings)$":       r"embeddings.\1",
-    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":              r"embeddings.patch_embeddings.projection.\1",
-    r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\.(weight|bias)$":     r"layers.\1.\2.\3",
-    r"^layers\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":               r"layers.\1.attention.\2.\3",
-    r"^layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$":                         r"layers.\1.mlp.\2.\3",
+    r"^embeddings\.(cls_token|distillation_token|position_embeddings)$":     r"embeddings.\1",
+    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":            r"embeddings.patch_embeddings.projection.\1",
+    r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\.(weight|bias)$":   r"layers.\1.\2.\3",
+    r"^layers\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":             r"layers.\1.attention.\2.\3",
+    r"^layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$":                       r"layers.\1.mlp.\2.\3",
 }
 DINOV2_KEY_MAPPING = {  # Dinov2Model, Dinov2WithRegistersModel
-    r"^embeddings\.(cls_token|register_tokens|position_embeddings)$":          r"embeddings.\1",
-    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":              r"embeddings.patch_embeddings.projection.\1",
-    r"^encoder\.layer\.(\d+)\.norm1\.(weight|bias)$":                          r"layers.\1.layernorm_before.\2",
-    r"^encoder\.layer\.(\d+)\.norm2\.(weight|bias)$":                          r"layers.\1.layernorm_after.\2",
-    r"^encoder\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":       r"layers.\1.attention.\2.\3",
-    r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$":                    r"layers.\1.layer_scale\2.lambda1",
+    r"^embeddings\.(cls_token|register_tokens|position_embeddings)$":        r"embeddings.\1",
+    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":            r"embeddings.patch_embeddings.projection.\1",
+    r"^encoder\.layer\.(\d+)\.norm1\.(weight|bias)$":                        r"layers.\1.layernorm_before.\2",
+    r"^encoder\.layer\.(\d+)\.norm2\.(weight|bias)$":                        r"layers.\1.layernorm_after.\2",
+    r"^encoder\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":     r"layers.\1.attention.\2.\3",
+    r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$":                  r"layers.\1.layer_scale\2.lambda1",
     r"^encoder\.layer\.(\d+)\.mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)\.(weight|bias)$": r"layers.\1.mlp.\2.\3",
 }
 DINOV3_KEY_MAPPING = {  # DINOv3ViTModel; its plain MLP's up/down projections become fc1/fc2 (see `rename_plain_mlp`)
-    r"^embeddings\.(cls_token|register_tokens)$":                              r"embeddings.\1",
-    r"^embeddings\.patch_embeddings\.(weight|bias)$":                          r"embeddings.patch_embeddings.projection.\1",
-    r"^model\.layer\.(\d+)\.norm1\.(weight|bias)$":                            r"layers.\1.layernorm_before.\2",
-    r"^model\.layer\.(\d+)\.norm2\.(weight|bias)$":                            r"layers.\1.layernorm_after.\2",
-    r"^model\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":         r"layers.\1.attention.\2.\3",
-    r"^model\.layer\.(\d+)\.layer_scale([12])\.lambda1$":                      r"layers.\1.layer_scale\2.lambda1",
+    r"^embeddings\.(cls_token|register_tokens)$":                            r"embeddings.\1",
+    r"^embeddings\.patch_embeddings\.(weight|bias)$":                        r"embeddings.patch_embeddings.projection.\1",
+    r"^model\.layer\.(\d+)\.norm1\.(weight|bias)$":                          r"layers.\1.layernorm_before.\2",
+    r"^model\.layer\.(\d+)\.norm2\.(weight|bias)$":                          r"layers.\1.layernorm_after.\2",
+    r"^model\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":       r"layers.\1.attention.\2.\3",
+    r"^model\.layer\.(\d+)\.layer_scale([12])\.lambda1$":                    r"layers.\1.layer_scale\2.lambda1",
     r"^model\.layer\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$": r"layers.\1.mlp.\2.\3",
 }
 # Source tensors with no DToP counterpart, dropped on purpose: the final norm (DToP's heads read the raw layer
@@ -114,7 +114,7 @@ def shared_backbone_fields(source_config: PreTrainedConfig) -> dict:
         name: getattr(source_config, name)
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act", "layer_norm_eps")
     }
-    fields.update(image_size=square_size(source_config, "image_size"), patch_size=square_size(source_config, "patch_size"))
+    fields.update({name: square_size(source_config, name) for name in ("image_size", "patch_size")})
     fields["num_channels"] = source_config.num_channels
     return fields
 
@@ -482,7 +482,8 @@ def load_source_backbone(
     """Read a ViT-family checkpoint with its transformers base model and check every backbone tensor.
 
     Returns:
-        The source config, its family, the base model's state dict and the task-head keys that were left out.
+        The source config, its family, the base model's state dict and the checkpoint keys it left out on purpose
+        (task heads, a pooler the base model is built without).
 
     Raises:
         ValueError: for an unsupported family, or a backbone tensor that is missing, unexpected or of the wrong
@@ -502,9 +503,8 @@ def load_source_backbone(
             raise RuntimeError(f"{error}\n{''.join(reports)}") from error
     unexpected = sorted(info["unexpected_keys"])
     task_head_keys = [key for key in unexpected if not key.startswith(family.backbone_prefixes)]
-    unexpected_backbone_keys = [
-        key for key in unexpected if key not in task_head_keys and not any(re.search(p, key) for p in SOURCE_KEYS_TO_DROP)
-    ]
+    dropped_on_purpose = [key for key in unexpected if any(re.search(pattern, key) for pattern in SOURCE_KEYS_TO_DROP)]
+    unexpected_backbone_keys = [key for key in unexpected if key not in task_head_keys + dropped_on_purpose]
     problems = {
         "missing": sorted(info["missing_keys"]),
         "unexpected": unexpected_backbone_keys,
@@ -518,7 +518,7 @@ def load_source_backbone(
             + ", ".join(f"{kind} {keys}" for kind, keys in problems.items())
             + ". A checkpoint that does not match its own config cannot start a DToP model."
         )
-    return source_config, family, source_model.state_dict(), task_head_keys
+    return source_config, family, source_model.state_dict(), task_head_keys + dropped_on_purpose
 
 
 def source_image_processor(
@@ -576,7 +576,7 @@ def from_vit_pretrained(
     loading_kwargs = {key: kwargs.pop(key) for key in VIT_LOADING_KWARGS if key in kwargs}
     init_kwargs = {key: kwargs.pop(key) for key in MODEL_INIT_KWARGS if key in kwargs}
     keep_extra_tokens = bool(kwargs.pop("keep_extra_tokens", kwargs.get("use_cls_token", False)))
-    source_config, family, source_state_dict, task_head_keys = load_source_backbone(vit_name_or_path, loading_kwargs)
+    source_config, family, source_state_dict, left_out = load_source_backbone(vit_name_or_path, loading_kwargs)
     config = dtop_config_from_vit(source_config, keep_extra_tokens, **kwargs)
     model = model_class._from_config(config, **init_kwargs)
     state_dict, dropped = drop_keys(source_state_dict, SOURCE_KEYS_TO_DROP)
@@ -585,7 +585,7 @@ def from_vit_pretrained(
     load_backbone_state_dict(model, backbone_state_dict, source=source)
     logger.info(
         f"DToP backbone initialised from {source} ({len(backbone_state_dict)} tensors); dropped on purpose: "
-        f"{dropped + task_head_keys} (final norm, pooler, mask token, task head); the {len(config.out_indices)} "
+        f"{sorted(dropped + left_out)} (final norm, pooler, mask token, task head); the {len(config.out_indices)} "
         f"{config.head_type.upper()} heads after layers {list(config.out_indices)} are newly initialised."
     )
     model.eval()

@@ -53,7 +53,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from arguments import add_dataset_arguments, load_dataset_from_arguments
+from arguments import (
+    add_cpu_argument,
+    add_dataset_arguments,
+    load_dataset_from_arguments,
+    parse_exit_threshold,
+    require_positive,
+)
 from torch.utils.data import DataLoader
 
 from dtop_hf import DToPConfig, DToPImageProcessor
@@ -94,20 +100,6 @@ MAX_PRINTED_CLASSES = 30
 GFLOPS_KEYS = {"all_heads": "gflops", "paper": "gflops_backbone_and_final_head"}
 
 
-def parse_threshold(text: str) -> float | tuple[float, ...]:
-    """`0.8` (every auxiliary head) or `0.6,0.9` (one per auxiliary head, the first head first)."""
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "exit thresholds are numbers in (0, 1], or one per auxiliary head joined by commas (0.6,0.9), "
-            f"got {text!r}."
-        ) from None
-    if not all(0.0 < value <= 1.0 for value in values):
-        raise argparse.ArgumentTypeError(f"exit thresholds must lie in (0, 1] (1.0 = no pruning), got {text}.")
-    return values[0] if len(values) == 1 else values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sweep DToP exit thresholds: mIoU, GFLOPs, exits, time; calibrate.")
     parser.add_argument("--model", type=str, required=True, help="DToP model folder or Hub id.")
@@ -125,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument(
         "--thresholds",
-        type=parse_threshold,
+        type=parse_exit_threshold,
         nargs="+",
         default=list(DEFAULT_THRESHOLDS),
         help="Exit thresholds in (0, 1]; 1.0 = unpruned baseline; 0.6,0.9 = one per auxiliary head.",
@@ -141,9 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep.add_argument(
         "--stride", type=int, default=None, help="Sliding-window stride; default: the image processor's."
     )
-    sweep.add_argument(
-        "--cpu", action="store_true", help="Run on CPU (needed for several CPU processes, see the module docstring)."
-    )
+    add_cpu_argument(sweep)
 
     calibration = parser.add_argument_group("calibration (one of)")
     budget = calibration.add_mutually_exclusive_group()
@@ -210,15 +200,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     check_thresholds(args.thresholds)
-    for name in ("per_device_eval_batch_size", "synthetic_validation_samples", "synthetic_image_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
-    if args.max_eval_samples is not None and args.max_eval_samples < 1:
-        raise ValueError(f"`--max_eval_samples` must be >= 1, got {args.max_eval_samples}.")
+    require_positive(
+        args,
+        (
+            "per_device_eval_batch_size",
+            "synthetic_validation_samples",
+            "synthetic_image_size",
+            "max_eval_samples",
+            "calibration_samples",
+        ),
+    )
     if args.num_pictures < 0 or args.num_refinements < 0 or args.num_grid_refinements < 0:
         raise ValueError("`--num_pictures`, `--num_refinements` and `--num_grid_refinements` must be >= 0.")
-    if args.calibration_samples < 1:
-        raise ValueError(f"`--calibration_samples` must be >= 1, got {args.calibration_samples}.")
     if args.calibration_split is not None and args.calibration_split == args.split:
         raise ValueError(
             f"`--calibration_split` and `--split` are both {args.split!r}: calibrate on other images than those "

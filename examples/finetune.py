@@ -253,13 +253,14 @@ def stage_exit_threshold(
 
 
 def fresh_config(args: argparse.Namespace, overrides: dict, id2label: dict[int, str]) -> DToPConfig:
-    """A new model's config: the paper configuration's architecture, or a model size (default `small`)."""
-    if args.preset in PAPER_PRESETS:
-        return DToPConfig(**{**PAPER_PRESETS[args.preset].config_kwargs(), **label_fields(id2label), **overrides})
-    # A fresh model stores position embeddings for `--crop_size`, else for the built-in images' size.
+    """A new model's config: the paper configuration's architecture, or a model size (default `small`). Its
+    position embeddings are stored for `--crop_size` (a paper configuration's crop), else for the built-in images'
+    size, else for the size preset's."""
     image_size = args.crop_size or (args.synthetic_image_size if args.dataset_name in BUILTIN_NAMES else None)
-    size = args.preset or "small"
-    return build_preset_config(overrides, id2label, size=size, **({"image_size": image_size} if image_size else {}))
+    fields = {"image_size": image_size} if image_size else {}
+    if args.preset in PAPER_PRESETS:
+        return DToPConfig(**{**PAPER_PRESETS[args.preset].config_kwargs(), **fields, **label_fields(id2label), **overrides})
+    return build_preset_config(overrides, id2label, size=args.preset or "small", **fields)
 
 
 def label_fields(id2label: dict[int, str]) -> dict:

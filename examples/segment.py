@@ -58,6 +58,10 @@ from dtop_hf.toolkit.inference.visualization import default_stage_names, make_pa
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
+def unreadable_message(path: Path, error: Exception) -> str:
+    return f"{path}: not a readable image ({type(error).__name__}: {error})"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Segment images with a DToP model; write class-map, segmentation, exit-map and overlay PNGs."
@@ -101,7 +105,7 @@ def plan_batches(
         try:
             size = upright_size(path)
         except UNREADABLE as error:
-            problems.append(f"{path}: not a readable image ({type(error).__name__}: {error})")
+            problems.append(unreadable_message(path, error))
             continue
         batch = open_batches.setdefault(size, [])
         if not batch:
@@ -120,7 +124,7 @@ def segment_batch(model, image_processor, batch, args, palette, stage_names, lab
             images.append(open_image(path))
             kept.append((index, path, name))
         except UNREADABLE as error:  # the header read, the pixels did not (a truncated file)
-            records.append({"index": index, "problem": f"{path}: not a readable image ({type(error).__name__}: {error})"})
+            records.append({"index": index, "problem": unreadable_message(path, error)})
     results = segment_images(model, image_processor, images, args.threshold, args.sliding_window) if images else []
     for (index, path, name), image, result in zip(kept, images, results, strict=True):
         write_outputs(
@@ -140,7 +144,9 @@ def segment_batch(model, image_processor, batch, args, palette, stage_names, lab
     return records
 
 
-def summary(records: list[dict], num_done: int, num_skipped: int, seconds: float, labels: list[str], output_dir) -> str:
+def summary(
+    records: list[dict], num_done: int, num_skipped: int, seconds: float, labels: list[str], output_dir: str
+) -> str:
     """The run's last lines: images, tokens exited per head, GFLOPs per image, images per second."""
     segmented = [record for record in records if "description" in record]
     lines = [
@@ -150,12 +156,15 @@ def summary(records: list[dict], num_done: int, num_skipped: int, seconds: float
     if segmented:
         exits = [sum(record["exits"][stage] for record in segmented) for stage in range(len(labels))]
         count = len(segmented)
-        mean = {key: sum(record[key] for record in segmented) / count for key in ("gflops", "gflops_all_heads", "gflops_unpruned")}
+        mean = {
+            key: sum(record[key] for record in segmented) / count
+            for key in ("gflops", "gflops_all_heads", "gflops_unpruned")
+        }
         saved = 100 * (1 - mean["gflops"] / mean["gflops_unpruned"]) if mean["gflops_unpruned"] else 0.0
         lines += [
             f"  tokens exited at {exits_summary(exits, labels)}",
-            f"  GFLOPs per image {mean['gflops']:.4g} (backbone + decode head; all heads {mean['gflops_all_heads']:.4g}; "
-            f"unpruned {mean['gflops_unpruned']:.4g}, {saved:.1f}% saved)",
+            f"  GFLOPs per image {mean['gflops']:.4g} (backbone + decode head; all heads "
+            f"{mean['gflops_all_heads']:.4g}; unpruned {mean['gflops_unpruned']:.4g}, {saved:.1f}% saved)",
             f"  {count / max(seconds, 1e-9):.2f} images/s ({seconds:.1f} s)",
         ]
     return "\n".join(lines)
@@ -186,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()  # every process plans before any writes, so that all agree on what is left to do
     if state.is_main_process:
         print(
-            f"{args.model}: {config.num_labels} classes, heads after layers {list(config.out_indices)}, exit threshold "
-            f"{threshold}; {sum(map(len, batches))} image(s) to segment on {state.num_processes} process(es)"
+            f"{args.model}: {config.num_labels} classes, heads after layers {list(config.out_indices)}, exit "
+            f"threshold {threshold}; {sum(map(len, batches))} image(s) to segment on {state.num_processes} process(es)"
         )
     start = time.perf_counter()
     records = []

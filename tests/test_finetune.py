@@ -429,3 +429,30 @@ def test_prune_stage_fine_tunes_the_heads_in_two_processes(finetune_runs, tmp_pa
     base_model = DToPForSemanticSegmentation.from_pretrained(finetune_runs["full"])
     for name, parameter in reloaded.dtop.layers.named_parameters():  # frozen backbone left as it was
         assert torch.equal(parameter, dict(base_model.dtop.layers.named_parameters())[name]), name
+
+
+def test_paper_preset_trains_with_the_official_recipe_in_both_stages(tmp_path):
+    """`--preset dtop-vit-base-ade20k` on an ADE20K release folder (a tiny backbone through --config_overrides):
+    the saved config carries the preset's drop path and thresholds, phase 2 prunes in training, and the processor is
+    the official test mode. A data set with other classes is refused."""
+    from test_data_layouts import write_ade20k
+
+    finetune = load_finetune_module()
+    folder = write_ade20k(tmp_path / "data")
+    common = [
+        "--cpu", "--preset", "dtop-vit-base-ade20k", "--dataset_name", str(folder), "--config_overrides", TINY_OVERRIDES,
+        "--crop_size", "32", "--train_scale", "128", "32", "--max_train_steps", "2", "--num_warmup_steps", "1",
+        "--per_device_train_batch_size", "2",
+    ]  # fmt: skip
+    finetune.main([*common, "--stage", "base", "--output_dir", str(tmp_path / "base")])
+    finetune.main([*common, "--stage", "prune", "--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(tmp_path / "prune")])
+    base = json.loads((tmp_path / "base" / "config.json").read_text())
+    prune = json.loads((tmp_path / "prune" / "config.json").read_text())
+    assert (base["drop_path_rate"], base["exit_threshold"], base["prune_during_training"]) == (0.1, 1.0, False)
+    assert (prune["drop_path_rate"], prune["exit_threshold"], prune["prune_during_training"]) == (0.1, 0.9, True)
+    assert base["num_labels"] == 150 and base["image_size"] == 32
+    processor = json.loads((tmp_path / "prune" / "preprocessor_config.json").read_text())
+    assert processor["do_split_image"] and processor["size"] == {"longest_edge": 2048, "shortest_edge": 512}
+    assert processor["stride"] == {"height": 341, "width": 341} and processor["image_mean"] == [0.485, 0.456, 0.406]
+    with pytest.raises(ValueError, match="150 classes"):
+        finetune.main(["--cpu", "--preset", "dtop-vit-base-ade20k", "--synthetic_image_size", "32", "--output_dir", str(tmp_path / "x")])

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import pipeline
 
 from dtop_hf import DToPImageProcessor
-from dtop_hf.image_processing_dtop import first_argmax, keep_ratio_size, window_starts
+from dtop_hf.image_processing_dtop import argmax_among, classes_that_can_win, keep_ratio_size, window_starts
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -405,11 +405,32 @@ def test_padded_window_with_a_real_model(model_tester):
     torch.testing.assert_close(scores[0].segmentation_scores, expected, rtol=0, atol=1e-6)
 
 
-def test_first_argmax_is_argmax_ties_included():
-    scores = torch.randn(150, 37, 53)
-    scores[7, :5] = scores[3, :5] = scores[:, :5].amax(dim=0) + 1  # ties: the first class wins
-    scores[:, 10] = 0.0  # all equal: class 0
-    assert torch.equal(first_argmax(scores), scores.argmax(dim=0))
-    assert (first_argmax(scores)[:5] == 3).all() and (first_argmax(scores)[10] == 0).all()
-    few = torch.randn(300, 4, 5)  # more classes than a byte holds
-    assert torch.equal(first_argmax(few), few.argmax(dim=0))
+def peaked_logits(num_labels: int, grid: tuple[int, int], seed: int) -> torch.Tensor:
+    """`(1, num_labels, *grid)` scores as real models give them: a few classes dominate, in smooth regions."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, num_labels, grid[0] // 4, grid[1] // 4, generator=generator) * 3
+    logits = F.interpolate(coarse, size=grid, mode="bilinear", align_corners=False)
+    return logits + torch.randn(1, num_labels, 1, 1, generator=generator) * 4
+
+
+def test_the_class_map_is_argmax_over_the_classes_that_can_win():
+    processor = DToPImageProcessor(size={"height": 128, "width": 128})
+    for seed, (num_labels, target) in enumerate([(150, (300, 200)), (150, (61, 47)), (20, (128, 128))]):
+        for scores in (peaked_logits(num_labels, (32, 32), seed), peaked_logits(num_labels, (32, 32), seed).softmax(1)):
+            winner = int(scores[0, :, 0, 0].argmax())
+            twin = num_labels - 1 if winner != num_labels - 1 else 0
+            scores[:, twin] = scores[:, winner]  # two classes always tied
+            kept = classes_that_can_win(scores[0])
+            assert min(winner, twin) in kept.tolist() and len(kept) < num_labels  # a handful of classes can win
+            result = processor.post_process_semantic_segmentation({"logits": scores}, [target], return_segmentation_scores=True)[0]
+            assert torch.equal(result.segmentation, result.segmentation_scores.argmax(dim=0))
+            # Every class outside the kept ones is below the maximum everywhere.
+            dropped = torch.ones(num_labels, dtype=torch.bool)
+            dropped[kept] = False
+            assert (result.segmentation_scores[dropped] < result.segmentation_scores.amax(dim=0)).all()
+    # Equal maxima (here: everywhere) go to the first class, as with argmax; bfloat16 keeps a wider margin.
+    scores = torch.zeros(6, 50, 70)
+    assert torch.equal(argmax_among(scores, torch.arange(6)), torch.zeros(50, 70, dtype=torch.long))
+    scores = peaked_logits(150, (32, 32), 5).softmax(1).bfloat16()
+    result = processor.post_process_semantic_segmentation({"logits": scores}, [(300, 200)], return_segmentation_scores=True)[0]
+    assert torch.equal(result.segmentation, result.segmentation_scores.argmax(dim=0))

@@ -614,7 +614,8 @@ def test_attentions_are_on_the_token_grid_when_the_packing_is_uniform(
     row_sums = last_weights.sum(dim=-1).transpose(1, 2)[~exited]  # (active tokens, heads)
     torch.testing.assert_close(row_sums, torch.ones_like(row_sums))
     # The same weights as inside a batch whose images prune differently (padded layout).
-    mixed = run(model, torch.cat([pixel_values[:1], varied_images(3)[1:]]), exit_threshold=thresholds, output_attentions=True)
+    mixed_batch = torch.cat([pixel_values[:1], varied_images(3)[1:]])
+    mixed = run(model, mixed_batch, exit_threshold=thresholds, output_attentions=True)
     for alone, in_batch in zip(outputs.attentions, mixed.attentions, strict=True):
         torch.testing.assert_close(alone[:1], in_batch[:1], rtol=0, atol=BATCH_ATOL)
 

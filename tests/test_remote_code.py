@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from transformers import pipeline
 
-from dtop_hf import DToPImageProcessor
+from dtop_hf import DToPImageProcessor, DToPImageSegmentationPipeline
+from dtop_hf.pipeline_dtop import DTOP_CUSTOM_PIPELINES
 
 
 # Runs in a fresh interpreter, outside the repository, with dtop_hf made unimportable; writes a JSON report.
@@ -82,6 +84,13 @@ REMOTE_SCRIPT = textwrap.dedent(
     results = segmentation(Image.open(image_path))
     report["pipeline_labels"] = [result["label"] for result in results]
     report["pipeline_masks"] = [np.array(result["mask"]).tolist() for result in results]
+    # The pipeline's knob: `exit_threshold` reaches the model (the saved config's threshold prunes, 1.0 does not).
+    report["pipeline_class"] = type(segmentation).__name__
+    exit_stages = []
+    segmentation.model.register_forward_hook(lambda module, inputs, outputs: exit_stages.append(outputs.exit_stage.tolist()))
+    segmentation(Image.open(image_path))
+    segmentation(Image.open(image_path), exit_threshold=1.0)
+    report["pipeline_exit_stages"] = exit_stages
     with open(report_path, "w") as report_file:
         json.dump(report, report_file)
     """
@@ -119,6 +128,8 @@ def test_saved_folder_runs_as_remote_code_without_the_package(model_tester, exit
     save_file({name: value.contiguous() for name, value in reference.items()}, reference_path)
     saved_files = set(os.listdir(folder))
     assert {"configuration_dtop.py", "modeling_dtop.py", "pruning.py", "image_processing_dtop.py"} <= saved_files
+    assert "pipeline_dtop.py" in saved_files
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"] == DTOP_CUSTOM_PIPELINES
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_dtop.DToPConfig",
@@ -160,5 +171,33 @@ def test_saved_folder_runs_as_remote_code_without_the_package(model_tester, exit
     present = sorted(expected_map.unique().tolist())
     assert len(present) >= 2
     assert report["pipeline_labels"] == [f"class_{index}" for index in present]
+    assert report["pipeline_class"] == "DToPImageSegmentationPipeline"
+    assert report["pipeline_exit_stages"] == [outputs.exit_stage[:1].tolist(), torch.full_like(outputs.exit_stage[:1], 2).tolist()]
     for mask, class_index in zip(report["pipeline_masks"], present, strict=True):
         assert np.array_equal(np.array(mask) > 0, (expected_map == class_index).numpy())
+
+
+def test_pipeline_exit_threshold_reaches_the_model(model_tester, exit_thresholds, tmp_path):
+    model = model_tester(id2label={index: f"class_{index}" for index in range(5)}).create_model()
+    processor = DToPImageProcessor(size={"height": 32, "width": 32})
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    thresholds = exit_thresholds(model, pixel_values)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    segmenter = pipeline("image-segmentation", model=str(tmp_path), trust_remote_code=True)
+    in_memory = pipeline(
+        "image-segmentation", model=model, image_processor=processor, pipeline_class=DToPImageSegmentationPipeline
+    )
+    for candidate in (segmenter, in_memory):
+        exit_stages = []
+        handle = candidate.model.register_forward_hook(lambda module, inputs, outputs: exit_stages.append(outputs.exit_stage))
+        candidate(image)  # the config's 0.9: nothing this random model predicts is that sure
+        candidate(image, exit_threshold=thresholds)
+        candidate(image, exit_threshold=thresholds[0])
+        handle.remove()
+        with torch.no_grad():
+            expected = [model(pixel_values, exit_threshold=value).exit_stage for value in (None, thresholds, thresholds[0])]
+        assert (expected[0] == 2).all() and (expected[1] < 2).any()
+        assert all(torch.equal(got, want) for got, want in zip(exit_stages, expected, strict=True))

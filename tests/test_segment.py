@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ from PIL import Image
 
 from dtop_hf import DToPImageProcessor
 from dtop_hf.toolkit.evaluation.flops import count_flops
+from dtop_hf.toolkit.inference.images import open_image
+from dtop_hf.toolkit.inference.loading import load_model_and_processor
+from dtop_hf.toolkit.inference.segmentation import segment_image, segment_images
 
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the test photos (pip install -e '.[dev]')")
@@ -100,7 +104,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    return segment.load_model_and_processor(str(model_dir))
+    return load_model_and_processor(str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +113,7 @@ def pruning_threshold(loaded, photos):
     from conftest import pruning_thresholds
 
     model, image_processor = loaded
-    pixel_values = image_processor(images=segment.open_image(photos["astronaut"]), return_tensors="pt")["pixel_values"]
+    pixel_values = image_processor(images=open_image(photos["astronaut"]), return_tensors="pt")["pixel_values"]
     return pruning_thresholds(model, pixel_values)[0]
 
 
@@ -129,13 +133,15 @@ def test_cli_segments_real_photos_and_skips_the_broken_file(photos, model_dir, p
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert re.search(r"skipped .*broken\.jpg: not a readable image", completed.stderr), completed.stderr
     assert "Segmented 4 image(s), skipped 1" in completed.stdout
+    assert re.search(r"exited at head 1 \(layer 2\): \d+ tokens, head 2 \(layer 3\): \d+ tokens", completed.stdout)
     assert "notes" not in completed.stdout + completed.stderr  # folders are searched for image files only
 
     exits_per_image = re.findall(r"\((\d+)x(\d+)\): (\d+) tokens; exited at (.*)\n\s+GFLOPs ([\d.e-]+)", completed.stdout)
     assert len(exits_per_image) == 4, completed.stdout
     early_exits = 0
     for width, height, num_tokens, exits, gflops in exits_per_image:
-        counts = [int(count) for count in re.findall(r" (\d+)(?:,|$)", exits)]
+        # "head 1 (layer 2): 12 tokens, head 2 (layer 3): 5 tokens, decode head (layer 4): 47 tokens"
+        counts = [int(count) for count in re.findall(r": (\d+) tokens", exits)]
         assert len(counts) == 3 and sum(counts) == int(num_tokens) == GRID_TOKENS, exits
         early_exits += sum(counts[:-1])
         assert float(gflops) > 0
@@ -162,33 +168,33 @@ def test_exit_code_is_non_zero_only_when_no_image_could_be_segmented(photos, mod
 
 
 def test_open_image_turns_every_mode_into_upright_rgb(photos, tmp_path):
-    astronaut = segment.open_image(photos["astronaut"])
+    astronaut = open_image(photos["astronaut"])
     assert astronaut.mode == "RGB" and astronaut.size == (384, 512)
-    grey = segment.open_image(photos["camera"])
+    grey = open_image(photos["camera"])
     assert grey.mode == "RGB" and np.array_equal(np.asarray(grey)[..., 0], np.asarray(grey)[..., 2])
-    rgba = segment.open_image(photos["coffee"])
+    rgba = open_image(photos["coffee"])
     # Fully transparent column -> the white background; fully opaque column -> the photo's own colours.
     assert (np.asarray(rgba)[:, 0] == 255).all()
     assert np.array_equal(np.asarray(rgba)[:, -1], skimage_data.coffee()[:, -1])
-    assert segment.open_image(photos["chelsea"]).mode == "RGB"
+    assert open_image(photos["chelsea"]).mode == "RGB"
     sixteen_bit = tmp_path / "depth.png"
     Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 10).save(sixteen_bit)
-    stretched = np.asarray(segment.open_image(sixteen_bit))
+    stretched = np.asarray(open_image(sixteen_bit))
     assert stretched.min() == 0 and stretched.max() == 255  # not clipped to white
     with pytest.raises(OSError):
-        segment.open_image(photos["broken"])
+        open_image(photos["broken"])
 
 
 def test_threshold_one_is_unpruned_and_a_lower_one_saves_what_count_flops_says(loaded, photos, pruning_threshold):
     model, image_processor = loaded
-    image = segment.open_image(photos["astronaut"])
-    unpruned = segment.segment_image(model, image_processor, image, exit_threshold=1.0)
+    image = open_image(photos["astronaut"])
+    unpruned = segment_image(model, image_processor, image, exit_threshold=1.0)
     assert unpruned.exits == [0, 0, GRID_TOKENS]
     assert unpruned.gflops == pytest.approx(unpruned.gflops_unpruned)
     assert unpruned.segmentation.shape == unpruned.exit_map.shape == (image.height, image.width)
     assert (unpruned.exit_map == 2).all()
 
-    pruned = segment.segment_image(model, image_processor, image, exit_threshold=pruning_threshold)
+    pruned = segment_image(model, image_processor, image, exit_threshold=pruning_threshold)
     assert pruned.exits[0] > 0 and sum(pruned.exits) == GRID_TOKENS
     assert pruned.gflops_unpruned == pytest.approx(unpruned.gflops_unpruned)
     assert pruned.gflops < unpruned.gflops
@@ -202,30 +208,30 @@ def test_threshold_one_is_unpruned_and_a_lower_one_saves_what_count_flops_says(l
 
 def test_sliding_window_covers_a_wide_image(loaded, photos):
     model, image_processor = loaded
-    image = segment.open_image(photos["camera"])  # 400x300 -> shorter side 32: 43x32, two 32 px windows (stride 24)
-    result = segment.segment_image(model, image_processor, image, exit_threshold=1.0, sliding_window=True)
+    image = open_image(photos["camera"])  # 400x300 -> shorter side 32: 43x32, two 32 px windows (stride 24)
+    result = segment_image(model, image_processor, image, exit_threshold=1.0, sliding_window=True)
     assert result.segmentation.shape == (300, 400)
     assert result.exits == [0, 0, 2 * GRID_TOKENS]
-    whole = segment.segment_image(model, image_processor, image, exit_threshold=1.0)
+    whole = segment_image(model, image_processor, image, exit_threshold=1.0)
     assert result.gflops == pytest.approx(2 * whole.gflops)
 
 
 def test_errors_say_how_to_fix_the_model_folder(model_dir, tmp_path):
     with pytest.raises(ValueError, match="without config.json.*Model folders inside it"):
-        segment.load_model_and_processor(str(model_dir.parent))
+        load_model_and_processor(str(model_dir.parent))
     without_processor = tmp_path / "no_processor"
     shutil.copytree(model_dir, without_processor)
     (without_processor / "preprocessor_config.json").unlink()
     with pytest.raises(ValueError, match="no preprocessor_config.json") as error:
-        segment.load_model_and_processor(str(without_processor))
+        load_model_and_processor(str(without_processor))
     # The message's fix repairs the folder (its `python -c` code run here, in-process, to save a start-up).
     fix = shlex.split(str(error.value).splitlines()[-1])
     assert fix[:2] == ["python", "-c"] and len(fix) == 3
     exec(fix[2], {})
-    model, image_processor = segment.load_model_and_processor(str(without_processor))
+    model, image_processor = load_model_and_processor(str(without_processor))
     assert image_processor.size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     with pytest.raises(ValueError, match="neither a local folder nor a reachable Hub id"):
-        segment.load_model_and_processor(str(tmp_path / "does-not-exist"))
+        load_model_and_processor(str(tmp_path / "does-not-exist"))
 
 
 def test_help_lists_defaults(capsys):
@@ -234,5 +240,89 @@ def test_help_lists_defaults(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "default: outputs/segment" in text and "--sliding_window" in text and "--threshold" in text
+    assert "--batch_size" in text and "--no_pictures" in text and "--overwrite" in text
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
         segment.parse_args(["photo.jpg", "--model", "m", "--threshold", "1.5"])
+
+
+def test_images_of_a_batch_give_what_they_give_alone(loaded, photos, pruning_threshold):
+    model, image_processor = loaded
+    camera = open_image(photos["camera"])
+    images = [camera, open_image(photos["astronaut"]), camera.transpose(Image.FLIP_LEFT_RIGHT)]
+    for sliding_window in (False, True):
+        together = segment_images(model, image_processor, images, pruning_threshold, sliding_window)
+        for image, result in zip(images, together, strict=True):
+            alone = segment_image(model, image_processor, image, pruning_threshold, sliding_window)
+            assert np.array_equal(result.segmentation, alone.segmentation)
+            assert np.array_equal(result.exit_map, alone.exit_map) and result.exits == alone.exits
+            assert result.gflops == pytest.approx(alone.gflops, rel=1e-12)
+
+
+def test_no_pictures_writes_palette_class_maps_only(loaded, photos, model_dir, pruning_threshold, tmp_path):
+    arguments = [str(photos["camera"]), "--model", str(model_dir), "--output_dir", str(tmp_path), "--no_pictures"]
+    assert segment.main(arguments + ["--threshold", f"{pruning_threshold:.6f}"]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["camera_classes.png"]
+    model, image_processor = loaded
+    expected = segment_image(model, image_processor, open_image(photos["camera"]), float(f"{pruning_threshold:.6f}"))
+    with Image.open(tmp_path / "camera_classes.png") as class_map:
+        assert class_map.mode == "P" and class_map.size == (400, 300)
+        assert np.array_equal(np.asarray(class_map), expected.segmentation)  # pixel value = class id
+        palette = np.asarray(class_map.getpalette()[: 3 * 5]).reshape(5, 3)
+    assert np.array_equal(palette, segment.make_palette(5))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_launched(num_processes: int, *arguments: str) -> str:
+    """segment.py through `accelerate launch` on CPU (two processes, or one); returns stdout + stderr."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    else:
+        command += ["--num_processes", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [*command, str(SCRIPT), "--cpu", *arguments], capture_output=True, text=True, env=env, timeout=240, cwd=REPO_ROOT
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-4000:]
+    return output
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_two_processes_write_what_one_writes_and_an_interrupted_run_resumes(photos, model_dir, pruning_threshold, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut", "camera", "coffee", "chelsea"):
+        shutil.copy(photos[name], images / photos[name].name)
+    shutil.copy(photos["camera"], images / "camera_again.png")  # same size as camera.png: one batch of two
+    common = [str(images), "--model", str(model_dir), "--threshold", f"{pruning_threshold:.6f}"]
+
+    two = tmp_path / "two_processes"
+    output = run_launched(2, *common, "--output_dir", str(two), "--batch_size", "2")
+    assert "on 2 process(es)" in output and "Segmented 5 image(s), skipped 0, 0 already done" in output
+    assert re.search(r"tokens exited at head 1 \(layer 2\): \d+ tokens, head 2 \(layer 3\): \d+ tokens, decode head", output)
+    assert re.search(r"GFLOPs per image [\d.e-]+ .*\n\s+[\d.]+ images/s", output)
+    one = tmp_path / "one_process"
+    run_script(*common, "--output_dir", str(one))  # plain python, batch size 1
+    expected = folder_bytes(one)
+    assert len(expected) == 5 * 4 and folder_bytes(two) == expected
+
+    # An interrupted run: two images never finished (one of them killed while writing its class map).
+    for name in ("chelsea_exit_map.png", "coffee_rgba_classes.png", "coffee_rgba_overlay.png"):
+        (two / name).unlink()
+    (two / ".coffee_rgba_classes.png.tmp").write_bytes(b"half a PNG")
+    untouched = {path.name: path.stat().st_mtime_ns for path in two.iterdir() if not path.name.startswith(("chelsea", "coffee", "."))}
+    output = run_launched(2, *common, "--output_dir", str(two), "--batch_size", "2")
+    assert "Segmented 2 image(s), skipped 0, 3 already done" in output
+    assert {name: (two / name).stat().st_mtime_ns for name in untouched} == untouched  # done images not redone
+    assert {name: data for name, data in folder_bytes(two).items() if not name.startswith(".")} == expected
+    output = run_launched(1, *common, "--output_dir", str(two), "--overwrite")
+    assert "Segmented 5 image(s), skipped 0, 0 already done" in output

@@ -263,12 +263,12 @@ def extend_sweep_downward(
         cache(max(round(lowest / 2, THRESHOLD_DECIMALS), min_threshold))
     results = cache.uniform_results()
     if not saves_anything(results, gflops_key):
-        lowest = min(result[THRESHOLD_KEY] for result in results)
+        highest, lowest = (bound(result[THRESHOLD_KEY] for result in results) for bound in (max, min))
         raise NothingToCalibrateError(
-            f"Cannot calibrate: no exit threshold from 1.0 down to {lowest:.3g} lets a single token exit on this "
-            f"data (every one costs {results[0][gflops_key]:.4g} GFLOPs per image, the unpruned cost). The model's "
-            "auxiliary heads are never that confident, so no threshold saves anything: fine-tune it with pruning "
-            "on (`examples/finetune.py --stage prune`) before calibrating."
+            f"Cannot calibrate: no exit threshold from {highest} down to {lowest} lets a single token exit "
+            f"on this data (every one costs {results[0][gflops_key]:.4g} GFLOPs per image). The model's auxiliary "
+            "heads are never that confident, so no threshold saves anything: fine-tune it with pruning on "
+            "(`examples/finetune.py --stage prune`) before calibrating."
         )
 
 

@@ -121,7 +121,9 @@ def sum_windows_per_image(values: torch.Tensor, patch_offsets: list[torch.Tensor
         return values
     image_index = torch.tensor([int(offsets[0]) for offsets in patch_offsets], device=values.device)
     if len(image_index) != len(values):
-        raise ValueError(f"Got {len(image_index)} `patch_offsets` for {len(values)} forward rows: pass one per window.")
+        raise ValueError(
+            f"Got {len(image_index)} `patch_offsets` for {len(values)} forward rows: pass one per window."
+        )
     summed = values.new_zeros(int(image_index.max()) + 1, *values.shape[1:])
     return summed.index_add_(0, image_index, values)
 

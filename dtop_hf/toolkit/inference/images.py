@@ -38,7 +38,9 @@ def find_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            found = sorted(child for child in path.iterdir() if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                child for child in path.iterdir() if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES
+            )
             if not found:
                 problems.append(f"{text}: folder without image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths.extend(found)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_utils import SizeDict
 
 from ...image_processing_dtop import DToPImageProcessor
 from ...pruning import tokens_seen_per_stage
@@ -37,7 +38,7 @@ def sliding_window_processor(image_processor: DToPImageProcessor) -> DToPImagePr
     crop = image_processor.crop_size["height"]
     split = copy.deepcopy(image_processor)
     split.do_split_image = True
-    split.size = type(image_processor.size)(shortest_edge=crop, longest_edge=4 * crop)
+    split.size = SizeDict(shortest_edge=crop, longest_edge=4 * crop)
     return split
 
 
