@@ -15,8 +15,12 @@
 
 The active tokens of all images of a batch are *packed* into one sequence `(total, dim)`: linear layers and
 MLPs only ever touch tokens that are still in the network, whatever the other images of the batch prune.
-Attention, which must stay inside an image, runs on a per-image padded view of that sequence with a key mask
+Attention, which must stay inside an image, runs on a CUDA GPU in half precision directly on the packed sequence
+with each image's cumulative length (`varlen_attn`); elsewhere on a per-image padded view of it with a key mask
 (no copy at all while every image has the same number of active tokens).
+
+A forward pass reads the device once per auxiliary head that can prune (the new token counts size the packed
+sequence), never per layer, and not at all when no head prunes (threshold 1.0).
 """
 
 import math

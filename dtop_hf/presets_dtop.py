@@ -288,7 +288,9 @@ PAPER_PRESETS: dict[str, DToPPaperPreset] = {
         prune_schedule=DToPSchedulePreset(max_steps=prune_steps),
         backbone_checkpoint=BACKBONE_SETTINGS[backbone][1],
     )
-    for name, (dataset, backbone, head_heads, drop_path_rate, exit_threshold, prune_steps) in PAPER_CONFIGURATIONS.items()
+    for name, (dataset, backbone, head_heads, drop_path_rate, exit_threshold, prune_steps) in (
+        PAPER_CONFIGURATIONS.items()
+    )
 }
 
 

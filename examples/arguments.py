@@ -83,7 +83,8 @@ def add_dataset_arguments(
         "--do_reduce_labels",
         action=argparse.BooleanOptionalAction,
         default=do_reduce_labels_default,
-        help="Label 0 = unlabelled (ADE20K, Pascal Context, COCO-Stuff, built-in): 0 -> 255, k -> k-1" + reduce_default,
+        help="Label 0 = unlabelled (ADE20K, Pascal Context, COCO-Stuff, built-in): 0 -> 255, k -> k-1"
+        + reduce_default,
     )
     parser.add_argument("--skip_data_check", action="store_true", help="Do not decode and check every sample first.")
     parser.add_argument(

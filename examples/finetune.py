@@ -86,7 +86,8 @@ from dtop_hf.toolkit.data.datasets import (
 from dtop_hf.toolkit.data.label_maps import DATASET_LABELS
 from dtop_hf.toolkit.data.transforms import SegmentationTrainTransform
 from dtop_hf.toolkit.evaluation.loop import evaluate_model
-from dtop_hf.toolkit.inference.loading import load_dtop_config, load_image_processor as load_saved_image_processor
+from dtop_hf.toolkit.inference.loading import check_model_folder, load_dtop_config
+from dtop_hf.toolkit.inference.loading import load_image_processor as load_saved_image_processor
 from dtop_hf.toolkit.training.checkpoints import (
     checkpoint_problem,
     checkpoint_step,
@@ -106,7 +107,7 @@ from dtop_hf.vit_weights import SUPPORTED_MODEL_TYPES, from_vit_pretrained
 
 logger = get_logger(__name__)
 
-# Official ViT-B threshold (SPEC §3), used by `--stage prune` when neither the flag, the preset nor the config sets one.
+# Official ViT-B threshold (SPEC §3), for `--stage prune` when neither the flag, the preset nor the config sets one.
 DEFAULT_PRUNE_THRESHOLD = 0.9
 # Official warm-up: 1500 of 40k iterations (SPEC §4), for runs without a preset.
 WARMUP_FRACTION = 1500 / 40000
@@ -168,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--photometric_distortion", action=argparse.BooleanOptionalAction, default=True,
         help="mmseg's PhotoMetricDistortion in the training augmentation (official: on).",
     )  # fmt: skip
-    data.add_argument("--sliding_window", action="store_true", help="Evaluate in the official slide test mode.")
+    data.add_argument(
+        "--sliding_window", action=argparse.BooleanOptionalAction, default=False,
+        help="Evaluate in the official slide test mode (on with a paper preset).",
+    )  # fmt: skip
 
     model = parser.add_argument_group("model")
     model.add_argument("--preset", type=str, default=None, choices=PRESET_NAMES, help="Paper config or model size.")
@@ -242,7 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stage_exit_threshold(
     stage: str, exit_threshold: float | tuple[float, ...] | None, config: DToPConfig
 ) -> float | tuple[float, ...]:
-    """base: 1.0 (no pruning, SPEC §4 phase 1). prune: `--exit_threshold`, else the config's if it prunes, else 0.9."""
+    """base: 1.0 (no pruning, SPEC §4 phase 1). prune: `--exit_threshold`, else the config's if it prunes, else
+    0.9."""
     if stage == "base":
         return 1.0
     if exit_threshold is not None:
@@ -259,7 +264,8 @@ def fresh_config(args: argparse.Namespace, overrides: dict, id2label: dict[int, 
     image_size = args.crop_size or (args.synthetic_image_size if args.dataset_name in BUILTIN_NAMES else None)
     fields = {"image_size": image_size} if image_size else {}
     if args.preset in PAPER_PRESETS:
-        return DToPConfig(**{**PAPER_PRESETS[args.preset].config_kwargs(), **fields, **label_fields(id2label), **overrides})
+        preset_fields = PAPER_PRESETS[args.preset].config_kwargs()
+        return DToPConfig(**{**preset_fields, **fields, **label_fields(id2label), **overrides})
     return build_preset_config(overrides, id2label, size=args.preset or "small", **fields)
 
 
@@ -291,31 +297,33 @@ def load_model(
     if paper_preset is not None:
         check_preset_labels(paper_preset, id2label)
     processor_kwargs = image_processor_kwargs(args, paper_preset)
-    if args.model_name_or_path is None:
+    source = args.model_name_or_path
+    model_type = None
+    if source is not None:  # a clear error for a file or a folder without config.json, before reading it
+        check_model_folder(source, "--model_name_or_path")
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=True).model_type
+    if source is None:
         model = DToPForSemanticSegmentation(fresh_config(args, overrides, id2label))
         image_processor = DToPImageProcessor(**processor_kwargs(model.config))
-    elif AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=True).model_type == "vit":
-        from dtop_hf.vit_weights import from_vit_pretrained
-
+    elif model_type in SUPPORTED_MODEL_TYPES:
         # The backbone fields come from the ViT checkpoint; the preset gives the rest (stage layout, drop path, ...).
         preset_fields = {
             key: value
             for key, value in (paper_preset.config_kwargs() if paper_preset else {}).items()
             if key not in VIT_BASE_PATCH16
         }
-        model = from_vit_pretrained(
-            DToPForSemanticSegmentation, args.model_name_or_path, **{**preset_fields, **label_fields(id2label), **overrides}
-        )
+        fields = {**preset_fields, **label_fields(id2label), **overrides}
+        model = from_vit_pretrained(DToPForSemanticSegmentation, source, **fields)
         try:  # the ViT checkpoint's own normalisation, when it has a preprocessor_config.json
-            image_processor = DToPImageProcessor.from_pretrained(args.model_name_or_path, **processor_kwargs(model.config))
+            image_processor = DToPImageProcessor.from_pretrained(source, **processor_kwargs(model.config))
         except OSError:
-            logger.info(f"{args.model_name_or_path} has no image processor: using DToP's defaults")
+            logger.info(f"{source} has no image processor: using DToP's defaults")
             image_processor = DToPImageProcessor(**processor_kwargs(model.config))
     else:
         # A DToP folder or Hub id: the shared loader's checks and messages (not DToP, no processor saved, ...).
-        config = load_dtop_config(args.model_name_or_path, "--model_name_or_path")
-        load_saved_image_processor(args.model_name_or_path, config, "--model_name_or_path")
-        config = DToPConfig.from_pretrained(args.model_name_or_path, **overrides)
+        config = load_dtop_config(source, "--model_name_or_path")
+        load_saved_image_processor(source, config, "--model_name_or_path")
+        config = DToPConfig.from_pretrained(source, **overrides)
         relabel = {int(key): value for key, value in config.id2label.items()} != id2label
         if relabel:
             logger.warning(
@@ -323,10 +331,8 @@ def load_model(
                 "weights are re-initialised."
             )
             config.update(label_fields(id2label))
-        model = DToPForSemanticSegmentation.from_pretrained(
-            args.model_name_or_path, config=config, ignore_mismatched_sizes=relabel
-        )
-        image_processor = DToPImageProcessor.from_pretrained(args.model_name_or_path, **processor_kwargs(config))
+        model = DToPForSemanticSegmentation.from_pretrained(source, config=config, ignore_mismatched_sizes=relabel)
+        image_processor = DToPImageProcessor.from_pretrained(source, **processor_kwargs(config))
     model.config.exit_threshold = stage_exit_threshold(args.stage, args.exit_threshold, model.config)
     model.config.prune_during_training = args.stage == "prune"
     return model, image_processor
@@ -337,15 +343,17 @@ def image_processor_kwargs(args: argparse.Namespace, paper_preset: DToPPaperPres
     else windows of `--crop_size` (default: the model's size) at stride 2/3 of it (341 for 512)."""
 
     def kwargs(config: DToPConfig) -> dict:
-        if paper_preset is not None:
-            return {**paper_preset.dataset.image_processor_kwargs(), "do_reduce_labels": args.do_reduce_labels}
         crop_size = args.crop_size or config.image_size
-        return {
-            "size": {"height": crop_size, "width": crop_size},
+        windows = {
             "crop_size": {"height": crop_size, "width": crop_size},
             "stride": {"height": 2 * crop_size // 3, "width": 2 * crop_size // 3},
             "do_reduce_labels": args.do_reduce_labels,
         }
+        if paper_preset is None:
+            return {"size": {"height": crop_size, "width": crop_size}, **windows}
+        official = {**paper_preset.dataset.image_processor_kwargs(), "do_reduce_labels": args.do_reduce_labels}
+        # The official windows, unless `--crop_size` changed the crop (then windows of that crop, stride 2/3).
+        return official if crop_size == paper_preset.dataset.crop_size else {**official, **windows}
 
     return kwargs
 
@@ -520,7 +528,8 @@ def save_final_model(
 
 
 def write_card(args: argparse.Namespace, config: DToPConfig, results: dict) -> None:
-    """README.md model card through `dtop_hf.toolkit.model_card` (skipped with a warning when its template is missing)."""
+    """README.md model card through `dtop_hf.toolkit.model_card` (skipped with a warning when its template is
+    missing)."""
     from dtop_hf.toolkit.model_card import write_model_card
 
     builtin = args.dataset_name in BUILTIN_NAMES

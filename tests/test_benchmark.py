@@ -16,10 +16,17 @@ model compiles with torch.compile, pruned and unpruned, to the eager results."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+from dtop_hf import DToPConfig
+from dtop_hf.presets_dtop import model_size_kwargs
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -85,3 +92,127 @@ def test_torch_compile_matches_eager_pruned_and_unpruned():
             assert torch.equal(compiled_outputs.exit_stage, eager_outputs.exit_stage)
             assert torch.equal(compiled_outputs.tokens_per_layer, eager_outputs.tokens_per_layer)
             torch.testing.assert_close(compiled_outputs.logits, eager_outputs.logits, atol=1e-5, rtol=1e-4)
+
+
+def test_cuda_defaults_are_the_issue_13_suite():
+    benchmark = load_benchmark()
+    args = benchmark.parse_args(["--device", "cuda"])  # parsing only: runs without a GPU
+    suite = [
+        ("vit-base", 512, 1), ("vit-base", 512, 8), ("vit-base", 512, 32), ("vit-large", 640, 1), ("vit-large", 640, 8)
+    ]  # fmt: skip
+    assert [(case.preset, case.image_size, case.batch_size) for case in args.cases] == suite
+    assert args.dtypes == ["fp32", "bf16"] and args.compiled_cases == args.cases and args.exits == "paper"
+    assert args.output_json == "docs/benchmark_cuda.json"
+    plan = benchmark.benchmark_plan(args)
+    assert len(plan) == 5 * 2 * 2
+    assert [mode for _, mode, _ in plan] == ["eager"] * 10 + ["compiled"] * 10  # compiles last: a budget cuts them
+    # The CPU keeps its defaults; --sync_debug needs CUDA.
+    cpu_args = benchmark.parse_args([])
+    assert [case.label for case in cpu_args.cases] == ["vit-base:512x1", "vit-base:256x1", "vit-base:256x8"]
+    assert cpu_args.dtypes == ["fp32"] and cpu_args.output_json == "docs/benchmark_cpu.json"
+    with pytest.raises(ValueError, match="device cuda"):
+        benchmark.parse_args(["--sync_debug"])
+    with pytest.raises(ValueError, match="Unknown model size"):
+        benchmark.parse_args(["--cases", "vit-huge:512x8"])
+
+
+def test_gpu_script_runs_the_benchmark_with_flags_it_accepts():
+    """examples/gpu_benchmark.sh --dry_run prints its commands; the benchmark's flags parse (no GPU needed)."""
+    script = EXAMPLES / "gpu_benchmark.sh"
+    completed = subprocess.run(
+        ["bash", str(script), "--dry_run"], cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    command = next(line for line in completed.stdout.splitlines() if "examples/benchmark.py" in line).split()
+    flags = command[command.index("examples/benchmark.py") + 1 :]
+    args = load_benchmark().parse_args(flags)
+    assert args.device == "cuda" and args.sync_debug and set(args.dtypes) == {"fp32", "bf16"}
+    assert args.output_json == "docs/benchmark_cuda.json" and args.output_markdown == "docs/benchmark_cuda.md"
+    assert {(case.preset, case.image_size) for case in args.cases} == {("vit-base", 512), ("vit-large", 640)}
+    assert {mode for _, mode, _ in load_benchmark().benchmark_plan(args)} == {"eager", "compiled"}
+    assert 'pytest -q -p no:cacheprovider -k sync or compile or varlen' in completed.stdout
+
+
+def test_dtypes_and_compiled_mode_write_their_records(tmp_path, monkeypatch):
+    """The new options end to end on the tiny model; torch.compile is replaced by the eager model (compiling takes
+    minutes on a CPU), so this checks the plumbing of compiled records, not the compiler."""
+    benchmark = load_benchmark()
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    output_json, output_markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    benchmark.main([
+        "--preset", "tiny", "--cases", "32x2", "--dtypes", "fp32", "bf16", "--modes", "eager", "compiled",
+        "--compiled_cases", "32x2", "--repeats", "1", "--warmup", "0", "--no_memory",
+        "--output_json", str(output_json), "--output_markdown", str(output_markdown),
+    ])  # fmt: skip
+    records = json.loads(output_json.read_text())
+    assert [(record["mode"], record["dtype"]) for record in records] == [
+        ("eager", "fp32"), ("eager", "bf16"), ("compiled", "fp32"), ("compiled", "bf16")
+    ]  # fmt: skip
+    for record in records:
+        assert record["exits"] == "paper" and len(record["exit_rates_per_image"]) == 2
+        assert record["flops_ratio"] > 1.0
+        assert record["speedup_target"] == 0.9  # batch 2
+        assert record["meets_speedup_target"] == (record["speedup_over_flops_ratio"] >= 0.9)
+        assert record["images_per_second"]["pruned"] == pytest.approx(2 / record["pruned_seconds"])
+    assert all("baseline_over_vit_plus_heads" in record for record in records[:2])
+    assert all({"compile_seconds", "graphs_compiled", "graphs_compiled_while_timing"} <= set(r) for r in records[2:])
+    markdown = output_markdown.read_text()
+    assert "| case | mode | dtype |" in markdown and markdown.count("| tiny 32x2 |") == 4
+
+
+def test_paper_exits_take_the_drawn_share_of_each_image():
+    """`--exits paper`: after the first head exactly the drawn share of every image's tokens has exited (keep-top-k
+    off), and the expected GFLOPs ratio of the fitted distribution is the paper's."""
+    benchmark = load_benchmark()
+    args = benchmark.parse_args(["--preset", "tiny", "--cases", "32x4"])
+    model = benchmark.build_model(args)
+    model.config.keep_top_k = 0
+    pixel_values = benchmark.make_images(4, 32, 0, "cpu")
+    threshold, exit_record = benchmark.prepare_exits(args, model, pixel_values)
+    with torch.no_grad():
+        outputs = model(pixel_values, exit_threshold=threshold)
+        unpruned = model(pixel_values, exit_threshold=1.0)
+    num_tokens = 8 * 8
+    rates = torch.tensor(exit_record["exit_rates_per_image"])
+    assert len(set(rates.tolist())) == 4  # every image its own rate
+    expected = (torch.arange(num_tokens) / num_tokens < 1.0 - (1.0 - rates[:, None])).sum(dim=1)
+    assert torch.equal((outputs.exit_stage == 0).flatten(1).sum(dim=1), expected)
+    assert (unpruned.exit_stage == 2).all()  # threshold 1.0: the drawn scores exit nothing
+    # The fitted mean reproduces the paper's ViT-B reduction, 109.9 -> 86.8 GFLOPs, in expectation.
+    config = DToPConfig(**model_size_kwargs("vit-base"), num_labels=150)
+    mean = benchmark.paper_exit_rate_mean(config, 32 * 32)
+    grid = benchmark.exit_rate_grid()
+    ratios = benchmark.gflops_at_exit_rates(config, 1024, grid) / benchmark.gflops_at_exit_rates(
+        config, 1024, torch.zeros(1, dtype=torch.float64)
+    )
+    assert float((benchmark.exit_rate_weights(mean, grid) * ratios).sum()) == pytest.approx(86.8 / 109.9, abs=1e-4)
+    assert 0.25 < mean < 0.35
+
+
+def test_time_budget_lists_what_it_skipped(tmp_path, capsys):
+    benchmark = load_benchmark()
+    output_json = tmp_path / "bench.json"
+    records = benchmark.main([
+        "--preset", "tiny", "--cases", "32x1", "--modes", "eager", "--time_budget_s", "1e-9",
+        "--output_json", str(output_json),
+    ])  # fmt: skip
+    assert records == [] and json.loads(output_json.read_text()) == []
+    assert "Skipped (time budget): tiny:32x1 eager fp32" in capsys.readouterr().out
+
+
+def test_sync_counter_counts_the_sync_warnings(monkeypatch):
+    """`--sync_debug`'s counter on CPU: torch's sync debug mode is faked, its warnings are real Python warnings."""
+    benchmark = load_benchmark()
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def forward_with_two_syncs():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+
+    counted = benchmark.count_device_syncs(forward_with_two_syncs)
+    assert counted["count"] == 2 and sum(counted["where"].values()) == 2
+    assert all(where.startswith("test_benchmark.py:") for where in counted["where"])
+    assert modes == ["warn", "default"]  # switched back off after the call

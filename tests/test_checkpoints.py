@@ -137,7 +137,8 @@ def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.
 
 
 def read_losses(output_dir: Path) -> dict[int, float]:
-    return {entry["step"]: entry["loss"] for entry in map(json.loads, (output_dir / "train_log.jsonl").read_text().splitlines())}
+    lines = (output_dir / "train_log.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,8 @@ def test_kill_at_the_rename_of_a_save_then_resume_ends_bit_identical(uninterrupt
         run_finetune(tmp_path, "--checkpointing_steps", "2")
     monkeypatch.undo()
     assert find_latest_checkpoint(tmp_path) == tmp_path / "step_2" and (tmp_path / ".incomplete-step_4").is_dir()
-    run_finetune(tmp_path, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1")
+    resume = ("--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1")
+    run_finetune(tmp_path, "--checkpointing_steps", "2", *resume)
     assert_same_weights(final_weights(tmp_path), final_weights(uninterrupted))
     assert sorted(path.name for path in tmp_path.glob("*step_*")) == ["step_6"]  # pruned, leftover cleared
 

@@ -47,7 +47,8 @@ def write_ade20k(root: Path) -> Path:
     for split, prefix, count in (("training", "ADE_train", 4), ("validation", "ADE_val", 2)):
         for index in range(count):
             stem = f"{prefix}_{index + 1:08d}"
-            write_pair(release / "images" / split / f"{stem}.jpg", release / "annotations" / split / f"{stem}.png", 150)
+            image, label = release / "images" / split / f"{stem}.jpg", release / "annotations" / split / f"{stem}.png"
+            write_pair(image, label, 150)
     (release / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n")
     return release
 
@@ -73,11 +74,14 @@ def write_coco_stuff_10k(root: Path) -> Path:
     for split, count in (("train2014", 4), ("test2014", 2)):
         for index in range(count):
             stem = f"COCO_{split}_{index:012d}"
-            write_pair(data / "images" / split / f"{stem}.jpg", data / "annotations" / split / f"{stem}_labelTrainIds.png", 171)
+            label = data / "annotations" / split / f"{stem}_labelTrainIds.png"
+            write_pair(data / "images" / split / f"{stem}.jpg", label, 171)
     return data
 
 
-def image_split(count: int, max_label: int, extra_column: bool = True, names=("image", "annotation")) -> datasets.Dataset:
+def image_split(
+    count: int, max_label: int, extra_column: bool = True, names: tuple[str, str] = ("image", "annotation")
+) -> datasets.Dataset:
     images = [Image.fromarray(RNG.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(count)]
     labels = [Image.fromarray(RNG.integers(0, max_label + 1, (30, 40), dtype=np.uint8)) for _ in range(count)]
     columns = {names[0]: images, names[1]: labels}

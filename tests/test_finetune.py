@@ -440,19 +440,24 @@ def test_paper_preset_trains_with_the_official_recipe_in_both_stages(tmp_path):
     finetune = load_finetune_module()
     folder = write_ade20k(tmp_path / "data")
     common = [
-        "--cpu", "--preset", "dtop-vit-base-ade20k", "--dataset_name", str(folder), "--config_overrides", TINY_OVERRIDES,
-        "--crop_size", "32", "--train_scale", "128", "32", "--max_train_steps", "2", "--num_warmup_steps", "1",
-        "--per_device_train_batch_size", "2",
+        "--cpu", "--preset", "dtop-vit-base-ade20k", "--dataset_name", str(folder), "--max_eval_samples", "1",
+        "--config_overrides", TINY_OVERRIDES.replace("patch_size=4", "patch_size=16"), "--train_scale", "256", "64",
+        "--crop_size", "64", "--max_train_steps", "2", "--num_warmup_steps", "1", "--per_device_train_batch_size", "2",
     ]  # fmt: skip
     finetune.main([*common, "--stage", "base", "--output_dir", str(tmp_path / "base")])
-    finetune.main([*common, "--stage", "prune", "--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(tmp_path / "prune")])
+    prune_stage = ["--stage", "prune", "--model_name_or_path", str(tmp_path / "base")]
+    finetune.main([*common, *prune_stage, "--output_dir", str(tmp_path / "prune")])
     base = json.loads((tmp_path / "base" / "config.json").read_text())
     prune = json.loads((tmp_path / "prune" / "config.json").read_text())
     assert (base["drop_path_rate"], base["exit_threshold"], base["prune_during_training"]) == (0.1, 1.0, False)
     assert (prune["drop_path_rate"], prune["exit_threshold"], prune["prune_during_training"]) == (0.1, 0.9, True)
-    assert base["num_labels"] == 150 and base["image_size"] == 32
+    assert len(base["id2label"]) == 150 and base["image_size"] == 64 and base["out_indices"] == [1, 2, 3]
     processor = json.loads((tmp_path / "prune" / "preprocessor_config.json").read_text())
     assert processor["do_split_image"] and processor["size"] == {"longest_edge": 2048, "shortest_edge": 512}
-    assert processor["stride"] == {"height": 341, "width": 341} and processor["image_mean"] == [0.485, 0.456, 0.406]
+    assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["image_std"] == [0.229, 0.224, 0.225]
+    # `--crop_size 64` overrides the official 512 / 341 windows (stride 2/3 of the crop).
+    assert processor["crop_size"] == {"height": 64, "width": 64} and processor["stride"] == {"height": 42, "width": 42}
+    assert finetune.parse_args(["--preset", "dtop-vit-base-ade20k", "--no-sliding_window"]).sliding_window is False
     with pytest.raises(ValueError, match="150 classes"):
-        finetune.main(["--cpu", "--preset", "dtop-vit-base-ade20k", "--synthetic_image_size", "32", "--output_dir", str(tmp_path / "x")])
+        builtin = ["--synthetic_image_size", "32", "--synthetic_train_samples", "2", "--synthetic_validation_samples", "1"]
+        finetune.main(["--cpu", "--preset", "dtop-vit-base-ade20k", *builtin, "--output_dir", str(tmp_path)])

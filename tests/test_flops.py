@@ -183,7 +183,9 @@ def test_split_image_flops_are_per_image(model_tester, exit_thresholds, varied_i
     with torch.no_grad():
         batch_flops = count_flops_from_outputs(model.config, model(**inputs, exit_threshold=threshold))
         alone = [
-            count_flops_from_outputs(model.config, model(**split_inputs(processor, image[None]), exit_threshold=threshold)).total
+            count_flops_from_outputs(
+                model.config, model(**split_inputs(processor, image[None]), exit_threshold=threshold)
+            ).total
             for image in pixel_values
         ]
     torch.testing.assert_close(batch_flops.total, torch.cat(alone))

@@ -274,7 +274,8 @@ def test_overlapping_windows_average_the_window_scores(model_tester, exit_thresh
         for top in tops:
             for left in lefts:
                 with torch.no_grad():
-                    window = model(pixel_values[image : image + 1, :, top : top + 32, left : left + 32], exit_threshold=thresholds)
+                    crop = pixel_values[image : image + 1, :, top : top + 32, left : left + 32]
+                    window = model(crop, exit_threshold=thresholds)
                 total[image, :, top : top + 32, left : left + 32] += F.interpolate(
                     window.logits, size=(32, 32), mode="bilinear", align_corners=False
                 )[0]
@@ -316,7 +317,9 @@ def mmseg_slide_inference(model, image: Image.Image, scale: tuple[int, int], cro
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
             with torch.no_grad():
                 crop_seg_logit = model(inputs[:, :, y1:y2, x1:x2], exit_threshold=exit_threshold).logits
-            crop_seg_logit = F.interpolate(crop_seg_logit, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+            crop_seg_logit = F.interpolate(
+                crop_seg_logit, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
+            )
             preds += F.pad(crop_seg_logit, (x1, preds.shape[3] - x2, y1, preds.shape[2] - y2))
             count_mat[:, :, y1:y2, x1:x2] += 1
     seg_logits = preds / count_mat
@@ -332,10 +335,13 @@ SLIDE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(SLIDE_CASES))
-def test_slide_mode_equals_mmseg_slide_inference_also_through_the_pipeline(case, model_tester, exit_thresholds, tmp_path):
+def test_slide_mode_equals_mmseg_slide_inference_also_through_the_pipeline(
+    case, model_tester, exit_thresholds, tmp_path
+):
     (height, width), (long_edge, short_edge) = SLIDE_CASES[case]
     model = model_tester(num_labels=5, initializer_range=0.5).create_model()
-    processor = DToPImageProcessor(do_split_image=True, size={"shortest_edge": short_edge, "longest_edge": long_edge}, **SLIDE)
+    size = {"shortest_edge": short_edge, "longest_edge": long_edge}
+    processor = DToPImageProcessor(do_split_image=True, size=size, **SLIDE)
     image = Image.fromarray(
         np.asarray(random_image(height // 5 + 1, width // 5 + 1, seed=3).resize((width, height), Image.BICUBIC))
     )  # smooth content: regions of several classes
@@ -368,16 +374,18 @@ def test_padded_inputs_crop_the_padding_before_resizing():
     processor = DToPImageProcessor(size={"height": 30, "width": 26})
     logits = torch.randn(1, 4, 8, 7)
     target = (61, 47)
-    result = processor.post_process_semantic_segmentation({"logits": logits}, [target], return_segmentation_scores=True)[0]
+    outputs = {"logits": logits}
+    result = processor.post_process_semantic_segmentation(outputs, [target], return_segmentation_scores=True)[0]
     unpadded = F.interpolate(logits, size=(32, 28), mode="bilinear", align_corners=False)[..., :30, :26]
     expected = F.interpolate(unpadded, size=target, mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(result.segmentation_scores, expected, rtol=0, atol=0)
     assert torch.equal(result.segmentation, expected.argmax(dim=0))
-    stretched = F.interpolate(F.interpolate(logits, size=(30, 26), mode="bilinear", align_corners=False), size=target, mode="bilinear", align_corners=False)
+    stretched = F.interpolate(logits, size=(30, 26), mode="bilinear", align_corners=False)
+    stretched = F.interpolate(stretched, size=target, mode="bilinear", align_corners=False)
     assert not torch.allclose(stretched[0], expected)  # the old behaviour differs
     # An explicit patch size gives the same; exit maps crop the same way (nearest).
     explicit = DToPImageProcessor(size={"height": 30, "width": 26}, patch_size=4)
-    assert torch.equal(explicit.post_process_semantic_segmentation({"logits": logits}, [target])[0], result.segmentation)
+    assert torch.equal(explicit.post_process_semantic_segmentation(outputs, [target])[0], result.segmentation)
     exit_stage = torch.randint(0, 3, (1, 8, 7))
     exit_map = processor.post_process_exit_map({"exit_stage": exit_stage}, [(30, 26)])[0]
     tokens = exit_stage[0].repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)[:30, :26]
@@ -422,7 +430,9 @@ def test_the_class_map_is_argmax_over_the_classes_that_can_win():
             scores[:, twin] = scores[:, winner]  # two classes always tied
             kept = classes_that_can_win(scores[0])
             assert min(winner, twin) in kept.tolist() and len(kept) < num_labels  # a handful of classes can win
-            result = processor.post_process_semantic_segmentation({"logits": scores}, [target], return_segmentation_scores=True)[0]
+            result = processor.post_process_semantic_segmentation(
+                {"logits": scores}, [target], return_segmentation_scores=True
+            )[0]
             assert torch.equal(result.segmentation, result.segmentation_scores.argmax(dim=0))
             # Every class outside the kept ones is below the maximum everywhere.
             dropped = torch.ones(num_labels, dtype=torch.bool)
@@ -432,5 +442,7 @@ def test_the_class_map_is_argmax_over_the_classes_that_can_win():
     scores = torch.zeros(6, 50, 70)
     assert torch.equal(argmax_among(scores, torch.arange(6)), torch.zeros(50, 70, dtype=torch.long))
     scores = peaked_logits(150, (32, 32), 5).softmax(1).bfloat16()
-    result = processor.post_process_semantic_segmentation({"logits": scores}, [(300, 200)], return_segmentation_scores=True)[0]
+    result = processor.post_process_semantic_segmentation(
+        {"logits": scores}, [(300, 200)], return_segmentation_scores=True
+    )[0]
     assert torch.equal(result.segmentation, result.segmentation_scores.argmax(dim=0))

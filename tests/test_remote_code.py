@@ -172,7 +172,8 @@ def test_saved_folder_runs_as_remote_code_without_the_package(model_tester, exit
     assert len(present) >= 2
     assert report["pipeline_labels"] == [f"class_{index}" for index in present]
     assert report["pipeline_class"] == "DToPImageSegmentationPipeline"
-    assert report["pipeline_exit_stages"] == [outputs.exit_stage[:1].tolist(), torch.full_like(outputs.exit_stage[:1], 2).tolist()]
+    unpruned = torch.full_like(outputs.exit_stage[:1], 2)
+    assert report["pipeline_exit_stages"] == [outputs.exit_stage[:1].tolist(), unpruned.tolist()]
     for mask, class_index in zip(report["pipeline_masks"], present, strict=True):
         assert np.array_equal(np.array(mask) > 0, (expected_map == class_index).numpy())
 

@@ -189,7 +189,8 @@ def test_brightness_comes_before_contrast():
     """200 + 100 clips to 255, then x0.5 -> 127 (contrast first would give 200 * 0.5 + 100 = 200)."""
     distortion = PhotoMetricDistortion()
     for contrast_first in (True, False):
-        result = distortion.apply(pixel(200, 200, 200), draw(brightness=100.0, contrast_first=contrast_first, contrast=0.5))
+        steps = draw(brightness=100.0, contrast_first=contrast_first, contrast=0.5)
+        result = distortion.apply(pixel(200, 200, 200), steps)
         assert result.tolist() == [[[127, 127, 127]]]
 
 
@@ -236,7 +237,8 @@ def test_hsv_follows_opencv_8bit_convention():
 def test_padding_is_bottom_right_with_zero_image_and_ignored_labels():
     pixel_values, label = pad_to_crop(np.ones((3, 2, 3), np.float32), np.zeros((2, 3), np.int64), (4, 5))
     assert pixel_values.shape == (3, 4, 5) and label.shape == (4, 5)
-    assert (pixel_values[:, :2, :3] == 1).all() and pixel_values[:, 2:].sum() == 0 and pixel_values[:, :, 3:].sum() == 0
+    assert (pixel_values[:, :2, :3] == 1).all()
+    assert pixel_values[:, 2:].sum() == 0 and pixel_values[:, :, 3:].sum() == 0
     assert (label[:2, :3] == 0).all() and (label[2:] == 255).all() and (label[:, 3:] == 255).all()
 
 

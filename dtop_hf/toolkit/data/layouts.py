@@ -35,7 +35,8 @@ logger = logging.get_logger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 # What the error for an unknown folder lists: every layout `load_folder_dataset` accepts.
 ACCEPTED_FOLDER_LAYOUTS = (
-    "ADE20K release (`ADEChallengeData2016/`): images/{training,validation}/*.jpg + annotations/{training,validation}/*.png",
+    "ADE20K release (`ADEChallengeData2016/`): images/{training,validation}/*.jpg + "
+    "annotations/{training,validation}/*.png",
     "Pascal Context 59 (`VOCdevkit/VOC2010/`): JPEGImages/*.jpg + SegmentationClassContext/*.png + "
     "ImageSets/SegmentationContext/{train,val}.txt",
     "COCO-Stuff-10K: images/{train2014,test2014}/*.jpg + annotations/{train2014,test2014}/<stem>_labelTrainIds.png "
@@ -86,7 +87,8 @@ def paired_split(
     wanted = list(stems) if stems is not None else sorted(images)
     pairs, missing = [], []
     for stem in wanted:
-        label = next((annotations[stem + suffix] for suffix in annotation_suffixes if stem + suffix in annotations), None)
+        names = (stem + suffix for suffix in annotation_suffixes)
+        label = next((annotations[name] for name in names if name in annotations), None)
         if stem in images and label is not None:
             pairs.append((images[stem], label))
         else:
@@ -116,7 +118,8 @@ def read_image_list(path: Path) -> list[str]:
 
 
 def load_ade20k_folder(root: Path) -> datasets.DatasetDict:
-    """`ADEChallengeData2016/`: `images/training` + `annotations/training`, `images/validation` + `annotations/validation`."""
+    """`ADEChallengeData2016/`: `images/training` + `annotations/training` (train), `images/validation` +
+    `annotations/validation` (validation)."""
     return datasets.DatasetDict(
         {
             split: paired_split(root / "images" / folder, root / "annotations" / folder)
@@ -159,9 +162,8 @@ def parquet_split_files(root: Path) -> dict[str, list[str]]:
     files = {}
     for split, aliases in PARQUET_SPLIT_ALIASES.items():
         for alias in aliases:
-            found = sorted(
-                {*root.glob(f"**/{alias}-*.parquet"), *root.glob(f"**/{alias}/*.parquet"), *root.glob(f"**/{alias}.parquet")}
-            )
+            patterns = (f"**/{alias}-*.parquet", f"**/{alias}/*.parquet", f"**/{alias}.parquet")
+            found = sorted({path for pattern in patterns for path in root.glob(pattern)})
             if found:
                 files[split] = [str(path) for path in found]
                 break
@@ -264,7 +266,7 @@ def load_folder_dataset(
         ),
     }
     dataset = readers[layout.name](layout.root)
-    logger.info(f"{folder}: {layout.name} layout, splits {dict((name, len(split)) for name, split in dataset.items())}")
+    logger.info(f"{folder}: {layout.name} layout, splits { {name: len(split) for name, split in dataset.items()} }")
     id2label = dataset_id2label(layout.preset) if layout.preset is not None else None
     if (folder / "id2label.json").is_file():
         id2label = read_id2label(folder / "id2label.json")

@@ -41,7 +41,8 @@ CROP_RETRIES = 10
 def random_resize_scale(
     scale: tuple[int, int], ratio_range: tuple[float, float], rng: np.random.Generator
 ) -> tuple[int, int]:
-    """mmcv `RandomResize._random_sample_ratio`: `ratio ~ U[low, high)`, target `(int(long * ratio), int(short * ratio))`."""
+    """mmcv `RandomResize._random_sample_ratio`: `ratio ~ U[low, high)`, target
+    `(int(long * ratio), int(short * ratio))`."""
     low, high = ratio_range
     ratio = rng.random() * (high - low) + low
     return int(scale[0] * ratio), int(scale[1] * ratio)
@@ -121,11 +122,11 @@ def rgb_to_hsv(pixels: np.ndarray) -> np.ndarray:
     value, minimum = rgb.max(axis=-1), rgb.min(axis=-1)
     chroma = value - minimum
     safe_chroma = np.where(chroma > 0, chroma, 1.0)
-    hue = np.where(
-        value == red,
-        60.0 * (green - blue) / safe_chroma,
-        np.where(value == green, 120.0 + 60.0 * (blue - red) / safe_chroma, 240.0 + 60.0 * (red - green) / safe_chroma),
-    )
+    # OpenCV's order of tests: red is the maximum first, then green, then blue.
+    hue_if_green = 120.0 + 60.0 * (blue - red) / safe_chroma
+    hue_if_blue = 240.0 + 60.0 * (red - green) / safe_chroma
+    hue_if_red = 60.0 * (green - blue) / safe_chroma
+    hue = np.where(value == red, hue_if_red, np.where(value == green, hue_if_green, hue_if_blue))
     hue = np.where(chroma > 0, hue % 360.0, 0.0)
     saturation = np.where(value > 0, 255.0 * chroma / np.where(value > 0, value, 1.0), 0.0)
     hsv = np.stack([np.round(hue / 2.0) % 180, np.round(saturation), value], axis=-1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .segmentation import SegmentationResult
+from .segmentation import DToPSegmentationResult
 from .visualization import colorize_exit_map, colorize_segmentation, compose_panels, exit_stage_colours, overlay
 
 
@@ -59,12 +59,12 @@ def figure_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def saved_percent(result: SegmentationResult) -> float:
+def saved_percent(result: DToPSegmentationResult) -> float:
     return 100 * (1 - result.gflops / result.gflops_unpruned) if result.gflops_unpruned else 0.0
 
 
 def exit_map_figure(
-    image: Image.Image, result: SegmentationResult, stage_names: list[str], alpha: float, max_side: int
+    image: Image.Image, result: DToPSegmentationResult, stage_names: list[str], alpha: float, max_side: int
 ) -> Image.Image:
     """The image beside its exit map (exit colours blended on it), with a legend of tokens finalised per head."""
     num_stages = len(stage_names)
@@ -84,7 +84,7 @@ def exit_map_figure(
 
 def write_outputs(
     image: Image.Image,
-    result: SegmentationResult,
+    result: DToPSegmentationResult,
     palette: np.ndarray,
     stage_names: list[str],
     output_dir: Path,
@@ -126,7 +126,9 @@ def exits_summary(exits: list[int], labels: list[str]) -> str:
     return ", ".join(f"{label}: {count} tokens" for label, count in zip(labels, exits, strict=True))
 
 
-def describe(title: str, image_size: tuple[int, int], result: SegmentationResult, labels: list[str], id2label) -> str:
+def describe(
+    title: str, image_size: tuple[int, int], result: DToPSegmentationResult, labels: list[str], id2label: dict
+) -> str:
     """Three summary lines of a segmented image: tokens exited per head, GFLOPs, main classes.
 
     Args:

@@ -170,7 +170,7 @@ def predict_batch(
 
 
 @dataclass
-class SegmentationResult:
+class DToPSegmentationResult:
     """What one image gave: maps at the image size, token exits and cost."""
 
     segmentation: np.ndarray  # (height, width) int64 class ids
@@ -188,7 +188,7 @@ def segment_images(
     images: Sequence[Image.Image],
     exit_threshold: float | Sequence[float] | None = None,
     sliding_window: bool = False,
-) -> list[SegmentationResult]:
+) -> list[DToPSegmentationResult]:
     """Segment RGB images: class map and exit map at each image's size, tokens finalised per head, GFLOPs.
 
     Whole-image mode resizes to the processor's `size`; slide mode (`sliding_window`, or a processor saved with
@@ -202,7 +202,7 @@ def segment_images(
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
         by_size.setdefault((image.height, image.width), []).append(index)
-    results: list[SegmentationResult | None] = [None] * len(images)
+    results: list[DToPSegmentationResult | None] = [None] * len(images)
     for size, indices in by_size.items():
         inputs = processor(images=[images[index] for index in indices], do_split_image=False, return_tensors="pt")
         prediction = predict_batch(
@@ -216,7 +216,7 @@ def segment_images(
         )
         exits = exits_per_stage(prediction.tokens_per_stage)
         for position, index in enumerate(indices):
-            results[index] = SegmentationResult(
+            results[index] = DToPSegmentationResult(
                 segmentation=prediction.segmentation[position].cpu().numpy(),
                 exit_map=prediction.exit_map[position].cpu().numpy(),
                 exits=exits[position].tolist(),
@@ -233,14 +233,14 @@ def segment_image(
     image: Image.Image,
     exit_threshold: float | Sequence[float] | None = None,
     sliding_window: bool = False,
-) -> SegmentationResult:
+) -> DToPSegmentationResult:
     """[`segment_images`] for one image."""
     return segment_images(model, image_processor, [image], exit_threshold, sliding_window)[0]
 
 
 __all__ = [
     "DToPPrediction",
-    "SegmentationResult",
+    "DToPSegmentationResult",
     "exits_per_stage",
     "forward_images",
     "predict_batch",

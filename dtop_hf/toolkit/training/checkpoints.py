@@ -156,7 +156,9 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int) -> list[Path]:
     Call it on the main process only, after a save has finished. Returns the deleted folders.
     """
     if total_limit < 1:
-        raise ValueError(f"`total_limit` must be >= 1 (the last complete checkpoint is always kept), got {total_limit}.")
+        raise ValueError(
+            f"`total_limit` must be >= 1 (the last complete checkpoint is always kept), got {total_limit}."
+        )
     output_dir = Path(output_dir)
     complete = sorted(
         (
