@@ -597,14 +597,16 @@ def convert_checkpoint(
 
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    # The model's own input size (a multiple of its patch), for resizing and for the sliding windows; the stride is
-    # 2/3 of the window, as mmseg's 341 for 512.
-    side = config.image_size // config.patch_size * config.patch_size
-    image_processor_kwargs.update(
-        size={"height": side, "width": side},
-        crop_size={"height": side, "width": side},
-        stride={"height": 2 * side // 3, "width": 2 * side // 3},
-    )
+    # A preset already carries the official test mode (keep-ratio resize, slide crop = the model's input, official
+    # stride). A config.json does not: use the model's own input size (a multiple of its patch) for resizing and for
+    # the windows, with the stride 2/3 of the window, as mmseg's 341 for 512.
+    if "crop_size" not in image_processor_kwargs:
+        side = config.image_size // config.patch_size * config.patch_size
+        image_processor_kwargs.update(
+            size={"height": side, "width": side},
+            crop_size={"height": side, "width": side},
+            stride={"height": 2 * side // 3, "width": 2 * side // 3},
+        )
     DToPImageProcessor(**image_processor_kwargs).save_pretrained(output_dir)
     card_path = write_model_card(
         output_dir, config, model_name=model_name, description=description, training_recipe=training_recipe,

@@ -676,7 +676,7 @@ def benchmark_case(args: argparse.Namespace, models: BenchmarkModels, case: Case
         synchronize(args.device)
         record["compile_seconds"] = time.perf_counter() - compile_start
         record["graphs_compiled"] = compiled_graph_count() - graphs_before
-    graphs_before = compiled_graph_count()
+        graphs_before = compiled_graph_count()
     medians = time_alternating(functions, args.repeats, args.warmup, args.device)
     if mode == "compiled":  # 0: the token counts of the timed calls reused the graphs compiled above
         record["graphs_compiled_while_timing"] = compiled_graph_count() - graphs_before
