@@ -584,13 +584,16 @@ class DToPMaskAttention(nn.Module):
         query = self.q_proj(queries).view(query_shape).transpose(1, 2)  # (batch, heads, num_labels, head_dim)
         key = self.k_proj(memory).view(key_shape).transpose(1, 2)  # (batch, heads, max_count, head_dim)
         value = self.v_proj(memory).view(key_shape).transpose(1, 2)
-        scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling  # (batch, heads, num_labels, max_count)
+        # The scores are the mask logits that the exit rule ranks: float32 whatever the compute dtype, or bf16 would
+        # round most of a class's candidates into ties (issue 11 §3). (batch, heads, num_labels, max_count)
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * self.scaling
         mask_logits = scores.mean(dim=1)  # (batch, num_labels, max_count)
         weights = (scores if key_bias is None else scores + key_bias).softmax(dim=-1)
         if packing.has_empty_image:
             # An image with no active token left has nothing to attend to: its queries get a zero update.
             weights = weights * (packing.counts > 0).to(weights.dtype)[:, None, None, None]
-        weights = self.attention_dropout(weights)
+        weights = self.attention_dropout(weights).to(value.dtype)
         attended = torch.matmul(weights, value).transpose(1, 2).reshape(batch_size, num_queries, dim)
         return self.o_proj(attended), mask_logits
 

@@ -226,13 +226,37 @@ def test_sweep_extends_downward_when_nothing_exits():
     chosen, results = calibrate_threshold(
         partial(confident_below, calls=calls), [0.9, 0.8, 0.6], max_miou_drop=0.001, num_refinements=0
     )
-    # 1.0, the sweep, then halving the lowest threshold: 0.3 and 0.15 save nothing, 0.075 does.
-    assert calls == [1.0, 0.9, 0.8, 0.6, 0.3, 0.15, 0.075]
-    assert chosen["exit_threshold"] == 0.075 and chosen["gflops"] < 10.0
+    # 1.0, the sweep, then halving the lowest threshold: 0.3 and 0.15 save nothing, 0.075 does; accuracy holds
+    # there, so one more step down (to the floor, 0.01) saves more.
+    assert calls == [1.0, 0.9, 0.8, 0.6, 0.3, 0.15, 0.075, 0.01]
+    assert chosen["exit_threshold"] == 0.01 and chosen["gflops"] < 10.0
     # A budget below the unpruned cost extends the sweep the same way.
     calls.clear()
     chosen, _ = calibrate_threshold(partial(confident_below, calls=calls), [1.0, 0.5], target_gflops=8.0)
     assert chosen["gflops"] <= 8.0 and min(calls) < 0.15
+
+
+def accurate_down_to(threshold, calls: list, knees: tuple[float, ...] = (0.3, 0.5)) -> dict:
+    """Accuracy holds down to a knee per head (0.3 for head 1, 0.5 for head 2), then falls; cost falls throughout."""
+    thresholds = per_head(threshold, len(knees))
+    calls.append(thresholds)
+    drop = sum(max(0.0, knee - value) for knee, value in zip(knees, thresholds))
+    return {"mean_iou": 0.5 - drop, "gflops": 10.0 + 5.0 * thresholds[0] + 3.0 * thresholds[1]}
+
+
+def test_thresholds_go_below_the_sweep_while_the_drop_limit_allows():
+    calls = []
+    # One threshold: the limit binds at head 2's knee, 0.5, which the sweep does not reach.
+    chosen, _ = calibrate_threshold(
+        lambda threshold: accurate_down_to(threshold, calls), [0.9, 0.8, 0.6], max_miou_drop=1e-6, num_refinements=2
+    )
+    assert chosen["exit_threshold"] == 0.5 and min(calls)[0] < 0.6
+    # One per head: head 1 steps down its grid, below everything swept, to its own knee.
+    outcome = calibrate_per_head_thresholds(
+        lambda threshold: accurate_down_to(threshold, []), [0.9, 0.8, 0.6], num_heads=2, max_miou_drop=1e-6
+    )
+    assert per_head(outcome.chosen["exit_threshold"], 2) == (0.3, 0.5)
+    assert outcome.best_single["exit_threshold"] == 0.5
 
 
 def test_a_model_that_never_exits_is_reported_plainly():

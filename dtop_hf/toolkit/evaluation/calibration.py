@@ -26,8 +26,8 @@ mIoU and the GFLOPs per image of one evaluation run. Two constraints, one at a t
 from that answer and searches one threshold per head by local search on per-head grids (whole-line coordinate
 moves plus one-step moves of several heads at once, then finer grids around the answer), which needs about a
 hundred evaluations where a full grid of 11 values over 3 heads needs 1331. Both extend the sweep below its lowest
-threshold when no swept threshold saves anything, and raise [`NothingToCalibrateError`] when even the lowest
-threshold lets no token exit.
+threshold when no swept threshold saves anything (and, for an mIoU-drop limit, while the lowest threshold tried is
+still the best), and raise [`NothingToCalibrateError`] when even the lowest threshold lets no token exit.
 
 Calibrate on data the final report does not use (a calibration split), and report the chosen thresholds on the
 evaluation split: the search picks the best of many noisy measurements, so its own numbers are optimistic.
@@ -288,6 +288,34 @@ def sweep(
     extend_sweep_downward(cache, target_gflops, gflops_key, min_threshold)
 
 
+def lower_threshold(grid: Sequence[float], min_threshold: float) -> float | None:
+    """The next value below a sorted grid, one grid step (its lowest spacing) down, or `None` at `min_threshold`."""
+    if grid[0] <= min_threshold:
+        return None
+    step = grid[1] - grid[0] if len(grid) > 1 else grid[0] / 2
+    return max(min_threshold, round(grid[0] - step, THRESHOLD_DECIMALS))
+
+
+def extend_below_choice(
+    cache: EvaluationCache,
+    max_miou_drop: float | None,
+    gflops_key: str = GFLOPS_KEY,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+) -> None:
+    """For an mIoU-drop limit, step the shared threshold below the sweep while the lowest one evaluated is the
+    best: the limit is not reached yet, and lower thresholds save more (a model whose accuracy holds far down)."""
+    if max_miou_drop is None:
+        return
+    while True:
+        results = cache.uniform_results()
+        grid = sorted(result[THRESHOLD_KEY] for result in results)
+        chosen = choose_threshold(results, max_miou_drop=max_miou_drop, gflops_key=gflops_key)
+        lower = lower_threshold(grid, min_threshold) if chosen[THRESHOLD_KEY] == grid[0] else None
+        if lower is None:
+            return
+        cache(lower)
+
+
 def bisect(
     cache: EvaluationCache,
     target_gflops: float | None,
@@ -325,10 +353,11 @@ def calibrate_threshold(
 
     The sweep is evaluated first (with 1.0 added for `max_miou_drop`, which needs the baseline). When no swept
     threshold saves GFLOPs (or, for a budget, none fits it), the sweep is extended downward by halving its lowest
-    threshold (see [`extend_sweep_downward`]). Each refinement evaluates the midpoint of [`refinement_bracket`],
-    where the cost/accuracy trade-off turns from meeting the constraint to failing it; the final choice is
-    [`choose_threshold`] over every evaluated result, so the answer always meets the constraint on the measured
-    data, even where mIoU does not change monotonically.
+    threshold (see [`extend_sweep_downward`]); for `max_miou_drop`, thresholds one grid step lower are tried while
+    the lowest one is the best ([`extend_below_choice`]). Each refinement evaluates the midpoint of
+    [`refinement_bracket`], where the cost/accuracy trade-off turns from meeting the constraint to failing it; the
+    final choice is [`choose_threshold`] over every evaluated result, so the answer always meets the constraint on
+    the measured data, even where mIoU does not change monotonically.
 
     Args:
         evaluate: runs the model on the calibration data at one threshold and returns a result dict
@@ -350,6 +379,7 @@ def calibrate_threshold(
     check_thresholds(thresholds)
     cache = EvaluationCache(evaluate, num_heads=1)
     sweep(cache, thresholds, target_gflops, max_miou_drop, gflops_key, min_threshold)
+    extend_below_choice(cache, max_miou_drop, gflops_key, min_threshold)
     chosen = bisect(cache, target_gflops, max_miou_drop, num_refinements, min_step, gflops_key)
     return chosen, sorted(cache.all_results(), key=lambda result: -result[THRESHOLD_KEY])
 
@@ -437,7 +467,8 @@ def calibrate_per_head_thresholds(
 
     1. The shared-threshold calibration ([`calibrate_threshold`]'s sweep, downward extension and bisection) gives
        the best single threshold, the starting point. Per-head settings in `thresholds` are evaluated too.
-    2. Each head's grid holds the sweep's values and the starting point's. Rounds of moves
+    2. Each head's grid holds the sweep's values and the starting point's; for `max_miou_drop`, a head at the bottom
+       of its grid gets one value a grid step lower before each round. Rounds of moves
        ([`threshold_neighbours`]): each head alone along its whole grid (coordinate descent), and several heads
        one step each (one head a step lower, another a step higher, ...). After each round the search moves to the
        best result so far ([`choose_threshold`]); it stops when that no longer changes.
@@ -472,6 +503,7 @@ def calibrate_per_head_thresholds(
     settings = [per_head(threshold, num_heads) for threshold in thresholds if not isinstance(threshold, (int, float))]
     shared += [setting[0] for setting in settings if len(set(setting)) == 1]
     sweep(cache, shared or [1.0], target_gflops, max_miou_drop, gflops_key, min_threshold)
+    extend_below_choice(cache, max_miou_drop, gflops_key, min_threshold)
     # The per-head grids start from the sweep's values, evenly spaced as the user chose them: bisection points
     # would make one grid step tiny near the starting point, and one-step moves would barely move.
     sweep_values = sorted({key[0] for key in cache.results})
@@ -493,6 +525,13 @@ def calibrate_per_head_thresholds(
             if level > 0:
                 grids = refine_grids(grids, current, min_step)
             for _ in range(max_rounds):
+                # A head at the bottom of its grid may want lower still (an mIoU-drop limit not reached yet).
+                grids = [
+                    sorted(set(grid) | {lower_threshold(grid, min_threshold)})
+                    if max_miou_drop is not None and value == grid[0] and grid[0] > min_threshold
+                    else grid
+                    for grid, value in zip(grids, current, strict=True)
+                ]
                 for candidate in threshold_neighbours(current, grids, line_radius=None if level == 0 else 1):
                     cache(candidate)
                 if best() == current:
