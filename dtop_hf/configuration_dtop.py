@@ -100,12 +100,12 @@ class DToPConfig(PreTrainedConfig):
             sets it to True.
 
         The exit decision (class scores, confidence, threshold test, top-k ranking) is always computed in float32
-        from the head's logits, whatever the compute dtype: under bf16 the scores themselves would be quantised to
-        steps of 2^-8 near 0.9, and ties would make the top-k fall back to token order. Measured on a small trained
-        model (quick-start size, 200 synthetic validation scenes, CPU bf16 autocast vs float32), the share of tokens
-        whose exit stage changes fell from 1.31% to 0.73% at threshold 0.7 and from 2.58% to 0.89% at 0.5; what
-        remains are tokens whose confidence, computed from bf16 activations, really lies on the other side of the
-        threshold (docs/exit_decisions_in_bf16.md).
+        from the head's logits, whatever the compute dtype, and the ATM mask logits (which rank a class's tokens)
+        are computed in float32 too: in bf16 most candidates of a class would tie, and the top-k would fall back to
+        token order. Measured on a small trained model (quick-start size, 200 synthetic validation scenes, CPU bf16
+        autocast vs float32), the share of tokens whose exit stage changes fell from 1.31% to 0.35% at threshold
+        0.7 and from 2.58% to 0.51% at 0.5; what remains comes from the bf16 activations themselves
+        (docs/exit_decisions_in_bf16.md).
 
     Loss (SPEC §4):
         no_object_weight (`float`, *optional*, defaults to 0.1): class weight of "no object" in the presence loss.

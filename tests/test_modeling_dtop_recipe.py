@@ -21,7 +21,6 @@ import torch
 from transformers.testing_utils import CaptureLogger
 
 import dtop_hf.modeling_dtop as modeling_dtop
-from dtop_hf import DToPForSemanticSegmentation
 from dtop_hf.modeling_dtop import DToPDropPath, DToPLayer
 from dtop_hf.pruning import pack_tokens
 

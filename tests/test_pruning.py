@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dtop_hf.pruning import (
+    ActiveTokens,
     assemble_atm_scores,
     atm_class_scores,
     pack_tokens,
@@ -239,3 +240,47 @@ class TestTokenPacking:
         assert packed.shape == (3, 3, 4)
         assert torch.equal(packing.from_padded(packing.to_padded(packed)), packed)
         assert torch.equal(packing.to_grid(packed)[active_mask], grid[active_mask])
+
+    def test_counts_known_on_the_host_give_the_same_packing(self):
+        active_mask = torch.tensor([[True, False, True, True, False], [False, False, True, False, False], [True] * 5])
+        read, given = pack_tokens(active_mask), pack_tokens(active_mask, [3, 1, 5])
+        for field in ("flat_index", "counts", "padded_index", "slot_source", "key_padding_mask", "cu_seqlens"):
+            assert torch.equal(getattr(read, field), getattr(given, field)), field
+        assert given.cu_seqlens.tolist() == [0, 3, 4, 9] and given.cu_seqlens.dtype == torch.int32
+
+    def test_uniform_packing_after_exits_maps_slots_to_grid_tokens(self):
+        # Equal counts per image, but not every token: the padded layout is the packed one, of width 2, not 4.
+        active_mask = torch.tensor([[True, False, False, True], [False, True, True, False]])
+        packing = pack_tokens(active_mask)
+        assert packing.is_uniform and not packing.is_complete and packing.max_count == 2
+        assert packing.padded_token_index().tolist() == [[0, 3], [1, 2]]
+        weights = torch.arange(8, dtype=torch.float32).reshape(2, 1, 2, 2)  # (batch, heads, max_count, max_count)
+        grid = packing.attention_to_grid(weights)
+        assert grid.shape == (2, 1, 4, 4)
+        assert grid[0, 0].tolist() == [[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0], [2, 0, 0, 3]]
+        assert grid[1, 0].tolist() == [[0, 0, 0, 0], [0, 4, 5, 0], [0, 6, 7, 0], [0, 0, 0, 0]]
+
+
+class TestActiveTokens:
+    def test_prefix_tokens_stay_and_never_reach_the_heads(self):
+        tokens = ActiveTokens.all_active(2, (2, 2), num_prefix_tokens=2, num_stages=3, device=torch.device("cpu"))
+        assert tokens.sequence.total == 12 and tokens.patches.total == 8
+        assert (tokens.exit_stage == 2).all()
+        hidden_states = torch.arange(12.0)[:, None]  # image 0: rows 0-1 prefix, 2-5 patches; image 1: 6-7, 8-11
+        assert tokens.patch_rows(hidden_states).flatten().tolist() == [2, 3, 4, 5, 8, 9, 10, 11]
+
+        exit_mask = torch.tensor([[True, False, False, True], [True, True, True, True]])
+        after, kept, _ = tokens.after_exit(exit_mask, 0, hidden_states)
+        assert after.exit_stage.tolist() == [[0, 2, 2, 0], [0, 0, 0, 0]]
+        assert after.patches.counts.tolist() == [2, 0] and after.sequence.counts.tolist() == [4, 2]
+        assert kept.flatten().tolist() == [0, 1, 3, 4, 6, 7]  # prefix rows always stay
+        assert after.patch_rows(kept).flatten().tolist() == [3, 4]
+        assert after.sequence.cu_seqlens.tolist() == [0, 4, 6] and after.patches.cu_seqlens.tolist() == [0, 2, 2]
+
+    def test_rotary_rows_travel_with_their_tokens(self):
+        tokens = ActiveTokens.all_active(1, (1, 3), num_prefix_tokens=0, num_stages=2, device=torch.device("cpu"))
+        hidden_states, cos, sin = torch.randn(3, 4), torch.randn(3, 2), torch.randn(3, 2)
+        exit_mask = torch.tensor([[False, True, False]])
+        _, kept, (kept_cos, kept_sin) = tokens.after_exit(exit_mask, 0, hidden_states, (cos, sin))
+        assert torch.equal(kept, hidden_states[[0, 2]]) and torch.equal(kept_cos, cos[[0, 2]])
+        assert torch.equal(kept_sin, sin[[0, 2]])
