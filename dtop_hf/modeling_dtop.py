@@ -40,6 +40,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_dtop import DToPConfig
 from .loss_dtop import atm_stage_loss, check_labels, fcn_stage_loss
+from .pipeline_dtop import DTOP_CUSTOM_PIPELINES
 from .pruning import (
     ActiveTokens,
     TokenPacking,
@@ -712,6 +713,14 @@ class DToPATMHead(nn.Module):
         per_layer += 2 * num_queries * head_dim**2 + 2 * num_queries * head_dim * feed_forward
         return per_token, config.head_num_layers * per_layer + 2 * num_queries * head_dim
 
+    @staticmethod
+    def describe(config: DToPConfig) -> str:
+        """One line for model cards."""
+        return (
+            f"ATM, width {config.head_hidden_size}, {config.head_num_attention_heads} attention heads, "
+            f"{config.head_num_layers} decoder layers"
+        )
+
 
 class DToPFCNHead(nn.Module):
     """SETR-naive head: a per-token classifier (LayerNorm instead of BatchNorm, so that an image's prediction
@@ -756,6 +765,11 @@ class DToPFCNHead(nn.Module):
         classifier D num_labels per token, nothing per call."""
         return config.hidden_size * config.head_hidden_size + config.head_hidden_size * config.num_labels, 0
 
+    @staticmethod
+    def describe(config: DToPConfig) -> str:
+        """One line for model cards."""
+        return f"FCN (per-token classifier), width {config.head_hidden_size}"
+
 
 # `config.head_type` -> head class: the one place that reads `head_type`, besides the config's own validation.
 DTOP_HEAD_CLASSES = {"atm": DToPATMHead, "fcn": DToPFCNHead}
@@ -792,6 +806,9 @@ class DToPPreTrainedModel(PreTrainedModel):
         auto_map.setdefault("AutoModel", "modeling_dtop.DToPModel")
         auto_map.setdefault("AutoModelForSemanticSegmentation", "modeling_dtop.DToPForSemanticSegmentation")
         self.config.auto_map = auto_map
+        # The pipeline class that passes `exit_threshold` to the model travels with the folder (remote code).
+        custom_pipelines = getattr(self.config, "custom_pipelines", None) or {}
+        self.config.custom_pipelines = {**DTOP_CUSTOM_PIPELINES, **custom_pipelines}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod

@@ -28,6 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation  # noqa: E402
+from dtop_hf.modeling_dtop import DTOP_HEAD_CLASSES  # noqa: E402
 
 
 # The models here are tiny: one thread is faster, and on a busy 2-core machine several threads spinning on
@@ -167,9 +168,7 @@ class DToPModelTester:
 
 def token_confidence_of_stage(outputs, stage: int, head_type: str) -> torch.Tensor:
     """`(batch, tokens)` top class score of head `stage` as the pruning rule sees it (FCN logits -> softmax)."""
-    scores = outputs.stage_logits[stage]
-    if head_type == "fcn":
-        scores = scores.softmax(dim=1)
+    scores = DTOP_HEAD_CLASSES[head_type].scores_to_probabilities(outputs.stage_logits[stage])
     return scores.amax(dim=1).flatten(1)
 
 

@@ -730,7 +730,7 @@ def test_image_segmentation_pipeline(model_tester, tmp_path):
     processor = save_model_and_processor(model, tmp_path)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
 
-    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    segmenter = pipeline("image-segmentation", model=str(tmp_path), trust_remote_code=True)
     results = segmenter(image)
 
     inputs = processor(images=image, return_tensors="pt")

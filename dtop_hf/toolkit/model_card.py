@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..configuration_dtop import DToPConfig
+from ..modeling_dtop import DTOP_HEAD_CLASSES
 
 
 # The template sits at the root of the dtop-hf repository, beside the package.
@@ -30,12 +31,7 @@ PLACEHOLDER_PATTERN = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 def model_summary_rows(config: DToPConfig) -> str:
     """The architecture as rows of a two-column markdown table."""
     thresholds = config.exit_thresholds_per_head()[:-1]
-    head = (
-        f"ATM, width {config.head_hidden_size}, {config.head_num_attention_heads} attention heads, "
-        f"{config.head_num_layers} decoder layers"
-        if config.head_type == "atm"
-        else f"FCN (per-token classifier), width {config.head_hidden_size}"
-    )
+    head = DTOP_HEAD_CLASSES[config.head_type].describe(config)
     rows = {
         "backbone": (
             f"plain ViT, width {config.hidden_size}, {config.num_hidden_layers} layers, "
