@@ -85,6 +85,7 @@ from dtop_hf.toolkit.data.datasets import (
 )
 from dtop_hf.toolkit.data.label_maps import DATASET_LABELS
 from dtop_hf.toolkit.data.transforms import SegmentationTrainTransform
+from dtop_hf.toolkit.evaluation.calibration import json_ready
 from dtop_hf.toolkit.evaluation.loop import evaluate_model
 from dtop_hf.toolkit.inference.loading import check_model_folder, load_dtop_config
 from dtop_hf.toolkit.inference.loading import load_image_processor as load_saved_image_processor
@@ -486,15 +487,6 @@ def log_evaluation(accelerator: Accelerator, results: dict, step: int, with_trac
         accelerator.log(values, step=step)
 
 
-def json_safe(value):
-    """NaN (the IoU of a class absent from labels and predictions) -> None, so the file is standard JSON."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [json_safe(item) for item in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def save_final_model(
     args: argparse.Namespace,
     accelerator: Accelerator,
@@ -512,7 +504,7 @@ def save_final_model(
         return
     image_processor.save_pretrained(args.output_dir)
     with open(Path(args.output_dir) / "all_results.json", "w") as file:
-        json.dump(json_safe(results), file, indent=2)
+        json.dump(json_ready(results), file, indent=2)  # NaN IoU of an absent class -> null
     write_card(args, unwrapped.config, results)
     if args.push_to_hub:
         from huggingface_hub import HfApi

@@ -46,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 import dtop_hf  # noqa: F401  (registers DToP with the Auto classes)
+from arguments import add_cpu_argument, require_positive
 from dtop_hf.toolkit.evaluation.calibration import check_thresholds
 from dtop_hf.toolkit.inference.images import find_images, open_image, unique_names, upright_size
 from dtop_hf.toolkit.inference.loading import load_model_and_processor
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="Segment images whose outputs already exist (default: skip them, so that an interrupted run resumes).")
     parser.add_argument("--alpha", type=float, default=0.5, help="Opacity of the class and exit colours in the overlay pictures (default: %(default)s).")
     parser.add_argument("--figure_max_side", type=int, default=512, help="Longest side of each panel of the exit-map picture (default: %(default)s; large photos are shown smaller).")
-    parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available (needed for several CPU processes under `accelerate launch`).")
+    add_cpu_argument(parser)
     args = parser.parse_args(argv)
     if args.threshold is not None:
         check_thresholds([args.threshold])
@@ -84,8 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--alpha` must lie in [0, 1], got {args.alpha}.")
     if args.figure_max_side < 16:
         raise ValueError(f"`--figure_max_side` must be >= 16 pixels, got {args.figure_max_side}.")
-    if args.batch_size < 1:
-        raise ValueError(f"`--batch_size` must be >= 1, got {args.batch_size}.")
+    require_positive(args, ["batch_size"])
     return args
 
 

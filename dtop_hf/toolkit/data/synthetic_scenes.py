@@ -125,7 +125,6 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ...image_processing_dtop import DToPImageProcessor
+from ...image_processing_dtop import DToPImageProcessor, keep_ratio_size
 
 
 # mmseg's RandomCrop draws a new box at most this many times when `cat_max_ratio` rejects one.
@@ -52,10 +52,11 @@ def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, 
     """mmcv `rescale_size` (keep ratio): the largest size inside `scale` = (long, short) in either orientation.
 
     The factor is `min(max(scale) / max(height, width), min(scale) / min(height, width))`; each side becomes
-    `int(side * factor + 0.5)`. Returns `(new_width, new_height)`.
+    `int(side * factor + 0.5)`: the image processor's [`keep_ratio_size`], in PIL's `(width, height)` order.
+    Returns `(new_width, new_height)`.
     """
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(width * factor + 0.5), int(height * factor + 0.5)
+    new_height, new_width = keep_ratio_size((height, width), shortest_edge=min(scale), longest_edge=max(scale))
+    return new_width, new_height
 
 
 def resize_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
