@@ -48,8 +48,8 @@ from .image_processing_dtop import DToPImageProcessor
 from .toolkit.data.label_maps import dataset_id2label
 from .toolkit.model_card import write_model_card
 from .modeling_dtop import DToPForSemanticSegmentation, DToPModelOutput
-from .presets_dtop import PAPER_PRESETS, DToPPaperPreset, default_stage_layout
-from .vit_weights import (
+from .toolkit.presets import PAPER_PRESETS, DToPPaperPreset, default_stage_layout
+from .toolkit.vit_weights import (
     drop_keys,
     load_backbone_state_dict,
     rename_state_dict_keys,
@@ -122,7 +122,7 @@ BACKBONE_KEYS_TO_DROP = {
 BACKBONE_KEY_MAPPINGS = {"mmseg": MMSEG_BACKBONE_KEY_MAPPING, "timm": TIMM_BACKBONE_KEY_MAPPING}
 
 def official_preset(preset: DToPPaperPreset) -> dict:
-    """A paper configuration of `presets_dtop.PAPER_PRESETS` as conversion settings: `DToPConfig` kwargs (with the
+    """A paper configuration of `toolkit.presets.PAPER_PRESETS` as conversion settings: `DToPConfig` kwargs (with the
     data set's class names), image processor kwargs (the official test mode) and model card fields."""
     id2label = dataset_id2label(preset.dataset.name)
     config = {**preset.config_kwargs(), "id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}

@@ -55,7 +55,6 @@ try:  # torch >= 2.10
 except ImportError:
     varlen_attn = None
 
-from .vit_weights import from_vit_pretrained, resize_position_grid
 
 
 logger = logging.get_logger(__name__)
@@ -196,6 +195,29 @@ def use_varlen_attention(query: torch.Tensor, attn_implementation: str | None, d
         and dropout == 0.0
         and torch.cuda.get_device_capability(query.device) >= (8, 0)
     )
+
+
+def resize_position_grid(
+    grid_position: torch.Tensor, grid_size: tuple[int, int], antialias: bool = False
+) -> torch.Tensor:
+    """Resize the position embeddings of a square patch grid to another grid, bicubic (SPEC §1).
+
+    Args:
+        grid_position: `(1, side * side, dim)`, row-major.
+        grid_size: the new `(height, width)`.
+        antialias: resize with antialiasing (DINOv2 with registers; it also changes the kernel when enlarging).
+
+    Returns:
+        `(1, height * width, dim)`, computed in float32 (bicubic resizing in half precision shifts the embeddings)
+        and returned in the input's dtype.
+    """
+    num_positions, dim = grid_position.shape[1], grid_position.shape[-1]
+    side = math.isqrt(num_positions)
+    # (1, side * side, dim) -> (1, dim, side, side)
+    grid = grid_position.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(grid_size), mode="bicubic", align_corners=False, antialias=antialias)
+    # (1, dim, height, width) -> (1, height * width, dim)
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(grid_position.dtype)
 
 
 class DToPEmbeddings(nn.Module):
@@ -820,7 +842,13 @@ class DToPPreTrainedModel(PreTrainedModel):
         loaded strictly, positions resized once to `image_size`, new heads after the default stage layout.
         Keyword arguments override DToPConfig fields (e.g. `num_labels=150, image_size=512`); `use_cls_token=True`
         keeps the class, distillation and register tokens; `output_image_processor=True` also returns a processor
-        with the checkpoint's normalisation. See [`~vit_weights.from_vit_pretrained`]."""
+        with the checkpoint's normalisation. See [`~toolkit.vit_weights.from_vit_pretrained`]."""
+        # Weight conversion lives in the toolkit: a saved model folder carries only what running the model needs.
+        # (In a try block, so that transformers' remote-code import check does not require dtop_hf.)
+        try:
+            from dtop_hf.toolkit.vit_weights import from_vit_pretrained
+        except ImportError as error:
+            raise ImportError("`from_vit_pretrained` needs the dtop-hf package: `pip install dtop-hf`.") from error
         return from_vit_pretrained(cls, vit_name_or_path, **kwargs)
 
     def class_probabilities(self, class_scores: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ measured in a fresh process) and, in eager mode, the unpruned model against tran
 attention) plus the same heads. Results go to `--output_json` (default `docs/benchmark_<device>.json`).
 
     python examples/benchmark.py                        # CPU: ViT-B/16 dims, 512x512 batch 1, 256x256 batch 1 and 8
-    python examples/benchmark.py --preset vit-large     # any size of dtop_hf.presets_dtop.MODEL_SIZES
+    python examples/benchmark.py --preset vit-large     # any size of dtop_hf.toolkit.presets.MODEL_SIZES
     python examples/benchmark.py --cases 512x1 512x8 --repeats 7 --output_json bench.json
     python examples/benchmark.py --device cuda --sync_debug   # issue 13's GPU suite -> docs/benchmark_cuda.json
     bash examples/gpu_benchmark.sh                      # the prepared GPU run: install, tests, benchmark (~9 min)
@@ -80,7 +80,7 @@ from arguments import require_positive
 from torch import nn
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
-from dtop_hf.presets_dtop import DEEP_BACKBONE_LAYERS, MODEL_SIZES, model_size_kwargs
+from dtop_hf.toolkit.presets import DEEP_BACKBONE_LAYERS, MODEL_SIZES, model_size_kwargs
 from dtop_hf.toolkit.evaluation.flops import count_flops_from_outputs, flops_from_token_counts
 
 

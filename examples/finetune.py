@@ -21,11 +21,11 @@ or COCO-Stuff-10K release folder, a Hub parquet snapshot, or images/ + annotatio
 
 `--preset` sets everything at once; explicit flags still override it:
 - a paper configuration (`dtop-vit-base-ade20k`, `dtop-vit-large-ade20k`, `dtop-vit-large-pascal-context`,
-  `dtop-vit-large-coco-stuff-10k`; `dtop_hf.presets_dtop.PAPER_PRESETS`): architecture, drop path, exit thresholds,
+  `dtop-vit-large-coco-stuff-10k`; `dtop_hf.toolkit.presets.PAPER_PRESETS`): architecture, drop path, exit thresholds,
   the data set's crop, train scale, crop rule, pixel mean/std, test resize and slide windows, and the phase's schedule
   (AdamW 2e-5, heads 10x, 1500 warm-up steps, poly 0.9, batch 4 per process, the official iterations);
 - a model size (`small`, the default for fresh models, `tiny`, `quickstart`, `vit-base`, ...;
-  `dtop_hf.presets_dtop.MODEL_SIZES`): the architecture of a fresh model only.
+  `dtop_hf.toolkit.presets.MODEL_SIZES`): the architecture of a fresh model only.
 Without `--model_name_or_path` a fresh model is built from the preset, changed with `--config_overrides`; a DToP
 folder or Hub id continues from those weights; a ViT checkpoint (e.g. `google/vit-base-patch16-384`) initialises
 the backbone with new heads.
@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPImageProcessor
-from dtop_hf.presets_dtop import MODEL_SIZES, PAPER_PRESETS, VIT_BASE_PATCH16, DToPPaperPreset
+from dtop_hf.toolkit.presets import MODEL_SIZES, PAPER_PRESETS, VIT_BASE_PATCH16, DToPPaperPreset
 from dtop_hf.toolkit.data.datasets import (
     BUILTIN_NAMES,
     SegmentationDataset,
@@ -103,7 +103,7 @@ from dtop_hf.toolkit.training.optimization import (
     num_update_steps,
     set_train_scope,
 )
-from dtop_hf.vit_weights import SUPPORTED_MODEL_TYPES, from_vit_pretrained
+from dtop_hf.toolkit.vit_weights import SUPPORTED_MODEL_TYPES, from_vit_pretrained
 
 
 logger = get_logger(__name__)

@@ -54,7 +54,7 @@ from dtop_hf.toolkit.inference.visualization import default_stage_names, make_pa
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 TINY_ENVIRONMENT_VARIABLE = "DTOP_QUICKSTART_TINY"
-# Run sizes. "default": the "quickstart" model size of dtop_hf.presets_dtop.MODEL_SIZES (a 6-layer width-128 ViT, patch
+# Run sizes. "default": the "quickstart" model size of dtop_hf.toolkit.presets.MODEL_SIZES (a 6-layer width-128 ViT, patch
 # 8, ATM heads of width 64 after layers 3, 4 and 6; 1.9M parameters) on 96 px scenes, a 12x12 token grid: about
 # 0.16 s per training step on two CPU cores. "tiny": the "tiny" size (a 4-layer width-32 ViT) on 32 px scenes, for CI.
 RUN_SIZES = {
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--batch_size", type=int, default=None, help=sized("batch_size", "Training batch size"))
     group.add_argument("--learning_rate", type=float, default=None, help=sized("learning_rate", "AdamW learning rate of the backbone"))
     group.add_argument("--head_lr_multiplier", type=float, default=None, help=sized("head_lr_multiplier", "The heads train at this multiple of the learning rate"))
-    group.add_argument("--model_size", type=str, default=None, help=sized("model_size", "Model size of dtop_hf.presets_dtop.MODEL_SIZES"))
+    group.add_argument("--model_size", type=str, default=None, help=sized("model_size", "Model size of dtop_hf.toolkit.presets.MODEL_SIZES"))
     group.add_argument("--config_overrides", type=str, default=None, help="DToPConfig fields changed on the model size (see finetune.py; default: none).")
     group.add_argument("--thresholds", type=float, nargs="+", default=None, help=sized("thresholds", "Exit thresholds of the evaluation sweep; 1.0 = unpruned"))
     parser.add_argument("--exit_threshold", type=float, default=0.9, help="Exit threshold trained with in the pruning fine-tune and kept in the model (default: %(default)s, ViT-B's).")

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from dtop_hf import DToPConfig
-from dtop_hf.presets_dtop import model_size_kwargs
+from dtop_hf.toolkit.presets import model_size_kwargs
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

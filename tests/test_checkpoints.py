@@ -31,7 +31,7 @@ from conftest import load_example
 from safetensors.torch import load_file
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
-from dtop_hf.presets_dtop import MODEL_SIZES
+from dtop_hf.toolkit.presets import MODEL_SIZES
 from dtop_hf.toolkit.training import checkpoints
 from dtop_hf.toolkit.training.checkpoints import (
     MANIFEST_NAME,

@@ -457,9 +457,10 @@ def check_hub_ready_folder(folder: Path, num_labels: int) -> None:
     """What `push_to_hub` needs: weights, config with auto_map, image processor, code and a model card."""
     files = {path.name for path in folder.iterdir()}
     expected_files = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
-                      "configuration_dtop.py", "modeling_dtop.py", "image_processing_dtop.py", "pruning.py",
-                      "vit_weights.py"}  # fmt: skip
+                      "configuration_dtop.py", "modeling_dtop.py", "image_processing_dtop.py", "pruning.py"}  # fmt: skip
     assert expected_files <= files, expected_files - files
+    # Weight conversion and presets are toolkit code: a saved folder carries only what running the model needs.
+    assert not {"vit_weights.py", "presets.py", "presets_dtop.py"} & files
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "dtop" and len(config["id2label"]) == num_labels
     assert {"AutoConfig", "AutoModel", "AutoModelForSemanticSegmentation"} <= set(config["auto_map"])
@@ -501,7 +502,7 @@ def test_model_card_placeholders_must_all_be_filled():
 
 
 def test_saved_folder_loads_as_remote_code_in_a_fresh_process(tmp_path):
-    """The copied code (including `vit_weights.py`, imported by the modeling file) runs without dtop-hf."""
+    """The copied code runs without dtop-hf."""
     model = DToPForSemanticSegmentation(tiny_config()).eval()
     model.save_pretrained(tmp_path / "model")
     pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -22,7 +22,7 @@ import torch
 from conftest import load_example
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
-from dtop_hf.presets_dtop import DATASET_PRESETS, MODEL_SIZES, PAPER_PRESETS
+from dtop_hf.toolkit.presets import DATASET_PRESETS, MODEL_SIZES, PAPER_PRESETS
 from dtop_hf.toolkit.data.label_maps import DATASET_LABELS
 from dtop_hf.toolkit.data.transforms import SegmentationTrainTransform
 from dtop_hf.toolkit.training.optimization import build_optimizer, poly_schedule_factor

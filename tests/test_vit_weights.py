@@ -20,7 +20,7 @@ from safetensors import safe_open
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from dtop_hf import DToPForSemanticSegmentation, DToPModel
-from dtop_hf.vit_weights import dtop_config_from_vit, resize_position_embeddings
+from dtop_hf.toolkit.vit_weights import dtop_config_from_vit, resize_position_embeddings
 
 
 HEAD_FIELDS = {"out_indices": (1, 2, 3), "head_hidden_size": 16, "head_num_attention_heads": 2, "head_num_layers": 2}

@@ -68,7 +68,7 @@ COCO_STUFF_LABELS = (
 )  # fmt: skip
 
 
-# Class names per data-set preset name (`dtop_hf.presets_dtop.DATASET_PRESETS`).
+# Class names per data-set preset name (`dtop_hf.toolkit.presets.DATASET_PRESETS`).
 DATASET_LABELS = {
     "ade20k": ADE20K_LABELS,
     "ade20k-640": ADE20K_LABELS,

@@ -56,7 +56,7 @@ class FolderLayout:
 
     name: str
     root: Path
-    preset: str | None = None  # data-set preset of `dtop_hf.presets_dtop.DATASET_PRESETS` (class names)
+    preset: str | None = None  # data-set preset of `dtop_hf.toolkit.presets.DATASET_PRESETS` (class names)
 
 
 def paired_split(

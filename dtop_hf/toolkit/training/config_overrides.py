@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""`--config_overrides` parsing and fresh-model configs built from the presets of `dtop_hf.presets_dtop`."""
+"""`--config_overrides` parsing and fresh-model configs built from the presets of `dtop_hf.toolkit.presets`."""
 
 import ast
 import dataclasses
@@ -19,7 +19,7 @@ import difflib
 from typing import Any
 
 from ...configuration_dtop import DToPConfig
-from ...presets_dtop import default_stage_layout, model_size_kwargs
+from ..presets import default_stage_layout, model_size_kwargs
 
 
 def split_top_level(text: str, separator: str = ",") -> list[str]:
@@ -97,10 +97,10 @@ def build_preset_config(
     size: str = "small",
     **fields: Any,
 ) -> DToPConfig:
-    """A fresh [`DToPConfig`] from a model size of `presets_dtop.MODEL_SIZES`, then `fields`, then `overrides`.
+    """A fresh [`DToPConfig`] from a model size of `presets.MODEL_SIZES`, then `fields`, then `overrides`.
 
     When `fields` or `overrides` change the depth but not `out_indices`, the heads are placed by
-    `presets_dtop.default_stage_layout` so that the last head stays after the last layer.
+    `presets.default_stage_layout` so that the last head stays after the last layer.
 
     Args:
         overrides: parsed `--config_overrides` (checked against the config's fields).

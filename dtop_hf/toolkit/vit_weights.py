@@ -30,9 +30,10 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.utils import cached_file, logging
 
-from .configuration_dtop import DToPConfig
-from .image_processing_dtop import DToPImageProcessor
-from .presets_dtop import default_stage_layout
+from ..configuration_dtop import DToPConfig
+from ..image_processing_dtop import DToPImageProcessor
+from ..modeling_dtop import resize_position_grid
+from .presets import default_stage_layout
 
 
 logger = logging.get_logger(__name__)
@@ -209,29 +210,6 @@ SUPPORTED_MODEL_TYPES = tuple(BACKBONE_FAMILIES)
 VIT_LOADING_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 # Keyword arguments that go to the DToP model's construction.
 MODEL_INIT_KWARGS = ("attn_implementation", "dtype")
-
-
-def resize_position_grid(
-    grid_position: torch.Tensor, grid_size: tuple[int, int], antialias: bool = False
-) -> torch.Tensor:
-    """Resize the position embeddings of a square patch grid to another grid, bicubic (SPEC §1).
-
-    Args:
-        grid_position: `(1, side * side, dim)`, row-major.
-        grid_size: the new `(height, width)`.
-        antialias: resize with antialiasing (DINOv2 with registers; it also changes the kernel when enlarging).
-
-    Returns:
-        `(1, height * width, dim)`, computed in float32 (bicubic resizing in half precision shifts the embeddings)
-        and returned in the input's dtype.
-    """
-    num_positions, dim = grid_position.shape[1], grid_position.shape[-1]
-    side = math.isqrt(num_positions)
-    # (1, side * side, dim) -> (1, dim, side, side)
-    grid = grid_position.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(grid_size), mode="bicubic", align_corners=False, antialias=antialias)
-    # (1, dim, height, width) -> (1, height * width, dim)
-    return grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(grid_position.dtype)
 
 
 def resize_position_embeddings(
@@ -602,6 +580,5 @@ __all__ = [
     "load_backbone_state_dict",
     "rename_state_dict_keys",
     "resize_position_embeddings",
-    "resize_position_grid",
     "state_dict_mismatches",
 ]

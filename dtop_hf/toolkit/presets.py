@@ -16,7 +16,7 @@ and benchmark, and the default stage layout for a backbone of any depth and widt
 
 Every value of the four official configurations (zbwxp/Dynamic-Token-Pruning `config/prune/*.py`, mmsegmentation 1.x)
 lives here once; the converter, `from_vit_pretrained`, `examples/finetune.py --preset`, the benchmark and the quick
-start read it. Model side: imports nothing from the toolkit, so it may be copied next to saved weights as remote code.
+start read it.
 Class names are data of the toolkit (`dtop_hf.toolkit.data.label_maps`), keyed by `DToPDatasetPreset.name`.
 """
 
