@@ -13,15 +13,18 @@
 # limitations under the License.
 """dtop-hf: DToP (Dynamic Token Pruning for plain ViT segmenters) as a Hugging Face transformers model.
 
-Importing the package registers the DToP classes with the Auto classes, so `AutoModel.from_pretrained(folder)`
-works without `trust_remote_code`; folders saved by `save_pretrained` also carry the code for remote loading.
+Importing the package registers the DToP classes with the Auto classes and its pipeline with the image-segmentation
+task, so `AutoModel.from_pretrained(folder)` and `pipeline("image-segmentation", model=folder)` work without
+`trust_remote_code`; folders saved by `save_pretrained` also carry the code for loading where dtop-hf is not
+installed. The package root holds the model files only: the toolkit (data, training, evaluation, FLOPs, inference)
+is imported from `dtop_hf.toolkit` where it is used.
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_dtop import DToPConfig
-from .toolkit.evaluation.flops import DToPFlops, count_flops, count_flops_from_outputs
 from .image_processing_dtop import DToPImageProcessor
 from .modeling_dtop import (
     DToPForSemanticSegmentation,
@@ -30,7 +33,7 @@ from .modeling_dtop import (
     DToPPreTrainedModel,
     DToPSemanticSegmenterOutput,
 )
-from .pipeline_dtop import DToPImageSegmentationPipeline
+from .pipeline_dtop import DTOP_CUSTOM_PIPELINES, DToPImageSegmentationPipeline
 
 
 AutoConfig.register(DToPConfig.model_type, DToPConfig, exist_ok=True)
@@ -47,11 +50,49 @@ DToPModel.register_for_auto_class("AutoModel")
 DToPForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 DToPImageProcessor.register_for_auto_class()
 
+
+# `pipeline("image-segmentation")` builds the class that the task registry names. The DToP pipeline is the stock one
+# plus the model's call arguments, passed only when given, so it serves every model the same; with it registered,
+# a DToP folder gets its `exit_threshold` without remote code. The entry is replaced rather than registered with
+# `register_pipeline`, which warns on every import and marks the class as a custom pipeline: saving *any*
+# segmentation pipeline would then write `custom_pipelines` and copy this package's pipeline file.
+PIPELINE_REGISTRY.supported_tasks["image-segmentation"] = {
+    **PIPELINE_REGISTRY.supported_tasks["image-segmentation"],
+    "impl": DToPImageSegmentationPipeline,
+}
+
+
+def without_packaged_pipelines(custom_pipelines: dict) -> dict:
+    """A config's `custom_pipelines` without the entries that declare this package's own pipeline classes."""
+    return {
+        task: declaration
+        for task, declaration in custom_pipelines.items()
+        if declaration.get("impl") != DTOP_CUSTOM_PIPELINES.get(task, {}).get("impl")
+    }
+
+
+_config_from_dict = DToPConfig.from_dict.__func__
+
+
+def _config_from_dict_serving_pipelines_locally(cls, config_dict: dict, **kwargs):
+    # A saved folder declares its pipeline in `custom_pipelines` for loading where dtop-hf is not installed, and
+    # `pipeline()` refuses any declared pipeline without `trust_remote_code=True`, even when the class is installed.
+    # The installed config drops the declaration on load (the registry above serves the task); the model's
+    # `save_pretrained` writes it again. A folder's own copy of the config, loaded as remote code, keeps it.
+    if "custom_pipelines" in config_dict:
+        config_dict = dict(config_dict)
+        remaining = without_packaged_pipelines(config_dict.pop("custom_pipelines") or {})
+        if remaining:
+            config_dict["custom_pipelines"] = remaining
+    return _config_from_dict(cls, config_dict, **kwargs)
+
+
+DToPConfig.from_dict = classmethod(_config_from_dict_serving_pipelines_locally)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "DToPConfig",
-    "DToPFlops",
     "DToPForSemanticSegmentation",
     "DToPImageProcessor",
     "DToPImageSegmentationPipeline",
@@ -59,6 +100,4 @@ __all__ = [
     "DToPModelOutput",
     "DToPPreTrainedModel",
     "DToPSemanticSegmenterOutput",
-    "count_flops",
-    "count_flops_from_outputs",
 ]

@@ -21,6 +21,72 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def normalize_exit_threshold(
+    exit_threshold: float | str | list[float | str] | tuple[float | str, ...],
+) -> float | tuple[float, ...]:
+    """An exit threshold as the config stores it: one float for every auxiliary head, or a tuple of one per head;
+    each in (0, 1] (1.0 = no exit). Also reads the command-line form, `"0.9"` or `"0.9,0.95"`.
+
+    Raises:
+        ValueError: a value is not a number or lies outside (0, 1].
+    """
+    if isinstance(exit_threshold, str) and "," in exit_threshold:
+        exit_threshold = exit_threshold.split(",")
+    values = exit_threshold if isinstance(exit_threshold, (list, tuple)) else [exit_threshold]
+    try:
+        values = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"An `exit_threshold` is a number or one per auxiliary head ('0.9,0.95'), got {exit_threshold!r}."
+        ) from None
+    if not all(0.0 < value <= 1.0 for value in values):
+        raise ValueError(f"`exit_threshold` must lie in (0, 1] (1.0 = no exit), got {list(values)}.")
+    return values if isinstance(exit_threshold, (list, tuple)) else values[0]
+
+
+EXIT_MODES = ("threshold", "capacity")
+
+
+def check_exit_mode(exit_mode: str) -> str:
+    """`exit_mode` itself, when it is one of [`EXIT_MODES`]."""
+    if exit_mode not in EXIT_MODES:
+        raise ValueError(f"`exit_mode` must be 'threshold' or 'capacity', got {exit_mode!r}.")
+    return exit_mode
+
+
+def normalize_exit_capacity(
+    exit_capacity: float | str | list[float | str] | tuple[float | str, ...],
+) -> float | tuple[float, ...]:
+    """An exit capacity as the config stores it: one float for every auxiliary head, or a tuple of one per head;
+    each in (0, 1] (the fraction of an image's patch tokens still active after the head; 1.0 = no exit) and
+    non-increasing from head to head (a token that exited never comes back). Also reads the command-line form,
+    `"0.5"` or `"0.5,0.3"`.
+
+    Raises:
+        ValueError: a value is not a number, lies outside (0, 1], or is above the one of an earlier head.
+    """
+    if isinstance(exit_capacity, str) and "," in exit_capacity:
+        exit_capacity = exit_capacity.split(",")
+    values = exit_capacity if isinstance(exit_capacity, (list, tuple)) else [exit_capacity]
+    try:
+        values = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"An `exit_capacity` is a number or one per auxiliary head ('0.5,0.3'), got {exit_capacity!r}."
+        ) from None
+    if not all(0.0 < value <= 1.0 for value in values):
+        raise ValueError(
+            "`exit_capacity` must lie in (0, 1] (the fraction of patch tokens still active after an auxiliary head; "
+            f"1.0 = no exit), got {list(values)}."
+        )
+    if any(later > earlier for earlier, later in zip(values, values[1:])):
+        raise ValueError(
+            "`exit_capacity` must not increase from one auxiliary head to the next (a token that exited never comes "
+            f"back), got {list(values)}."
+        )
+    return values if isinstance(exit_capacity, (list, tuple)) else values[0]
+
+
 @strict
 class DToPConfig(PreTrainedConfig):
     r"""
@@ -33,7 +99,7 @@ class DToPConfig(PreTrainedConfig):
         num_hidden_layers (`int`, *optional*, defaults to 12): number of ViT layers.
         num_attention_heads (`int`, *optional*, defaults to 12): attention heads per ViT layer.
         intermediate_size (`int`, *optional*, defaults to 3072): width of the ViT MLP.
-        hidden_act (`str`, *optional*, defaults to `"gelu"`): MLP activation (exact erf GELU, SPEC §1).
+        hidden_act (`str`, *optional*, defaults to `"gelu"`): MLP activation (exact erf GELU, as the official code).
         hidden_dropout_prob (`float`, *optional*, defaults to 0.0): dropout on the embeddings and residual branches.
         drop_path_rate (`float`, *optional*, defaults to 0.0): stochastic depth on the MLP branch of each layer, per
             image, in training only. The rate rises linearly from 0 at the first layer to this value at the last
@@ -88,16 +154,28 @@ class DToPConfig(PreTrainedConfig):
         head_layer_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the head layer norms.
 
     Pruning:
+        exit_mode (`str`, *optional*, defaults to `"threshold"`): how the auxiliary heads choose the tokens that exit.
+            `"threshold"` (DToP's rule): tokens whose top class score is above `exit_threshold` exit, so every image
+            keeps its own number of tokens. `"capacity"`: after each auxiliary head exactly
+            `ceil(exit_capacity * num_patches)` tokens of every image go on (the per-class top-k context tokens
+            first, then the least confident ones), so every image keeps the same number: dense static-shape tensors,
+            plain attention without a key mask, no host sync, one graph for `torch.compile(fullgraph=True)` and for
+            ONNX export. Exited tokens keep their prediction in both modes.
         exit_threshold (`float` or `tuple[float]`, *optional*, defaults to 0.9): a token whose top class score is
             strictly above this value exits after an auxiliary head. One value for every auxiliary head, or one
             per auxiliary head. 1.0 switches pruning off (the unpruned baseline). The decode head never prunes.
+            Threshold mode only.
+        exit_capacity (`float` or `tuple[float]`, *optional*): capacity mode's fraction of an image's patch tokens
+            still active after each auxiliary head, in (0, 1]: one value for every auxiliary head, or one per
+            auxiliary head, non-increasing (a token that exited never comes back). 1.0 = no exit.
         keep_top_k (`int`, *optional*, defaults to 5): per image and per predicted class, the `keep_top_k` most
-            confident exit candidates stay in, to keep context for the hard tokens (SPEC §3).
+            confident exit candidates stay in, to keep context for the hard tokens (5 in the official code). In
+            capacity mode the same per-class top-k tokens go on first, see `exit_mode`.
         prune_during_training (`bool`, *optional*, defaults to `False`): whether tokens exit in training mode. In
             eval mode the thresholds (config or per-call `exit_threshold`) always apply; in training mode they
             apply only when this is True, so that training a fresh model (phase 1, e.g. with `Trainer`) never
-            starts pruning by surprise once its heads grow confident. The prune fine-tuning (phase 2, SPEC §4)
-            sets it to True.
+            starts pruning by surprise once its heads grow confident. The prune fine-tuning (phase 2 of the official
+            recipe) sets it to True.
 
         The exit decision (class scores, confidence, threshold test, top-k ranking) is always computed in float32
         from the head's logits, whatever the compute dtype, and the ATM mask logits (which rank a class's tokens)
@@ -107,7 +185,7 @@ class DToPConfig(PreTrainedConfig):
         0.7 and from 2.58% to 0.51% at 0.5; what remains comes from the bf16 activations themselves
         (docs/exit_decisions_in_bf16.md).
 
-    Loss (SPEC §4):
+    Loss (the official recipe's):
         no_object_weight (`float`, *optional*, defaults to 0.1): class weight of "no object" in the presence loss.
         mask_focal_weight (`float`, *optional*, defaults to 20.0): weight of the sigmoid focal mask loss.
         mask_dice_weight (`float`, *optional*, defaults to 1.0): weight of the dice mask loss.
@@ -179,7 +257,9 @@ class DToPConfig(PreTrainedConfig):
     head_dropout: float | int = 0.1
     head_layer_norm_eps: float = 1e-5
     # pruning
+    exit_mode: str = "threshold"
     exit_threshold: float | int | list[float | int] | tuple[float | int, ...] = 0.9
+    exit_capacity: float | int | list[float | int] | tuple[float | int, ...] | None = None
     keep_top_k: int = 5
     prune_during_training: bool = False
     # loss
@@ -198,6 +278,10 @@ class DToPConfig(PreTrainedConfig):
             self.exit_threshold = tuple(float(value) for value in self.exit_threshold)
         else:
             self.exit_threshold = float(self.exit_threshold)
+        if isinstance(self.exit_capacity, (list, tuple)):
+            self.exit_capacity = tuple(float(value) for value in self.exit_capacity)
+        elif self.exit_capacity is not None:
+            self.exit_capacity = float(self.exit_capacity)
         if self.head_intermediate_size is None:
             self.head_intermediate_size = 4 * self.head_hidden_size
         if self.stage_loss_weights is not None:
@@ -223,19 +307,67 @@ class DToPConfig(PreTrainedConfig):
         Args:
             exit_threshold: an override with the same meaning as the config field; `None` uses the config's.
         """
-        threshold = self.exit_threshold if exit_threshold is None else exit_threshold
-        num_auxiliary = len(self.out_indices) - 1
-        if isinstance(threshold, (list, tuple)):
-            values = tuple(float(value) for value in threshold)
-            if len(values) != num_auxiliary:
+        threshold = normalize_exit_threshold(self.exit_threshold if exit_threshold is None else exit_threshold)
+        return self._one_per_auxiliary_head("exit_threshold", threshold) + (1.0,)
+
+    def exit_capacities_per_head(
+        self, exit_capacity: float | list[float] | tuple[float, ...] | None = None
+    ) -> tuple[float, ...]:
+        """One capacity per head (the fraction of an image's patch tokens still active after it), the decode head's
+        being 1.0 (it never prunes).
+
+        Args:
+            exit_capacity: an override with the same meaning as the config field; `None` uses the config's.
+        """
+        capacity = self.exit_capacity if exit_capacity is None else exit_capacity
+        if capacity is None:
+            raise ValueError(
+                "Capacity mode needs `exit_capacity`: the fraction in (0, 1] of an image's patch tokens still active "
+                "after each auxiliary head (one value, or one per auxiliary head), got None."
+            )
+        return self._one_per_auxiliary_head("exit_capacity", normalize_exit_capacity(capacity)) + (1.0,)
+
+    def exit_rule(
+        self,
+        exit_mode: str | None = None,
+        exit_threshold: float | list[float] | tuple[float, ...] | None = None,
+        exit_capacity: float | list[float] | tuple[float, ...] | None = None,
+    ) -> tuple[str, tuple[float, ...]]:
+        """The exit mode of a call and its values per head (thresholds or capacities, the decode head's 1.0).
+
+        Per-call arguments override the config. Without `exit_mode`, the knob given says the mode (`exit_threshold`:
+        threshold mode, `exit_capacity`: capacity mode); with neither, the config's mode and values apply.
+
+        Raises:
+            ValueError: an unknown mode, the knob of the other mode, or values the mode rejects.
+        """
+        if exit_mode is None:
+            if exit_threshold is not None and exit_capacity is not None:
                 raise ValueError(
-                    f"Expected one `exit_threshold` value per auxiliary head ({num_auxiliary}), got {list(values)}."
+                    "Got both `exit_threshold` and `exit_capacity`: pass `exit_mode` ('threshold' or 'capacity') "
+                    "too, or only the knob of the rule you want."
                 )
-        else:
-            values = (float(threshold),) * num_auxiliary
-        if not all(0.0 < value <= 1.0 for value in values):
-            raise ValueError(f"`exit_threshold` must lie in (0, 1] (1.0 = no exit), got {list(values)}.")
-        return values + (1.0,)
+            if exit_capacity is not None:
+                exit_mode = "capacity"
+            elif exit_threshold is not None:
+                exit_mode = "threshold"
+        exit_mode = check_exit_mode(self.exit_mode if exit_mode is None else exit_mode)
+        if exit_mode == "threshold":
+            if exit_capacity is not None:
+                raise ValueError("`exit_capacity` applies in capacity mode only, got exit_mode='threshold'.")
+            return exit_mode, self.exit_thresholds_per_head(exit_threshold)
+        if exit_threshold is not None:
+            raise ValueError("`exit_threshold` applies in threshold mode only, got exit_mode='capacity'.")
+        return exit_mode, self.exit_capacities_per_head(exit_capacity)
+
+    def _one_per_auxiliary_head(self, name: str, value: float | tuple[float, ...]) -> tuple[float, ...]:
+        """A normalised setting (one float, or a tuple) as one value per auxiliary head; `name` for the error."""
+        num_auxiliary = len(self.out_indices) - 1
+        if not isinstance(value, tuple):
+            return (value,) * num_auxiliary
+        if len(value) != num_auxiliary:
+            raise ValueError(f"Expected one `{name}` value per auxiliary head ({num_auxiliary}), got {list(value)}.")
+        return value
 
     def validate_architecture(self):
         """Cross-field checks; run at construction and again by `save_pretrained`."""
@@ -251,6 +383,9 @@ class DToPConfig(PreTrainedConfig):
                 f"got {indices}."
             )
         self.exit_thresholds_per_head()
+        check_exit_mode(self.exit_mode)
+        if self.exit_mode == "capacity" or self.exit_capacity is not None:
+            self.exit_capacities_per_head()
         if self.keep_top_k < 0:
             raise ValueError(f"`keep_top_k` must be >= 0, got {self.keep_top_k}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -272,7 +407,8 @@ class DToPConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.stage_loss_weights is not None and len(self.stage_loss_weights) != len(indices):
             raise ValueError(
-                f"`stage_loss_weights` needs one weight per head ({len(indices)}), got {list(self.stage_loss_weights)}."
+                f"`stage_loss_weights` needs one weight per head ({len(indices)}), "
+                f"got {list(self.stage_loss_weights)}."
             )
         self.validate_backbone_family()
 
@@ -297,4 +433,4 @@ class DToPConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["DToPConfig"]
+__all__ = ["EXIT_MODES", "DToPConfig", "check_exit_mode", "normalize_exit_capacity", "normalize_exit_threshold"]

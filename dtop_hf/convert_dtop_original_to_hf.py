@@ -13,7 +13,7 @@
 # limitations under the License.
 r"""Convert official DToP checkpoints (mmsegmentation) and timm / mmseg ViT weights into a Hub-ready DToP folder.
 
-Official DToP checkpoint (all weights, SPEC §6):
+Official DToP checkpoint (all weights; the layout: docs/conversion.md):
 
     python -m dtop_hf.convert_dtop_original_to_hf --checkpoint iter_40000.pth --config dtop-vit-base-ade20k \
         --output_dir dtop-vit-base-ade20k
@@ -45,9 +45,9 @@ from transformers.utils import logging
 
 from .configuration_dtop import DToPConfig
 from .image_processing_dtop import DToPImageProcessor
+from .modeling_dtop import DToPForSemanticSegmentation, DToPModelOutput
 from .toolkit.data.label_maps import dataset_id2label
 from .toolkit.model_card import write_model_card
-from .modeling_dtop import DToPForSemanticSegmentation, DToPModelOutput
 from .toolkit.presets import PAPER_PRESETS, DToPPaperPreset, default_stage_layout
 from .toolkit.vit_weights import (
     drop_keys,
@@ -61,8 +61,8 @@ from .toolkit.vit_weights import (
 logger = logging.get_logger(__name__)
 
 # fmt: off
-# Official DToP `ViT_prune` backbone = mmseg `VisionTransformer` layout (SPEC §6) -> DToP base model. Packed
-# q|k|v tensors go to a temporary `qkv` name and are split by `split_packed_qkv`.
+# Official DToP `ViT_prune` backbone = mmseg `VisionTransformer` layout (docs/conversion.md) -> DToP base model.
+# Packed q|k|v tensors go to a temporary `qkv` name and are split by `split_packed_qkv`.
 MMSEG_BACKBONE_KEY_MAPPING = {
     r"^cls_token$":                                          r"embeddings.cls_token",
     r"^pos_embed$":                                          r"embeddings.position_embeddings",
@@ -120,6 +120,7 @@ BACKBONE_KEYS_TO_DROP = {
 # fmt: on
 
 BACKBONE_KEY_MAPPINGS = {"mmseg": MMSEG_BACKBONE_KEY_MAPPING, "timm": TIMM_BACKBONE_KEY_MAPPING}
+
 
 def official_preset(preset: DToPPaperPreset) -> dict:
     """A paper configuration of `toolkit.presets.PAPER_PRESETS` as conversion settings: `DToPConfig` kwargs (with the
@@ -323,7 +324,7 @@ def convert_original_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Official DToP (mmsegmentation) state dict -> a state dict for `DToPForSemanticSegmentation(config)`.
 
-    Backbone keys follow SPEC §6 (packed q|k|v split), each official `PruneHead` becomes one ATM head
+    Backbone keys follow docs/conversion.md (packed q|k|v split), each official `PruneHead` becomes one ATM head
     (`auxiliary_head.N` -> `heads.N`, `decode_head` -> the last head). Only the loss buffers `empty_weight` and,
     without `config.use_cls_token`, `backbone.cls_token` are dropped. Position embeddings stored for another grid
     than `config.image_size` are resized once (bicubic).
@@ -341,7 +342,7 @@ def convert_original_state_dict(
     state_dict = strip_common_prefix(dict(original_state_dict), ("module.",))
     state_dict, dropped = drop_keys(state_dict, KEYS_TO_DROP)
     if not config.use_cls_token and "backbone.cls_token" in state_dict:
-        # Official: the class token is prepended and dropped again before layer 0, so it cannot matter (SPEC §1).
+        # Official: the class token is prepended and dropped again before layer 0, so it cannot matter.
         del state_dict["backbone.cls_token"]
         dropped.append("backbone.cls_token")
 
@@ -474,7 +475,8 @@ def official_stage_outputs(
     input_size: tuple[int, int],
     exit_threshold: float | tuple[float, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Our outputs under the names and shapes of the official reference vectors (`official-vectors/README.md`).
+    """Our outputs under the names and shapes of the official reference vectors
+    (`tests/fixtures/official_vectors/README.md`).
 
     Per stage k: `stage<k>.active_tokens` / `exited_after` / `candidates` (bool, `(batch, tokens)`), `confidence`
     (NaN where exited) and `confidence_class` (-1 where exited), `class_logits`, `mask_logits` (the canvas) and
@@ -631,13 +633,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--config", type=str, required=True,
-        help=f"A preset ({', '.join(sorted(PRESETS))}), a DToPConfig config.json or an official-vectors config.json.",
+        help=f"A preset ({', '.join(sorted(PRESETS))}), a DToPConfig config.json, or a config.json in the format "
+        "of the official reference vectors (tests/fixtures/official_vectors).",
     )  # fmt: skip
     parser.add_argument("--output_dir", type=str, required=True, help="Folder to write the Hub-ready model into.")
     parser.add_argument("--model_name", type=str, default=None, help="Title of the model card (default: folder name).")
     parser.add_argument(
         "--verify_inputs", type=str, default=None,
-        help="Optional safetensors file with `<case>.pixel_values` to run before saving (official-vectors format).",
+        help="Optional safetensors file with `<case>.pixel_values` to run before saving (the format of the official "
+        "reference vectors).",
     )  # fmt: skip
     parser.add_argument(
         "--verify_outputs", type=str, default=None,
@@ -680,4 +684,3 @@ __all__ = [
 
 if __name__ == "__main__":
     main()
-

@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""DToP training losses (SPEC §4): per-head ATM presence + mask losses, or FCN cross-entropy, summed over heads."""
+"""DToP training losses, as in the official recipe: per-head ATM presence + mask losses, or FCN cross-entropy,
+summed over heads."""
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,7 @@ def atm_stage_loss(
     focal_gamma: float,
     ignore_pixels_as_negatives: bool,
 ) -> torch.Tensor:
-    """Loss of one ATM head (SPEC §4). Query c is matched to class c: no Hungarian matching.
+    """Loss of one ATM head. Query c is matched to class c: no Hungarian matching.
 
     Args:
         class_logits: `(batch, num_labels, 2)` presence / no-object logits.
@@ -125,11 +126,12 @@ def atm_stage_loss(
         # Keep every parameter in the graph (DDP needs it) with a zero mask loss.
         return presence_loss + 0.0 * mask_logits.sum()
     selected_logits = mask_logits[image_index, class_index][:, None]  # (num_masks, 1, h, w)
-    selected_logits = resize_to_labels(selected_logits, labels, input_size, padded_size).flatten(1)  # (num_masks, pixels)
+    selected_logits = resize_to_labels(selected_logits, labels, input_size, padded_size)
+    selected_logits = selected_logits.flatten(1)  # (num_masks, pixels)
     selected_labels = labels[image_index].flatten(1)
     targets = (selected_labels == class_index[:, None]).to(selected_logits.dtype)
     if ignore_pixels_as_negatives:
-        valid = torch.ones_like(targets)  # Official code: ignored pixels are negatives of every mask (SPEC §4).
+        valid = torch.ones_like(targets)  # Official code: ignored pixels are negatives of every mask.
     else:
         valid = (selected_labels != ignore_index).to(selected_logits.dtype)
     focal = sigmoid_focal_loss(selected_logits, targets, valid, focal_alpha, focal_gamma).sum() / num_masks

@@ -19,8 +19,11 @@ Attention, which must stay inside an image, runs on a CUDA GPU in half precision
 with each image's cumulative length (`varlen_attn`); elsewhere on a per-image padded view of it with a key mask
 (no copy at all while every image has the same number of active tokens).
 
-A forward pass reads the device once per auxiliary head that can prune (the new token counts size the packed
-sequence), never per layer, and not at all when no head prunes (threshold 1.0).
+A forward pass in threshold mode reads the device once per auxiliary head that can prune (the new token counts size
+the packed sequence), never per layer, and not at all when no head prunes (threshold 1.0). In capacity mode every
+image keeps the same number of tokens after each head: the active tokens are a dense `(batch, kept, dim)` tensor,
+attention needs no key mask and nothing is read from the device, so the whole forward is one static-shape graph
+(`torch.compile(fullgraph=True)`, ONNX export).
 """
 
 import math
@@ -45,16 +48,19 @@ from .pruning import (
     ActiveTokens,
     TokenPacking,
     atm_class_scores,
+    num_tokens_kept,
     select_exiting_tokens,
+    select_kept_tokens,
     token_confidence,
     tokens_to_grid,
     update_canvas,
 )
+
+
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None
-
 
 
 logger = logging.get_logger(__name__)
@@ -68,7 +74,7 @@ class DToPModelOutput(ModelOutput):
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`):
             The final DToP map on the token grid (`height = ceil(H / patch_size)`): early-exit predictions joined
-            with the decode head's. ATM heads: class probabilities (final presence x sigmoid(canvas), SPEC §3);
+            with the decode head's. ATM heads: class probabilities (final presence x sigmoid(canvas));
             FCN heads: class logits. Upsample, then argmax, to get a segmentation (the image processor does).
         exit_stage (`torch.LongTensor` of shape `(batch_size, height, width)`):
             Index into `config.out_indices` of the head that finalised each token; tokens that never exited have
@@ -111,7 +117,7 @@ class DToPLossOutput(ModelOutput):
     """
     Args:
         loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
-            The sum over heads of each head's loss, weighted by `config.stage_loss_weights` (SPEC §4).
+            The sum over heads of each head's loss, weighted by `config.stage_loss_weights`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -162,7 +168,9 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def build_attention_mask(packing: TokenPacking, attn_implementation: str | None, dtype: torch.dtype) -> torch.Tensor | None:
+def build_attention_mask(
+    packing: TokenPacking, attn_implementation: str | None, dtype: torch.dtype
+) -> torch.Tensor | None:
     """Key mask `(batch, 1, 1, max_count)` for per-image attention on the padded layout; `None` when nothing is
     padded. sdpa takes it boolean (True = attend), eager and the mask attention additive (0 or the dtype's min).
 
@@ -200,7 +208,7 @@ def use_varlen_attention(query: torch.Tensor, attn_implementation: str | None, d
 def resize_position_grid(
     grid_position: torch.Tensor, grid_size: tuple[int, int], antialias: bool = False
 ) -> torch.Tensor:
-    """Resize the position embeddings of a square patch grid to another grid, bicubic (SPEC §1).
+    """Resize the position embeddings of a square patch grid to another grid, bicubic, as the official code does.
 
     Args:
         grid_position: `(1, side * side, dim)`, row-major.
@@ -275,7 +283,7 @@ class DToPEmbeddings(nn.Module):
         grid_size = tuple(patch_tokens.shape[-2:])
         embeddings = patch_tokens.flatten(2).transpose(1, 2)  # (batch, h * w, dim)
         if self.position_embeddings is not None:
-            # Official code: the cls token gets pos slot 0 and is then dropped, i.e. tokens + pos[:, 1:] (SPEC §1).
+            # Official code: the cls token gets pos slot 0 and is then dropped, i.e. tokens + pos[:, 1:].
             embeddings = embeddings + self.grid_position_embeddings(grid_size)
         prefix_tokens = self.prefix_tokens()
         if prefix_tokens is not None:
@@ -404,7 +412,7 @@ class DToPAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         if use_varlen_attention(query, self.config._attn_implementation, dropout):
             # The packed tokens go straight into the kernel with each image's cumulative length: no padded copy,
-            # no key mask (issue 13 §1). (total, heads, head_dim) -> (total, dim)
+            # no key mask. (total, heads, head_dim) -> (total, dim)
             cu_seqlens, max_count = packing.cu_seqlens, packing.max_count
             attn_output = varlen_attn(
                 query, key, value, cu_seqlens, cu_seqlens, max_count, max_count, scale=self.scaling
@@ -569,7 +577,7 @@ class DToPQuerySelfAttention(nn.Module):
 
 class DToPMaskAttention(nn.Module):
     """Cross-attention from the class queries to an image's active tokens whose pre-softmax scores, averaged
-    over heads, are the mask logits (the "attention to mask" of SegViT, SPEC §2).
+    over heads, are the mask logits (the "attention to mask" of SegViT).
 
     The scores must be returned, so this is always computed explicitly (never through sdpa).
     """
@@ -580,7 +588,7 @@ class DToPMaskAttention(nn.Module):
         self.num_attention_heads = config.head_num_attention_heads
         self.head_dim = dim // self.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        # Official names: `q`, `k`, `v`, `proj` (renamed on load for checkpoints saved with them).
+        # Official names: `q`, `k`, `v`, `proj` (the converter of official checkpoints renames them).
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -608,7 +616,7 @@ class DToPMaskAttention(nn.Module):
         key = self.k_proj(memory).view(key_shape).transpose(1, 2)  # (batch, heads, max_count, head_dim)
         value = self.v_proj(memory).view(key_shape).transpose(1, 2)
         # The scores are the mask logits that the exit rule ranks: float32 whatever the compute dtype, or bf16 would
-        # round most of a class's candidates into ties (issue 11 §3). (batch, heads, num_labels, max_count)
+        # round most of a class's candidates into ties. (batch, heads, num_labels, max_count)
         with torch.autocast(query.device.type, enabled=False):
             scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * self.scaling
         mask_logits = scores.mean(dim=1)  # (batch, num_labels, max_count)
@@ -622,14 +630,14 @@ class DToPMaskAttention(nn.Module):
 
 
 class DToPATMDecoderLayer(nn.Module):
-    """Post-norm ATM decoder layer (SPEC §2):
+    """Post-norm ATM decoder layer, as in the official code:
     q = norm1(q + SelfAttn(q)); q = norm2(q + CrossAttn(q, memory)); q = norm3(q + FFN(q))."""
 
     def __init__(self, config: DToPConfig):
         super().__init__()
         dim, eps = config.head_hidden_size, config.head_layer_norm_eps
         self.self_attn = DToPQuerySelfAttention(config)
-        # Official name: `multihead_attn` (renamed on load).
+        # Official name: `multihead_attn` (the converter renames it).
         self.cross_attn = DToPMaskAttention(config)
         self.linear1 = nn.Linear(dim, config.head_intermediate_size)
         self.linear2 = nn.Linear(config.head_intermediate_size, dim)
@@ -656,7 +664,7 @@ class DToPATMHead(nn.Module):
 
     Every head class has the same interface: `forward(tokens, packing) -> DToPHeadOutput`; `class_scores` (what
     the stage predicts, from its class logits and the canvas of mask logits); `scores_to_probabilities` (what the
-    exit rule reads); `loss` (the head's training loss, SPEC §4); `multiply_accumulates` (its cost).
+    exit rule reads); `loss` (the head's training loss); `multiply_accumulates` (its cost).
     """
 
     def __init__(self, config: DToPConfig):
@@ -681,13 +689,14 @@ class DToPATMHead(nn.Module):
         mask_logits = None
         for layer in self.layers:
             queries, mask_logits = layer(queries, memory, packing, key_bias)
-        # Only the last layer's mask logits are used (SPEC §2). (batch, num_labels, max_count) -> (total, num_labels)
+        # Only the last layer's mask logits are used, as in the official code.
+        # (batch, num_labels, max_count) -> (total, num_labels)
         packed_mask_logits = packing.from_padded(mask_logits.transpose(1, 2))
         return DToPHeadOutput(mask_logits=packed_mask_logits, class_logits=self.class_embed(queries))
 
     @staticmethod
     def class_scores(class_logits: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-        """Presence probability x sigmoid(mask logit): `(batch, num_labels, tokens)` probabilities (SPEC §2)."""
+        """Presence probability x sigmoid(mask logit): `(batch, num_labels, tokens)` probabilities."""
         return atm_class_scores(class_logits, canvas)
 
     @staticmethod
@@ -703,7 +712,7 @@ class DToPATMHead(nn.Module):
         input_size: tuple[int, int],
         padded_size: tuple[int, int],
     ) -> torch.Tensor:
-        """Presence cross-entropy + focal and dice mask losses of this head (SPEC §4); see `atm_stage_loss`."""
+        """Presence cross-entropy + focal and dice mask losses of this head; see `atm_stage_loss`."""
         config = self.config
         return atm_stage_loss(
             class_logits,
@@ -722,7 +731,7 @@ class DToPATMHead(nn.Module):
 
     @staticmethod
     def multiply_accumulates(config: DToPConfig) -> tuple[int, int]:
-        """Multiply-accumulates of one head call: `(per active token, per call)` (SPEC §5)."""
+        """Multiply-accumulates of one head call: `(per active token, per call)`, one MAC counted as one FLOP."""
         dim, head_dim = config.hidden_size, config.head_hidden_size
         num_queries, feed_forward = config.num_labels, config.head_intermediate_size
         # Per token: input projection C D; per decoder layer the memory's key and value projections 2 D^2, the
@@ -762,7 +771,7 @@ class DToPFCNHead(nn.Module):
 
     @staticmethod
     def class_scores(class_logits: None, canvas: torch.Tensor) -> torch.Tensor:
-        """The canvas of class logits is the prediction: an exited token keeps its exit head's logits (SPEC §3)."""
+        """The canvas of class logits is the prediction: an exited token keeps its exit head's logits."""
         return canvas
 
     @staticmethod
@@ -797,14 +806,6 @@ class DToPFCNHead(nn.Module):
 DTOP_HEAD_CLASSES = {"atm": DToPATMHead, "fcn": DToPFCNHead}
 
 
-# Checkpoints saved before the ATM cross-attention took the names of the other attentions (`multihead_attn` with
-# `q`, `k`, `v`, `proj`) load through this renaming.
-LEGACY_KEY_MAPPING = {
-    r"\.multihead_attn\.(q|k|v)\.": r".cross_attn.\1_proj.",
-    r"\.multihead_attn\.proj\.": r".cross_attn.o_proj.",
-}
-
-
 class DToPPreTrainedModel(PreTrainedModel):
     config: DToPConfig
     base_model_prefix = "dtop"
@@ -814,12 +815,6 @@ class DToPPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DToPEmbeddings", "DToPLayer", "DToPATMHead", "DToPFCNHead"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"classifier\.", r"pooler\.", r"layernorm\.", r"empty_weight"]
-
-    @classmethod
-    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
-        """[`~PreTrainedModel.from_pretrained`], also reading checkpoints saved before the ATM cross-attention was
-        renamed (`LEGACY_KEY_MAPPING`)."""
-        return super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # One class holds one Auto class: seed the other so that a saved folder serves both AutoModel (DToPModel)
@@ -834,9 +829,7 @@ class DToPPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
-    def from_vit_pretrained(
-        cls, vit_name_or_path: str, **kwargs
-    ) -> "DToPPreTrainedModel | tuple":
+    def from_vit_pretrained(cls, vit_name_or_path: str, **kwargs) -> "DToPPreTrainedModel | tuple":
         """Start from a transformers ViT, DeiT, DINOv2 (with registers) or DINOv3 checkpoint, or a task model of one
         (folder or Hub id; the family is read from its config): the backbone reproduces the family, its weights are
         loaded strictly, positions resized once to `image_size`, new heads after the default stage layout.
@@ -888,7 +881,8 @@ def check_pixel_values(pixel_values: torch.Tensor, config: DToPConfig) -> None:
     """Clear errors for inputs the model cannot segment, instead of a wrong answer or an error deep inside."""
     if pixel_values.ndim != 4:
         raise ValueError(
-            f"`pixel_values` must have shape (batch_size, num_channels, height, width), got {tuple(pixel_values.shape)}."
+            "`pixel_values` must have shape (batch_size, num_channels, height, width), "
+            f"got {tuple(pixel_values.shape)}."
         )
     batch_size, num_channels, height, width = pixel_values.shape
     if batch_size == 0:
@@ -945,7 +939,7 @@ class DToPLayerRecord:
 
 class DToPModel(DToPPreTrainedModel):
     """The ViT backbone with its stage heads: runs the stages, lets confident tokens exit after each auxiliary
-    head and assembles the final map from the early predictions and the decode head's (SPEC §1-3)."""
+    head and assembles the final map from the early predictions and the decode head's."""
 
     def __init__(self, config: DToPConfig):
         super().__init__(config)
@@ -968,21 +962,29 @@ class DToPModel(DToPPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         patch_offsets: list[torch.Tensor] | None = None,
+        exit_mode: str | None = None,
+        exit_capacity: float | list[float] | tuple[float, ...] | None = None,
     ) -> DToPModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Normalised images; any size of at least one patch (other sizes are padded to a patch multiple).
             exit_threshold (`float` or `tuple[float]`, *optional*):
-                Overrides `config.exit_threshold` for this call; 1.0 runs the unpruned baseline. In training mode
-                thresholds apply only when `config.prune_during_training` is True.
+                Overrides `config.exit_threshold` for this call (threshold mode); 1.0 runs the unpruned baseline. In
+                training mode exits happen only when `config.prune_during_training` is True.
+            exit_mode (`str`, *optional*):
+                Overrides `config.exit_mode` for this call: `"threshold"` or `"capacity"`. When it is not given, a
+                per-call `exit_threshold` selects threshold mode and a per-call `exit_capacity` capacity mode.
+            exit_capacity (`float` or `tuple[float]`, *optional*):
+                Overrides `config.exit_capacity` for this call (capacity mode): the fraction of an image's patch
+                tokens still active after each auxiliary head; 1.0 runs the unpruned baseline.
             output_hidden_states (`bool`, *optional*): return the embeddings and every layer's output.
             output_attentions (`bool`, *optional*): return every layer's attention weights (eager attention).
             patch_offsets (`list[torch.Tensor]`, *optional*): the windows' offsets from the image processor;
                 returned unchanged in the output for the post-processing.
         """
         check_pixel_values(pixel_values, self.config)
-        thresholds = self.stage_thresholds(exit_threshold)
+        exit_mode, exit_values = self.stage_exit_rule(exit_mode, exit_threshold, exit_capacity)
         embeddings, grid_size = self.embeddings(pixel_values.to(self.dtype))  # (batch, prefix + tokens, dim)
         tokens = ActiveTokens.all_active(
             embeddings.shape[0], grid_size, self.config.num_prefix_tokens, len(self.heads), embeddings.device
@@ -994,17 +996,23 @@ class DToPModel(DToPPreTrainedModel):
         position_embeddings = None if rotary is None else tuple(tokens.sequence.from_grid(part) for part in rotary)
         record = DToPLayerRecord(self.config, embeddings, output_hidden_states, output_attentions)
         canvas, stages = None, []
-        for stage, (layers, head, threshold) in enumerate(zip(self.stage_layers(), self.heads, thresholds)):
+        for stage, (layers, head, exit_value) in enumerate(zip(self.stage_layers(), self.heads, exit_values)):
             hidden_states = self.run_layers(layers, hidden_states, tokens.sequence, position_embeddings, record)
             head_output = head(tokens.patch_rows(hidden_states), tokens.patches)
             # (total, num_labels) -> (batch, tokens, num_labels) -> (batch, num_labels, tokens)
             stage_values = tokens.patches.to_grid(head_output.mask_logits).transpose(1, 2)
             canvas = update_canvas(canvas, stage_values, tokens.active_mask)
             stages.append((head.class_scores(head_output.class_logits, canvas), canvas, head_output.class_logits))
-            exit_mask = self.select_exits(head, head_output.class_logits, canvas, tokens.active_mask, threshold)
-            tokens, hidden_states, position_embeddings = tokens.after_exit(
-                exit_mask, stage, hidden_states, position_embeddings
-            )
+            if exit_mode == "capacity":
+                kept_index = self.select_kept(head, head_output.class_logits, canvas, tokens, exit_value)
+                tokens, hidden_states, position_embeddings = tokens.keep(
+                    kept_index, stage, hidden_states, position_embeddings
+                )
+            else:
+                exit_mask = self.select_exits(head, head_output.class_logits, canvas, tokens.active_mask, exit_value)
+                tokens, hidden_states, position_embeddings = tokens.after_exit(
+                    exit_mask, stage, hidden_states, position_embeddings
+                )
 
         stage_logits, stage_mask_logits, stage_class_logits = zip(*stages)
         return DToPModelOutput(
@@ -1019,21 +1027,31 @@ class DToPModel(DToPPreTrainedModel):
             patch_offsets=patch_offsets,
         )
 
-    def stage_thresholds(self, exit_threshold: float | list[float] | tuple[float, ...] | None) -> tuple[float, ...]:
-        """One threshold per head for this call (the decode head's is 1.0).
+    def stage_exit_rule(
+        self,
+        exit_mode: str | None,
+        exit_threshold: float | list[float] | tuple[float, ...] | None,
+        exit_capacity: float | list[float] | tuple[float, ...] | None,
+    ) -> tuple[str, tuple[float, ...]]:
+        """The exit mode of this call and one value per head: thresholds or capacities, the decode head's 1.0.
 
-        Thresholds apply in eval mode always, in training mode only when `config.prune_during_training` is True:
+        Exits happen in eval mode always, in training mode only when `config.prune_during_training` is True:
         otherwise training a fresh model would start pruning by surprise once its heads grow confident.
         """
-        thresholds = self.config.exit_thresholds_per_head(exit_threshold)  # validates the override too
+        exit_mode, values = self.config.exit_rule(exit_mode, exit_threshold, exit_capacity)  # validates overrides
         if not self.training or self.config.prune_during_training:
-            return thresholds
-        if exit_threshold is not None and min(thresholds) < 1.0:
+            if exit_mode == "threshold" and min(values) < 1.0 and torch.compiler.is_exporting():
+                raise RuntimeError(
+                    "Threshold mode cannot be exported: the tokens that exit, and so the tensor sizes, differ per "
+                    "image and are only known at run time; export capacity mode (exit_mode='capacity') instead."
+                )
+            return exit_mode, values
+        knob = "exit_capacity" if exit_mode == "capacity" else "exit_threshold"
+        if (exit_threshold is not None or exit_capacity is not None) and min(values) < 1.0:
             logger.warning_once(
-                "`exit_threshold` is ignored in training mode unless `config.prune_during_training=True`: "
-                "no token exits."
+                f"`{knob}` is ignored in training mode unless `config.prune_during_training=True`: no token exits."
             )
-        return (1.0,) * len(thresholds)
+        return exit_mode, (1.0,) * len(values)
 
     def stage_layers(self) -> list[nn.ModuleList]:
         """The layers of each stage: those after the previous head, up to and including this head's layer."""
@@ -1069,23 +1087,46 @@ class DToPModel(DToPPreTrainedModel):
         active_mask: torch.Tensor,
         threshold: float,
     ) -> torch.Tensor | None:
-        """The tokens that exit after `head` `(batch, tokens)` bool, or `None` when none can (threshold 1.0).
-
-        Scores, confidence, threshold test and top-k ranking run in float32 from the head's logits whatever the
-        compute dtype: in bf16, scores near 0.9 are quantised to steps of 2^-8 and their ties would make the top-k
-        fall back to token order.
-        """
+        """Threshold mode: the tokens that exit after `head` `(batch, tokens)` bool, or `None` when none can
+        (threshold 1.0)."""
         if threshold >= 1.0:
-            return None  # Confidence never exceeds 1 and the test is strict (SPEC §3): skip the work.
+            return None  # Confidence never exceeds 1 and the test is strict: skip the work.
+        confidence, predicted_class = self.exit_confidence(head, class_logits, canvas)
+        return select_exiting_tokens(confidence, predicted_class, active_mask, threshold, self.config.keep_top_k)
+
+    def select_kept(
+        self,
+        head: nn.Module,
+        class_logits: torch.Tensor | None,
+        canvas: torch.Tensor,
+        tokens: ActiveTokens,
+        capacity: float,
+    ) -> torch.Tensor | None:
+        """Capacity mode: the tokens that go on after `head`, `(batch, kept)` token indices in increasing order, or
+        `None` when every active token goes on (capacity 1.0, or not below the tokens still active)."""
+        num_kept = num_tokens_kept(capacity, tokens.patches.num_tokens)
+        if num_kept >= tokens.patches.max_count:  # every image has `max_count` active tokens in capacity mode
+            return None
+        confidence, predicted_class = self.exit_confidence(head, class_logits, canvas)
+        return select_kept_tokens(confidence, predicted_class, tokens.active_mask, num_kept, self.config.keep_top_k)
+
+    @staticmethod
+    def exit_confidence(
+        head: nn.Module, class_logits: torch.Tensor | None, canvas: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`confidence` and `predicted_class` `(batch, tokens)`: what the exit rules read.
+
+        Scores and confidence are computed in float32 from the head's logits whatever the compute dtype: in bf16,
+        scores near 0.9 are quantised to steps of 2^-8 and their ties would make the top-k fall back to token order.
+        """
         with torch.autocast(canvas.device.type, enabled=False):
             class_logits = None if class_logits is None else class_logits.float()
             probabilities = head.scores_to_probabilities(head.class_scores(class_logits, canvas.float()))
-            confidence, predicted_class = token_confidence(probabilities)
-        return select_exiting_tokens(confidence, predicted_class, active_mask, threshold, self.config.keep_top_k)
+            return token_confidence(probabilities)
 
 
 class DToPForSemanticSegmentation(DToPPreTrainedModel):
-    """DToP for semantic segmentation: [`DToPModel`] plus the training loss of every head (SPEC §4)."""
+    """DToP for semantic segmentation: [`DToPModel`] plus the training loss of every head."""
 
     def __init__(self, config: DToPConfig):
         super().__init__(config)
@@ -1104,13 +1145,16 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         patch_offsets: list[torch.Tensor] | None = None,
+        exit_mode: str | None = None,
+        exit_capacity: float | list[float] | tuple[float, ...] | None = None,
     ) -> DToPSemanticSegmenterOutput:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
                 Class ids in `[0, num_labels)`, `config.semantic_loss_ignore_index` for unlabelled pixels. When
                 given, the loss of every head is computed and summed.
-            pixel_values, exit_threshold, output_hidden_states, output_attentions, patch_offsets:
+            pixel_values, exit_threshold, output_hidden_states, output_attentions, patch_offsets, exit_mode,
+            exit_capacity:
                 As in [`DToPModel.forward`].
 
         Example:
@@ -1136,6 +1180,8 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             patch_offsets=patch_offsets,
+            exit_mode=exit_mode,
+            exit_capacity=exit_capacity,
             return_dict=True,
         )
         loss = None
@@ -1146,7 +1192,7 @@ class DToPForSemanticSegmentation(DToPPreTrainedModel):
     def compute_loss(
         self, outputs: DToPModelOutput, labels: torch.Tensor, input_size: tuple[int, int]
     ) -> torch.Tensor:
-        """Weighted sum over heads of each head's loss (weight 1 each by default, SPEC §4)."""
+        """Weighted sum over heads of each head's loss (weight 1 each by default, as in the official recipe)."""
         config = self.config
         grid_size = outputs.stage_mask_logits[0].shape[-2:]
         padded_size = (grid_size[0] * config.patch_size, grid_size[1] * config.patch_size)

@@ -14,18 +14,20 @@
 """The bookkeeping of dynamic token pruning, as pure tensor functions (no modules, no config).
 
 Vocabulary: `tokens` are the h*w patch tokens of an image in row-major order; a token is *active* while it is
-still in the network; it *exits* after an auxiliary head when its top class score is high enough (SPEC §3);
-the *canvas* holds, per token, the per-class values of the last head that saw it; a *packing* lays the active
-tokens of all images of a batch end to end in one sequence, so that the linear layers only touch active tokens.
+still in the network; it *exits* after an auxiliary head when its top class score is high enough (threshold mode)
+or when it is not among the tokens the head's capacity lets go on (capacity mode); the *canvas* holds, per token,
+the per-class values of the last head that saw it; a *packing* lays the active tokens of all images of a batch end
+to end in one sequence, so that the linear layers only touch active tokens.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 
 def atm_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """Per-token class scores of an ATM head (SPEC §2): presence probability x sigmoid(mask logit).
+    """Per-token class scores of an ATM head: presence probability x sigmoid(mask logit).
 
     Args:
         class_logits: `(batch, num_labels, 2)`, column 0 = "class present", column 1 = "no object".
@@ -51,6 +53,46 @@ def token_confidence(class_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return confidence, predicted_class
 
 
+def rank_within_class(
+    confidence: torch.Tensor, predicted_class: torch.Tensor, candidate_mask: torch.Tensor
+) -> torch.Tensor:
+    """Rank of each candidate among the candidates of its image that predict the same class, most confident first.
+
+    Equal confidences are ranked by token order (the earlier token first). Vectorised over the batch, with no host
+    sync and only operations that export to ONNX (two stable sorts, gathers, a scatter-add and cumulative sums).
+
+    Args:
+        confidence: `(batch, tokens)` float, top class score per token.
+        predicted_class: `(batch, tokens)` int64, the class of that score.
+        candidate_mask: `(batch, tokens)` bool, the tokens to rank.
+
+    Returns:
+        `(batch, tokens)` int64: 0 for the most confident candidate of each class, 1 for the next, ...; the ranks
+        of non-candidates are meaningless (they sort after every candidate).
+    """
+    num_tokens = confidence.shape[1]
+    # Order every image's tokens by (class, confidence descending, token index): two stable sorts. Non-candidates
+    # get confidence -inf and a class past every real one, so they sort last and never count toward a group.
+    sort_confidence = torch.where(candidate_mask, confidence, torch.full_like(confidence, float("-inf")))
+    by_confidence = torch.sort(sort_confidence, dim=1, descending=True, stable=True).indices  # (batch, tokens)
+    sentinel_class = torch.iinfo(torch.int64).max
+    sort_class = torch.where(candidate_mask, predicted_class, torch.full_like(predicted_class, sentinel_class))
+    class_in_confidence_order = sort_class.gather(1, by_confidence)
+    by_class = torch.sort(class_in_confidence_order, dim=1, stable=True).indices
+    order = by_confidence.gather(1, by_class)  # (batch, tokens): token indices grouped by class, best first
+    ordered_class = sort_class.gather(1, order)
+    # Rank inside each class group = position - position of the group's first token. Groups are numbered in order
+    # along the row; a group starts at the number of tokens of the groups before it.
+    group_starts = torch.ones_like(ordered_class, dtype=torch.bool)
+    group_starts[:, 1:] = ordered_class[:, 1:] != ordered_class[:, :-1]
+    group_id = group_starts.long().cumsum(dim=1) - 1  # (batch, tokens)
+    group_size = torch.zeros_like(group_id).scatter_add(1, group_id, torch.ones_like(group_id))
+    group_first_position = (group_size.cumsum(dim=1) - group_size).gather(1, group_id)
+    position = torch.arange(num_tokens, device=confidence.device).expand_as(ordered_class)
+    rank_in_order = position - group_first_position
+    return torch.zeros_like(rank_in_order).scatter(1, order, rank_in_order)
+
+
 def select_exiting_tokens(
     confidence: torch.Tensor,
     predicted_class: torch.Tensor,
@@ -58,11 +100,11 @@ def select_exiting_tokens(
     threshold: float,
     keep_top_k: int,
 ) -> torch.Tensor:
-    """Which active tokens exit after an auxiliary head (SPEC §3, steps 2-4).
+    """Which active tokens exit after an auxiliary head, in threshold mode.
 
-    A token is a candidate when it is active and its confidence is *strictly* above `threshold` (official code:
-    `>`, so threshold 1.0 never prunes). For every class that is the prediction of at least one candidate of an
-    image, the `keep_top_k` candidates of that class with the highest confidence stay in (they keep context for
+    A token is a candidate when it is active and its confidence is *strictly* above `threshold` (as in the official
+    code: `>`, so threshold 1.0 never prunes). For every class that is the prediction of at least one candidate of
+    an image, the `keep_top_k` candidates of that class with the highest confidence stay in (they keep context for
     the hard tokens); every other candidate exits. Equal confidences are broken by token order: the earlier token
     stays. Everything is per image, so an image's decision never depends on its batch-mates.
 
@@ -79,31 +121,65 @@ def select_exiting_tokens(
     candidate_mask = active_mask & (confidence > threshold)
     if keep_top_k == 0:
         return candidate_mask
-    num_tokens = confidence.shape[1]
-    # Order every image's tokens by (class, confidence descending, token index): two stable sorts. Non-candidates
-    # get confidence -inf and a class past every real one, so they sort last and never count toward a group.
-    sort_confidence = torch.where(candidate_mask, confidence, torch.full_like(confidence, float("-inf")))
-    by_confidence = torch.sort(sort_confidence, dim=1, descending=True, stable=True).indices  # (batch, tokens)
-    sentinel_class = torch.iinfo(torch.int64).max
-    sort_class = torch.where(candidate_mask, predicted_class, torch.full_like(predicted_class, sentinel_class))
-    class_in_confidence_order = sort_class.gather(1, by_confidence)
-    by_class = torch.sort(class_in_confidence_order, dim=1, stable=True).indices
-    order = by_confidence.gather(1, by_class)  # (batch, tokens): token indices grouped by class, best first
-    ordered_class = sort_class.gather(1, order)
-    # Rank inside each class group = position - position of the group's first token.
-    position = torch.arange(num_tokens, device=confidence.device).expand_as(ordered_class)
-    group_starts = torch.ones_like(ordered_class, dtype=torch.bool)
-    group_starts[:, 1:] = ordered_class[:, 1:] != ordered_class[:, :-1]
-    group_first_position = torch.where(group_starts, position, torch.zeros_like(position)).cummax(dim=1).values
-    rank_in_class = position - group_first_position
-    kept_in_order = rank_in_class < keep_top_k
-    kept_mask = torch.zeros_like(candidate_mask).scatter(1, order, kept_in_order)
+    kept_mask = rank_within_class(confidence, predicted_class, candidate_mask) < keep_top_k
     return candidate_mask & ~kept_mask
 
 
-def update_canvas(
-    canvas: torch.Tensor | None, stage_values: torch.Tensor, active_mask: torch.Tensor
+def num_tokens_kept(capacity: float, num_tokens: int) -> int:
+    """Tokens of an image still active after a head of capacity `capacity`: `ceil(capacity * num_tokens)`.
+
+    The product is rounded to 9 decimals first, so that float error cannot add a token (0.7 * 10 is
+    7.000000000000001 in floating point; 7 tokens go on, not 8). At least one token goes on.
+    """
+    return max(1, math.ceil(round(capacity * num_tokens, 9)))
+
+
+def select_kept_tokens(
+    confidence: torch.Tensor,
+    predicted_class: torch.Tensor,
+    active_mask: torch.Tensor,
+    num_kept: int,
+    keep_top_k: int,
 ) -> torch.Tensor:
+    """Which active tokens go on after an auxiliary head, in capacity mode: exactly `num_kept` per image.
+
+    Every image keeps the same number of tokens, so the kept tokens of a batch form a dense `(batch, num_kept)`
+    layout with static shapes. Places are filled in this order:
+
+    1. Context tokens, as in threshold mode: per predicted class, the `keep_top_k` most confident active tokens
+       (every active token is an exit candidate here). When there are more of them than places, every class's most
+       confident token comes first, then every class's second, ... (rank by rank, so that as many classes as
+       possible keep a representative), and within one rank the more confident token, then the earlier one.
+    2. Then the least confident active tokens (the hard ones, which the later layers should refine), ties broken by
+       the lower token index.
+
+    Every other active token exits. Everything is per image and vectorised: no host sync, and only operations
+    that export to ONNX.
+
+    Args:
+        confidence: `(batch, tokens)` float, top class score per token (values of inactive tokens are ignored).
+        predicted_class: `(batch, tokens)` int64, the class of that score.
+        active_mask: `(batch, tokens)` bool, True for tokens still in the network; every image must have at least
+            `num_kept` active tokens.
+        num_kept: tokens per image that go on (see [`num_tokens_kept`]).
+        keep_top_k: context tokens per (image, class), >= 0.
+
+    Returns:
+        `kept_index` `(batch, num_kept)` int64: the token indices that go on, in increasing order.
+    """
+    rank = rank_within_class(confidence, predicted_class, active_mask)
+    is_context = active_mask & (rank < keep_top_k)
+    # One priority per token, sorted once: context tokens first (by rank, then most confident), then the other
+    # active tokens (least confident first), inactive tokens last; a stable sort breaks the remaining ties by index.
+    group = torch.where(is_context, rank, torch.where(active_mask, keep_top_k, keep_top_k + 1))
+    within_group = torch.where(is_context, -confidence, confidence)
+    by_confidence = torch.sort(within_group, dim=1, stable=True).indices  # (batch, tokens)
+    by_group = torch.sort(group.gather(1, by_confidence), dim=1, stable=True).indices
+    kept_index = by_confidence.gather(1, by_group)[:, :num_kept]  # (batch, num_kept), in priority order
+    return torch.sort(kept_index, dim=1).values
+
+
+def update_canvas(canvas: torch.Tensor | None, stage_values: torch.Tensor, active_mask: torch.Tensor) -> torch.Tensor:
     """Write a head's per-token values into the canvas for the tokens it saw; exited tokens keep theirs.
 
     Args:
@@ -114,15 +190,6 @@ def update_canvas(
     if canvas is None:
         return stage_values
     return torch.where(active_mask[:, None, :], stage_values, canvas)
-
-
-def assemble_atm_scores(final_class_logits: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-    """Final DToP map of an ATM model (SPEC §3): the final head's presence x sigmoid(canvas), for every token.
-
-    Exited tokens keep the mask logits of the head they exited at, but take the *final* head's presence factor,
-    as in the official code.
-    """
-    return atm_class_scores(final_class_logits, canvas)
 
 
 def tokens_to_grid(values: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -151,8 +218,8 @@ class TokenPacking:
 
     The packed sequence `(total, ...)` holds the active tokens of image 0 in token order, then image 1, ...; the
     padded layout `(batch, max_count, ...)` is what per-image attention needs. When every image has the same
-    number of active tokens (no pruning yet, or threshold 1.0) the two layouts are the same memory and
-    `is_uniform` is True: no copy and no attention mask are needed.
+    number of active tokens (no pruning yet, threshold 1.0, or capacity mode) the two layouts are the same memory
+    and `is_uniform` is True: no copy and no attention mask are needed.
 
     Attributes:
         active_mask: `(batch, tokens)` bool.
@@ -167,6 +234,10 @@ class TokenPacking:
         cu_seqlens: `(batch + 1,)` int32, the packed row where each image starts, then `total` (the cumulative
             lengths of variable-length attention kernels).
         has_empty_image: True when some image has no active token left.
+        token_index: `(batch, max_count)` int64, the token of each row, for a dense packing (capacity mode: every
+            image keeps the same number of tokens, see [`TokenPacking.dense`]); `None` otherwise. Moves between the
+            grid and a dense packing are gathers and scatters along the token dimension, which need no host sync
+            and export to ONNX.
     """
 
     active_mask: torch.Tensor
@@ -178,6 +249,24 @@ class TokenPacking:
     key_padding_mask: torch.Tensor | None
     cu_seqlens: torch.Tensor
     has_empty_image: bool = False
+    token_index: torch.Tensor | None = None
+
+    @classmethod
+    def dense(cls, token_index: torch.Tensor, num_tokens: int) -> "TokenPacking":
+        """The packing of the same number of active tokens in every image, from their token indices
+        `(batch, count)` in increasing order per image (capacity mode); no host sync: every size is known."""
+        batch_size, count = token_index.shape
+        device = token_index.device
+        active_mask = torch.zeros(batch_size, num_tokens, dtype=torch.bool, device=device)
+        active_mask = active_mask.scatter(1, token_index, True)
+        image_start = torch.arange(batch_size, device=device)[:, None] * num_tokens  # (batch, 1)
+        flat_index = (token_index + image_start).reshape(-1)  # (batch * count,)
+        packed_order = torch.arange(batch_size * count, device=device)
+        counts = token_index.new_full((batch_size,), count)
+        cu_seqlens = (torch.arange(batch_size + 1, device=device) * count).to(torch.int32)
+        return cls(
+            active_mask, flat_index, counts, count, packed_order, packed_order, None, cu_seqlens, False, token_index
+        )
 
     @property
     def batch_size(self) -> int:
@@ -197,8 +286,9 @@ class TokenPacking:
 
     @property
     def is_complete(self) -> bool:
-        """Every token of every image is active: the packed sequence is the whole grid."""
-        return self.total == self.batch_size * self.num_tokens
+        """Every token of every image is active: the packed sequence is the whole grid. (Read from Python ints only,
+        so that it holds for any batch size when the batch dimension is symbolic, as in an exported graph.)"""
+        return self.is_uniform and self.max_count == self.num_tokens
 
     @property
     def row_image_index(self) -> torch.Tensor:
@@ -224,6 +314,11 @@ class TokenPacking:
         feature_shape = packed.shape[1:]
         if self.is_complete:
             return packed.reshape(self.batch_size, self.num_tokens, *feature_shape)
+        if self.token_index is not None:
+            rows = packed.reshape(self.batch_size, self.max_count, -1)  # (batch, count, features)
+            grid = rows.new_full((self.batch_size, self.num_tokens, rows.shape[-1]), fill)
+            grid = grid.scatter(1, self.token_index[:, :, None].expand_as(rows), rows)
+            return grid.reshape(self.batch_size, self.num_tokens, *feature_shape)
         grid = packed.new_full((self.batch_size * self.num_tokens, *feature_shape), fill)
         grid = grid.index_copy(0, self.flat_index, packed)
         return grid.reshape(self.batch_size, self.num_tokens, *feature_shape)
@@ -233,10 +328,16 @@ class TokenPacking:
         flat = grid.reshape(self.batch_size * self.num_tokens, *grid.shape[2:])
         if self.is_complete:
             return flat
+        if self.token_index is not None:
+            columns = grid.reshape(self.batch_size, self.num_tokens, -1)  # (batch, tokens, features)
+            rows = columns.gather(1, self.token_index[:, :, None].expand(-1, -1, columns.shape[-1]))
+            return rows.reshape(self.total, *grid.shape[2:])
         return flat.index_select(0, self.flat_index)
 
     def padded_token_index(self) -> torch.Tensor:
         """`(batch, max_count)` int64: the grid token index of each padded slot, `tokens` at padding slots."""
+        if self.token_index is not None:
+            return self.token_index
         slot_to_token = torch.full(
             (self.batch_size * self.max_count,), self.num_tokens, dtype=torch.long, device=self.flat_index.device
         )
@@ -310,6 +411,15 @@ def pack_tokens(active_mask: torch.Tensor, count_values: list[int] | None = None
     )
 
 
+def gather_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows `rows` `(batch, kept)` of each image of a uniform packed sequence `(batch * count, *feature)` ->
+    `(batch * kept, *feature)`."""
+    batch_size, feature_shape = rows.shape[0], packed.shape[1:]
+    per_image = packed.reshape(batch_size, -1, math.prod(feature_shape))  # (batch, count, features)
+    kept = per_image.gather(1, rows[:, :, None].expand(-1, -1, per_image.shape[-1]))  # (batch, kept, features)
+    return kept.reshape(-1, *feature_shape)
+
+
 @dataclass
 class ActiveTokens:
     """The tokens still in the network after each stage, and their two packings.
@@ -350,16 +460,26 @@ class ActiveTokens:
     def all_active(
         cls, batch_size: int, grid_size: tuple[int, int], num_prefix_tokens: int, num_stages: int, device: torch.device
     ) -> "ActiveTokens":
-        """Every token active before the first layer; every exit stage the decode head's."""
+        """Every token active before the first layer; every exit stage the decode head's. Built from the sizes alone
+        (no list per image), so that the batch size can stay symbolic in an exported graph."""
         num_tokens = grid_size[0] * grid_size[1]
-        active_mask = torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)
         exit_stage = torch.full((batch_size, num_tokens), num_stages - 1, dtype=torch.long, device=device)
-        return cls.pack(active_mask, exit_stage, [num_tokens] * batch_size, num_prefix_tokens)
+        patches = TokenPacking.dense(torch.arange(num_tokens, device=device).expand(batch_size, -1), num_tokens)
+        sequence = patches
+        if num_prefix_tokens:
+            sequence_length = num_prefix_tokens + num_tokens
+            sequence_index = torch.arange(sequence_length, device=device).expand(batch_size, -1)
+            sequence = TokenPacking.dense(sequence_index, sequence_length)
+        return cls(patches.active_mask, exit_stage, sequence, patches, num_prefix_tokens)
 
     def patch_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(sequence.total, dim)` -> `(patches.total, dim)`: the packed patch tokens, without the prefix tokens."""
         if self.num_prefix_tokens == 0:
             return hidden_states
+        if self.sequence.is_uniform:
+            # Every image has the same rows: (batch, prefix + count, dim) -> (batch, count, dim), a slice.
+            per_image = hidden_states.reshape(self.sequence.batch_size, self.sequence.max_count, -1)
+            return per_image[:, self.num_prefix_tokens :].reshape(self.patches.total, -1)
         # Image i's prefix rows come first in its run: patch row j of the heads' packing is sequence row
         # j + (i + 1) * num_prefix_tokens.
         rows = torch.arange(self.patches.total, device=hidden_states.device)
@@ -404,14 +524,53 @@ class ActiveTokens:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return tokens, hidden_states, position_embeddings
 
+    def keep(
+        self,
+        kept_index: torch.Tensor | None,
+        stage: int,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple["ActiveTokens", torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Capacity mode: only the tokens of `kept_index` `(batch, kept)` go on after head `stage`; every other active
+        token exits. Returns the new tokens and the rows of the packed `hidden_states` `(batch * kept_with_prefix,
+        dim)` (and rotary `position_embeddings`) that go on.
+
+        `kept_index` holds active token indices in increasing order (see [`select_kept_tokens`]), `None` when every
+        token goes on. Every image keeps the same number of tokens, so the new packings are dense: one gather moves
+        the hidden states, with no host sync and no data-dependent size (a static-shape graph for torch.compile and
+        ONNX). The current packing must be dense or complete too, as capacity mode keeps it.
+        """
+        if kept_index is None:
+            return self, hidden_states, position_embeddings
+        batch_size, num_tokens = self.active_mask.shape
+        patches = TokenPacking.dense(kept_index, num_tokens)
+        exit_stage = self.exit_stage.masked_fill(self.active_mask & ~patches.active_mask, stage)
+        # Rows are in token order, so the row of a kept token is the number of active tokens before it.
+        kept_rows = (self.active_mask.long().cumsum(dim=1) - 1).gather(1, kept_index)  # (batch, kept)
+        sequence, sequence_rows = patches, kept_rows
+        if self.num_prefix_tokens:
+            # The prefix tokens lead every image's rows and never exit.
+            prefix = torch.arange(self.num_prefix_tokens, device=kept_index.device).expand(batch_size, -1)
+            sequence_rows = torch.cat([prefix, kept_rows + self.num_prefix_tokens], dim=1)
+            sequence_index = torch.cat([prefix, kept_index + self.num_prefix_tokens], dim=1)
+            sequence = TokenPacking.dense(sequence_index, self.num_prefix_tokens + num_tokens)
+        hidden_states = gather_rows(hidden_states, sequence_rows)
+        if position_embeddings is not None:
+            position_embeddings = tuple(gather_rows(values, sequence_rows) for values in position_embeddings)
+        tokens = ActiveTokens(patches.active_mask, exit_stage, sequence, patches, self.num_prefix_tokens)
+        return tokens, hidden_states, position_embeddings
+
 
 __all__ = [
     "ActiveTokens",
     "TokenPacking",
-    "assemble_atm_scores",
     "atm_class_scores",
+    "gather_rows",
+    "num_tokens_kept",
     "pack_tokens",
+    "rank_within_class",
     "select_exiting_tokens",
+    "select_kept_tokens",
     "token_confidence",
     "tokens_seen_per_stage",
     "tokens_to_grid",

@@ -13,7 +13,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 #
-# Issue 13's GPU benchmark in one shot, from the repository root of a machine with one CUDA GPU:
+# The GPU benchmark in one shot, from the repository root of a machine with one CUDA GPU:
 #
 #     bash examples/gpu_benchmark.sh [--wheels DIR] [--copy_to DIR] [--budget_s SECONDS] [--dry_run]
 #
@@ -22,7 +22,7 @@
 #    PyPI. Nothing else is installed.
 # 2. Runs the CPU tests of the GPU path (-k "sync or compile or varlen" in the model, pruning and benchmark tests;
 #    CUDA-only tests run there too), within a time limit; a failure is reported and the benchmark still runs.
-# 3. Runs examples/benchmark.py --device cuda --sync_debug on issue 13's suite (ViT-B/16 512 batch 1, 8, 32;
+# 3. Runs examples/benchmark.py --device cuda --sync_debug on the GPU suite (ViT-B/16 512 batch 1, 8, 32;
 #    ViT-L/16 640 batch 1, 8; bf16 and fp32; eager, then compiled), writing docs/benchmark_cuda.json, the tables in
 #    docs/benchmark_cuda.md and the whole log in docs/benchmark_cuda.log; --copy_to DIR copies the three there.
 # Everything ends within --budget_s (default 550 s, inside a 10-minute slot on an H200): eager runs first, then the

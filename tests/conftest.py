@@ -19,9 +19,10 @@ import os
 # Everything is built locally: never reach for the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util  # noqa: E402
+import runpy  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -48,18 +49,18 @@ TRANSFORMERS_TEST_MARKERS = (
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The example scripts import their shared flags (`examples/arguments.py`) as a top-level module, as they do when run
-# from examples/. Appended, not prepended: examples/evaluate.py must never shadow the `evaluate` package.
-if str(EXAMPLES) not in sys.path:
-    sys.path.append(str(EXAMPLES))
 
 
-def load_example(name: str, module_name: str | None = None):
-    """Import `examples/<name>.py` as a module (the scripts are not a package; `evaluate.py` would shadow `evaluate`)."""
-    spec = importlib.util.spec_from_file_location(module_name or f"dtop_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_example(name: str, argv: list[str]):
+    """Run `examples/<name>.py` in this process, as `python examples/<name>.py *argv` would, and return what its
+    `main(argv)` returns. The script runs from its file: the scripts are no package, and nothing imports them."""
+    return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"example_{name}")["main"](argv)
+
+
+def load_example(name: str):
+    """The namespace of `examples/<name>.py`, for the tests that still call a script's helpers other than `main`
+    (`tests/test_presets.py`); use [`run_example`] for anything else."""
+    return types.SimpleNamespace(**runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"example_{name}"))
 
 
 def pytest_configure(config):

@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The ViT families DToP starts from (issue 12): ViT, DeiT, DINOv2 (with registers), DINOv3, from transformers
+"""The ViT families DToP starts from: ViT, DeiT, DINOv2 (with registers), DINOv3, from transformers
 checkpoints (`from_vit_pretrained`) and from timm weights (the converter), each checked against the source model."""
 
 import json
@@ -22,8 +22,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import images_that_prune_differently, pruning_thresholds, run_without_dtop_hf
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
@@ -46,14 +46,14 @@ from transformers import (
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPModel
 from dtop_hf.convert_dtop_original_to_hf import detect_checkpoint_layout, main
-from dtop_hf.toolkit.presets import default_stage_layout
 from dtop_hf.toolkit.evaluation.flops import count_flops_from_outputs
+from dtop_hf.toolkit.presets import default_stage_layout
 from dtop_hf.toolkit.vit_weights import dtop_config_from_vit
 
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
 NATIVE_SIZE, LARGER_SIZE = (32, 32), (48, 40)  # 4x4 grid (stored), 6x5 grid (interpolated / rotated by the source)
-MAX_DIFFERENCE = 1e-4  # issue 12: fp32, every layer's tokens
+MAX_DIFFERENCE = 1e-4  # fp32, on every layer's tokens
 
 
 def source_model(family: str) -> torch.nn.Module:
@@ -343,8 +343,8 @@ TASK_MODELS = {
 
 @pytest.mark.parametrize("task_model", sorted(TASK_MODELS))
 def test_task_model_folders_load_without_a_load_report(task_model, tmp_path, recorded_logs, capfd):
-    """Classifier heads, poolers and the final norm are dropped on purpose: no transformers LOAD REPORT about them
-    (issue 14 §6), the drop is logged at INFO by dtop_hf; the backbone equals the classifier's."""
+    """Classifier heads, poolers and the final norm are dropped on purpose: no transformers LOAD REPORT about them;
+    the drop is logged at INFO by dtop_hf; the backbone equals the classifier's."""
     classifier = non_trivial_(TASK_MODELS[task_model]())
     classifier.save_pretrained(tmp_path)
     model = DToPModel.from_vit_pretrained(tmp_path, num_labels=3, use_cls_token=True)
@@ -617,9 +617,12 @@ def test_timm_weights_convert_and_reproduce_the_model(saved_sources, family, tmp
     assert detect_checkpoint_layout(checkpoint) == "timm"
     model = convert_with_cli(checkpoint, tmp_path)
     config = model.config
-    assert config.intermediate_size == source.state_dict()[
-        next(key for key in source.state_dict() if key.endswith(("0.mlp.fc1.weight", "0.mlp.gate_proj.weight")))
-    ].shape[0]
+    assert (
+        config.intermediate_size
+        == source.state_dict()[
+            next(key for key in source.state_dict() if key.endswith(("0.mlp.fc1.weight", "0.mlp.gate_proj.weight")))
+        ].shape[0]
+    )
     assert config.num_prefix_tokens == NUM_PREFIX_TOKENS[family]
     for size in (NATIVE_SIZE, LARGER_SIZE):
         pixel_values = images(size)
@@ -629,7 +632,7 @@ def test_timm_weights_convert_and_reproduce_the_model(saved_sources, family, tmp
             difference = float((our_state - source_state).abs().max())
             assert difference < MAX_DIFFERENCE, f"{family} at {size}, hidden state {layer}: {difference:.2e}"
     preprocessor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
-    assert preprocessor["crop_size"] == {"height": 32, "width": 32}  # the model's own size (issue 14 §6)
+    assert preprocessor["crop_size"] == {"height": 32, "width": 32}  # the model's own size
     captured = capfd.readouterr()
     assert "LOAD REPORT" not in captured.out + captured.err
     assert not any("LOAD REPORT" in message for message in recorded_logs)
@@ -673,7 +676,10 @@ def test_parity_with_timm_forward(variant, tmp_path):
         "deit_distilled": {},
         "dinov2": {"init_values": 1e-5},
         "dinov2_swiglu": {
-            "init_values": 1e-5, "mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU, "mlp_ratio": 5.5,
+            "init_values": 1e-5,
+            "mlp_layer": SwiGLUPacked,
+            "act_layer": torch.nn.SiLU,
+            "mlp_ratio": 5.5,
         },
         "reg4_dinov2": {"init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True},
     }[variant]

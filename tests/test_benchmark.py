@@ -11,8 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""examples/benchmark.py runs and reports what it promises (no timing is asserted: machines are noisy), and the
-model compiles with torch.compile, pruned and unpruned, to the eager results."""
+"""examples/benchmark.py and the benchmarking toolkit run and report what they promise (no timing is asserted:
+machines are noisy), and the model compiles with torch.compile, pruned and unpruned, to the eager results."""
 
 import importlib.util
 import json
@@ -26,24 +26,51 @@ import pytest
 import torch
 
 from dtop_hf import DToPConfig
+from dtop_hf.toolkit.benchmarking import (
+    BenchmarkSettings,
+    build_benchmark_model,
+    make_images,
+    parse_case,
+    prepare_exits,
+    resolve_suite,
+    seeded_thresholds,
+)
+from dtop_hf.toolkit.benchmarking.exits import (
+    exit_rate_grid,
+    exit_rate_weights,
+    gflops_at_exit_rates,
+    paper_exit_rate_mean,
+)
+from dtop_hf.toolkit.benchmarking.probes import count_device_syncs
 from dtop_hf.toolkit.presets import model_size_kwargs
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def load_benchmark():
+def benchmark_main(argv: list[str]) -> list[dict]:
+    """`examples/benchmark.py`'s `main(argv)`."""
     spec = importlib.util.spec_from_file_location("dtop_benchmark", EXAMPLES / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.main(argv)
+
+
+def dry_run(argv: list[str], capsys) -> dict:
+    """What `examples/benchmark.py argv --dry_run` would run (settings, runs, outputs), measuring nothing."""
+    capsys.readouterr()
+    assert benchmark_main([*argv, "--dry_run"]) == []
+    return json.loads(capsys.readouterr().out)
+
+
+def tiny_model() -> torch.nn.Module:
+    return build_benchmark_model(BenchmarkSettings(), "tiny")
 
 
 def test_benchmark_writes_one_record_per_case_and_mode(tmp_path, capsys):
-    benchmark = load_benchmark()
     output_json = tmp_path / "bench.json"
-    benchmark.main([
-        "--preset", "tiny", "--cases", "32x1", "32x4", "--modes", "eager", "--repeats", "1", "--warmup", "0",
+    benchmark_main([
+        "--model_size", "tiny", "--cases", "32x1", "32x4", "--modes", "eager", "--repeats", "1", "--warmup", "0",
         "--exit_rate", "0.4", "--output_json", str(output_json),
     ])  # fmt: skip
     records = json.loads(output_json.read_text())
@@ -59,12 +86,18 @@ def test_benchmark_writes_one_record_per_case_and_mode(tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
 
 
+def test_old_flag_names_still_work_with_a_warning(capsys):
+    with pytest.warns(FutureWarning, match="`--preset` is deprecated.*`--model_size`"):
+        old = dry_run(["--preset", "tiny", "--cases", "32x1", "--modes", "eager"], capsys)
+    assert old == dry_run(["--model_size", "tiny", "--cases", "32x1", "--modes", "eager"], capsys)
+    assert old["runs"] == [{"case": {"model_size": "tiny", "image_size": 32, "batch_size": 1}, "backend": "torch",
+                            "mode": "eager", "dtype": "fp32"}]  # fmt: skip
+
+
 def test_seeded_thresholds_hit_the_exit_rate():
-    benchmark = load_benchmark()
-    args = benchmark.parse_args(["--preset", "tiny", "--cases", "32x4"])
-    model = benchmark.build_model(args)
-    pixel_values = benchmark.make_images(4, 32, 0, "cpu")
-    thresholds = benchmark.seeded_thresholds(model, pixel_values, exit_rate=0.5)
+    model = tiny_model()
+    pixel_values = make_images(4, 32, 0, "cpu")
+    thresholds = seeded_thresholds(model, pixel_values, exit_rate=0.5)
     with torch.no_grad():
         exit_stage = model(pixel_values, exit_threshold=thresholds).exit_stage
     # keep-top-k holds a few candidates back, so slightly fewer than half exit at the first head
@@ -72,18 +105,17 @@ def test_seeded_thresholds_hit_the_exit_rate():
     assert 0.3 < first_head_share <= 0.5
 
 
-def test_bad_case_is_refused():
-    benchmark = load_benchmark()
+def test_bad_case_is_refused(capsys):
     with pytest.raises(ValueError, match="IMAGE_SIZExBATCH_SIZE"):
-        benchmark.parse_args(["--cases", "512-8"])
+        parse_case("512-8")
+    with pytest.raises(ValueError, match="IMAGE_SIZExBATCH_SIZE"):
+        dry_run(["--cases", "512-8"], capsys)
 
 
 def test_torch_compile_matches_eager_pruned_and_unpruned():
-    benchmark = load_benchmark()
-    args = benchmark.parse_args(["--preset", "tiny", "--cases", "32x2"])
-    model = benchmark.build_model(args)
-    pixel_values = benchmark.make_images(2, 32, 0, "cpu")
-    thresholds = benchmark.seeded_thresholds(model, pixel_values, exit_rate=0.4)
+    model = tiny_model()
+    pixel_values = make_images(2, 32, 0, "cpu")
+    thresholds = seeded_thresholds(model, pixel_values, exit_rate=0.4)
     compiled = torch.compile(model, dynamic=True)
     with torch.no_grad():
         for threshold in (1.0, thresholds):
@@ -94,29 +126,31 @@ def test_torch_compile_matches_eager_pruned_and_unpruned():
             torch.testing.assert_close(compiled_outputs.logits, eager_outputs.logits, atol=1e-5, rtol=1e-4)
 
 
-def test_cuda_defaults_are_the_issue_13_suite():
-    benchmark = load_benchmark()
-    args = benchmark.parse_args(["--device", "cuda"])  # parsing only: runs without a GPU
-    suite = [
+def test_cuda_defaults_are_the_gpu_suite(capsys):
+    suite = resolve_suite("cuda")  # no GPU needed: the suite is only described
+    expected = [
         ("vit-base", 512, 1), ("vit-base", 512, 8), ("vit-base", 512, 32), ("vit-large", 640, 1), ("vit-large", 640, 8)
     ]  # fmt: skip
-    assert [(case.preset, case.image_size, case.batch_size) for case in args.cases] == suite
-    assert args.dtypes == ["fp32", "bf16"] and args.compiled_cases == args.cases and args.exits == "paper"
-    assert args.output_json == "docs/benchmark_cuda.json"
-    plan = benchmark.benchmark_plan(args)
+    assert [(case.model_size, case.image_size, case.batch_size) for case in suite.cases] == expected
+    assert suite.dtypes == ("fp32", "bf16") and suite.compiled_cases == suite.cases
+    assert BenchmarkSettings(device="cuda").exits == "paper"
+    assert dry_run(["--device", "cuda"], capsys)["output_json"] == "docs/benchmark_cuda.json"
+    plan = suite.plan()
     assert len(plan) == 5 * 2 * 2
-    assert [mode for _, mode, _ in plan] == ["eager"] * 10 + ["compiled"] * 10  # compiles last: a budget cuts them
-    # The CPU keeps its defaults; --sync_debug needs CUDA.
-    cpu_args = benchmark.parse_args([])
-    assert [case.label for case in cpu_args.cases] == ["vit-base:512x1", "vit-base:256x1", "vit-base:256x8"]
-    assert cpu_args.dtypes == ["fp32"] and cpu_args.output_json == "docs/benchmark_cpu.json"
+    assert [run.mode for run in plan] == ["eager"] * 10 + ["compiled"] * 10  # compiles last: a budget cuts them
+    # The CPU keeps its defaults; sync counting needs CUDA.
+    cpu_suite = resolve_suite("cpu")
+    assert [case.label for case in cpu_suite.cases] == ["vit-base:512x1", "vit-base:256x1", "vit-base:256x8"]
+    assert cpu_suite.dtypes == ("fp32",) and dry_run([], capsys)["output_json"] == "docs/benchmark_cpu.json"
     with pytest.raises(ValueError, match="device cuda"):
-        benchmark.parse_args(["--sync_debug"])
+        BenchmarkSettings(sync_debug=True)
+    with pytest.raises(ValueError, match="device cuda"):
+        dry_run(["--sync_debug"], capsys)
     with pytest.raises(ValueError, match="Unknown model size"):
-        benchmark.parse_args(["--cases", "vit-huge:512x8"])
+        resolve_suite(cases=["vit-huge:512x8"])
 
 
-def test_gpu_script_runs_the_benchmark_with_flags_it_accepts():
+def test_gpu_script_runs_the_benchmark_with_flags_it_accepts(capsys):
     """examples/gpu_benchmark.sh --dry_run prints its commands; the benchmark's flags parse (no GPU needed)."""
     script = EXAMPLES / "gpu_benchmark.sh"
     completed = subprocess.run(
@@ -126,22 +160,27 @@ def test_gpu_script_runs_the_benchmark_with_flags_it_accepts():
     assert completed.returncode == 0, completed.stderr
     command = next(line for line in completed.stdout.splitlines() if "examples/benchmark.py" in line).split()
     flags = command[command.index("examples/benchmark.py") + 1 :]
-    args = load_benchmark().parse_args(flags)
-    assert args.device == "cuda" and args.sync_debug and set(args.dtypes) == {"fp32", "bf16"}
-    assert args.output_json == "docs/benchmark_cuda.json" and args.output_markdown == "docs/benchmark_cuda.md"
-    assert {(case.preset, case.image_size) for case in args.cases} == {("vit-base", 512), ("vit-large", 640)}
-    assert {mode for _, mode, _ in load_benchmark().benchmark_plan(args)} == {"eager", "compiled"}
-    assert 'pytest -q -p no:cacheprovider -k sync or compile or varlen' in completed.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the script uses today's flag names
+        planned = dry_run(flags, capsys)
+    settings = planned["settings"]
+    assert settings["device"] == "cuda" and settings["sync_debug"]
+    assert {run["dtype"] for run in planned["runs"]} == {"fp32", "bf16"}
+    assert planned["output_json"] == "docs/benchmark_cuda.json"
+    assert planned["output_markdown"] == "docs/benchmark_cuda.md"
+    cases = {(run["case"]["model_size"], run["case"]["image_size"]) for run in planned["runs"]}
+    assert cases == {("vit-base", 512), ("vit-large", 640)}
+    assert {run["mode"] for run in planned["runs"]} == {"eager", "compiled"}
+    assert "pytest -q -p no:cacheprovider -k sync or compile or varlen" in completed.stdout
 
 
 def test_dtypes_and_compiled_mode_write_their_records(tmp_path, monkeypatch):
     """The new options end to end on the tiny model; torch.compile is replaced by the eager model (compiling takes
     minutes on a CPU), so this checks the plumbing of compiled records, not the compiler."""
-    benchmark = load_benchmark()
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
     output_json, output_markdown = tmp_path / "bench.json", tmp_path / "bench.md"
-    benchmark.main([
-        "--preset", "tiny", "--cases", "32x2", "--dtypes", "fp32", "bf16", "--modes", "eager", "compiled",
+    benchmark_main([
+        "--model_size", "tiny", "--cases", "32x2", "--dtypes", "fp32", "bf16", "--modes", "eager", "compiled",
         "--compiled_cases", "32x2", "--repeats", "1", "--warmup", "0", "--no_memory",
         "--output_json", str(output_json), "--output_markdown", str(output_markdown),
     ])  # fmt: skip
@@ -162,14 +201,15 @@ def test_dtypes_and_compiled_mode_write_their_records(tmp_path, monkeypatch):
 
 
 def test_paper_exits_take_the_drawn_share_of_each_image():
-    """`--exits paper`: after the first head exactly the drawn share of every image's tokens has exited (keep-top-k
-    off), and the expected GFLOPs ratio of the fitted distribution is the paper's."""
-    benchmark = load_benchmark()
-    args = benchmark.parse_args(["--preset", "tiny", "--cases", "32x4"])
-    model = benchmark.build_model(args)
+    """`paper` exits: after the first head exactly the drawn share of every image's tokens has exited (keep-top-k
+    off), and the expected GFLOPs ratio of the fitted distribution is the paper's. The model's own heads stay in
+    place: only its exit decision reads the drawn scores."""
+    model = tiny_model()
+    heads = list(model.dtop.heads)
     model.config.keep_top_k = 0
-    pixel_values = benchmark.make_images(4, 32, 0, "cpu")
-    threshold, exit_record = benchmark.prepare_exits(args, model, pixel_values)
+    pixel_values = make_images(4, 32, 0, "cpu")
+    threshold, exit_record = prepare_exits(model, pixel_values, "paper", seed=0)
+    assert list(model.dtop.heads) == heads and all(type(head) is type(heads[-1]) for head in heads)
     with torch.no_grad():
         outputs = model(pixel_values, exit_threshold=threshold)
         unpruned = model(pixel_values, exit_threshold=1.0)
@@ -179,22 +219,25 @@ def test_paper_exits_take_the_drawn_share_of_each_image():
     expected = (torch.arange(num_tokens) / num_tokens < 1.0 - (1.0 - rates[:, None])).sum(dim=1)
     assert torch.equal((outputs.exit_stage == 0).flatten(1).sum(dim=1), expected)
     assert (unpruned.exit_stage == 2).all()  # threshold 1.0: the drawn scores exit nothing
+    # Back to the heads' own scores: random heads at threshold 0.9 let (almost) nothing exit, unlike the drawn ones.
+    prepare_exits(model, pixel_values, "model")
+    with torch.no_grad():
+        assert not torch.equal(model(pixel_values, exit_threshold=threshold).exit_stage, outputs.exit_stage)
     # The fitted mean reproduces the paper's ViT-B reduction, 109.9 -> 86.8 GFLOPs, in expectation.
     config = DToPConfig(**model_size_kwargs("vit-base"), num_labels=150)
-    mean = benchmark.paper_exit_rate_mean(config, 32 * 32)
-    grid = benchmark.exit_rate_grid()
-    ratios = benchmark.gflops_at_exit_rates(config, 1024, grid) / benchmark.gflops_at_exit_rates(
+    mean = paper_exit_rate_mean(config, 32 * 32)
+    grid = exit_rate_grid()
+    ratios = gflops_at_exit_rates(config, 1024, grid) / gflops_at_exit_rates(
         config, 1024, torch.zeros(1, dtype=torch.float64)
     )
-    assert float((benchmark.exit_rate_weights(mean, grid) * ratios).sum()) == pytest.approx(86.8 / 109.9, abs=1e-4)
+    assert float((exit_rate_weights(mean, grid) * ratios).sum()) == pytest.approx(86.8 / 109.9, abs=1e-4)
     assert 0.25 < mean < 0.35
 
 
 def test_time_budget_lists_what_it_skipped(tmp_path, capsys):
-    benchmark = load_benchmark()
     output_json = tmp_path / "bench.json"
-    records = benchmark.main([
-        "--preset", "tiny", "--cases", "32x1", "--modes", "eager", "--time_budget_s", "1e-9",
+    records = benchmark_main([
+        "--model_size", "tiny", "--cases", "32x1", "--modes", "eager", "--time_budget_s", "1e-9",
         "--output_json", str(output_json),
     ])  # fmt: skip
     assert records == [] and json.loads(output_json.read_text()) == []
@@ -202,8 +245,7 @@ def test_time_budget_lists_what_it_skipped(tmp_path, capsys):
 
 
 def test_sync_counter_counts_the_sync_warnings(monkeypatch):
-    """`--sync_debug`'s counter on CPU: torch's sync debug mode is faked, its warnings are real Python warnings."""
-    benchmark = load_benchmark()
+    """The sync counter on CPU: torch's sync debug mode is faked, its warnings are real Python warnings."""
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
 
@@ -212,7 +254,7 @@ def test_sync_counter_counts_the_sync_warnings(monkeypatch):
             warnings.warn("called a synchronizing CUDA operation", UserWarning)
         warnings.warn("an unrelated warning", UserWarning)
 
-    counted = benchmark.count_device_syncs(forward_with_two_syncs)
+    counted = count_device_syncs(forward_with_two_syncs)
     assert counted["count"] == 2 and sum(counted["where"].values()) == 2
     assert all(where.startswith("test_benchmark.py:") for where in counted["where"])
     assert modes == ["warn", "default"]  # switched back off after the call

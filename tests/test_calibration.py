@@ -25,8 +25,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor
+from dtop_hf.toolkit.data.datasets import SegmentationDataset, SegmentationEvalTransform, collate_segmentation_batch
+from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
 from dtop_hf.toolkit.evaluation.calibration import (
     NothingToCalibrateError,
+    calibrate_per_head_capacities,
     calibrate_per_head_thresholds,
     calibrate_threshold,
     check_thresholds,
@@ -39,9 +42,7 @@ from dtop_hf.toolkit.evaluation.calibration import (
     save_calibrated_model,
     threshold_neighbours,
 )
-from dtop_hf.toolkit.data.datasets import SegmentationDataset, SegmentationEvalTransform, collate_segmentation_batch
 from dtop_hf.toolkit.evaluation.loop import evaluate_model
-from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
 
 
 def sweep(*rows: tuple[float, float, float]) -> list[dict]:
@@ -197,6 +198,54 @@ def test_per_head_search_finds_the_grid_optimum_with_far_fewer_evaluations(const
         assert refined.chosen["gflops"] <= constraint["target_gflops"]
 
 
+# The same surface read as capacities (the fraction of tokens still active after each head): lower capacities cost
+# less and, below a knee, lose accuracy. Capacities must not increase from one head to the next.
+CAPACITY_GRID = [round(1.0 - 0.05 * step, 2) for step in range(15)]  # 1.0, 0.95, ..., 0.3
+CAPACITY_KNEE_PER_HEAD = (0.8, 0.75, 0.7)
+
+
+def three_head_capacity_surface(capacity, calls: list) -> dict:
+    capacities = per_head(capacity, 3)
+    assert all(later <= earlier for earlier, later in zip(capacities, capacities[1:])), capacities
+    calls.append(capacities)
+    cost = 10.0 + sum(saving * value for saving, value in zip(SAVING_PER_HEAD, capacities))
+    drop = sum(
+        loss * max(0.0, knee - value) ** 2
+        for loss, knee, value in zip(ACCURACY_LOSS_PER_HEAD, CAPACITY_KNEE_PER_HEAD, capacities)
+    )
+    return {"mean_iou": 0.5 - drop, "gflops": cost}
+
+
+@pytest.mark.parametrize("constraint", [{"max_miou_drop": 0.002}, {"max_miou_drop": 0.01}, {"target_gflops": 14.5}])
+def test_per_head_search_serves_capacities_and_keeps_them_non_increasing(constraint):
+    non_increasing = [
+        setting for setting in itertools.product(CAPACITY_GRID, repeat=3) if setting[0] >= setting[1] >= setting[2]
+    ]
+    results = [{**three_head_capacity_surface(setting, []), "exit_capacity": setting} for setting in non_increasing]
+    optimum = choose_threshold(results, key="exit_capacity", **constraint)["exit_capacity"]
+    calls = []
+    outcome = calibrate_per_head_capacities(
+        partial(three_head_capacity_surface, calls=calls), CAPACITY_GRID, num_heads=3, num_refinements=0,
+        num_grid_refinements=0, **constraint,
+    )  # fmt: skip
+    # Every setting evaluated is one the model accepts (the surface asserts it), each once, far fewer than the grid.
+    assert outcome.num_evaluations == len(calls) == len(set(calls)) <= len(non_increasing) // 4
+    assert per_head(outcome.chosen["exit_capacity"], 3) == optimum
+    assert all("exit_threshold" not in result for result in outcome.results)
+    if "max_miou_drop" in constraint:
+        assert outcome.baseline["exit_capacity"] == 1.0
+        assert 0.5 - outcome.chosen["mean_iou"] <= constraint["max_miou_drop"] + 1e-12
+    else:
+        assert outcome.chosen["gflops"] <= constraint["target_gflops"]
+
+
+def test_capacity_settings_are_checked():
+    with pytest.raises(ValueError, match="must not increase"):
+        calibrate_per_head_capacities(lambda capacity: {}, [1.0, (0.5, 0.7)], num_heads=2, max_miou_drop=0.01)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        calibrate_per_head_capacities(lambda capacity: {}, [1.2], num_heads=2, max_miou_drop=0.01)
+
+
 def test_threshold_forms_and_neighbours():
     assert per_head(0.8, 2) == (0.8, 0.8) and per_head([0.6, 0.9], 2) == (0.6, 0.9)
     with pytest.raises(ValueError, match="one exit threshold per auxiliary head \\(2\\)"):
@@ -340,3 +389,14 @@ def test_per_head_calibration_of_a_tiny_model_round_trips_through_save_pretraine
     saved = json.loads((folder / "calibration.json").read_text())
     assert per_head(saved["exit_threshold"], 2) == per_head(chosen["exit_threshold"], 2)
     assert saved["report"] == {"note": "test"}
+
+
+def test_a_calibrated_capacity_ships_in_capacity_mode(model_tester, tmp_path):
+    model = model_tester().create_model()
+    chosen = {"exit_capacity": (0.6, 0.35), "mean_iou": 0.4, "gflops": 1.0}
+    save_calibrated_model(model, None, tmp_path, chosen)
+    reloaded = DToPForSemanticSegmentation.from_pretrained(tmp_path)
+    assert reloaded.config.exit_mode == "capacity" and reloaded.config.exit_capacity == (0.6, 0.35)
+    # The model in memory keeps its own rule.
+    assert model.config.exit_mode == "threshold" and model.config.exit_capacity is None
+    assert json.loads((tmp_path / "calibration.json").read_text())["exit_capacity"] == [0.6, 0.35]

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import load_example
+from conftest import run_example
 from safetensors.torch import load_file
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
@@ -44,7 +44,7 @@ from dtop_hf.toolkit.training.checkpoints import (
 
 FINETUNE_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
 RUN = (
-    "--cpu", "--preset", "tiny", "--synthetic_image_size", "32", "--synthetic_train_samples", "8",
+    "--device", "cpu", "--model_size", "tiny", "--synthetic_image_size", "32", "--synthetic_train_samples", "8",
     "--synthetic_validation_samples", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
     "--max_train_steps", "6", "--num_warmup_steps", "1", "--learning_rate", "1e-3", "--seed", "3",
 )  # fmt: skip
@@ -123,7 +123,7 @@ def test_pruning_never_deletes_the_last_complete_checkpoint(accelerator_state, t
 
 
 def run_finetune(output_dir: Path, *extra: str) -> None:
-    load_example("finetune").main([*RUN, "--output_dir", str(output_dir), *extra])
+    run_example("finetune", [*RUN, "--output_dir", str(output_dir), *extra])
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:

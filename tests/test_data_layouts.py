@@ -27,6 +27,7 @@ from dtop_hf import DToPForSemanticSegmentation
 from dtop_hf.toolkit.data.datasets import check_segmentation_split, load_segmentation_dataset
 from dtop_hf.toolkit.data.label_maps import ADE20K_LABELS, COCO_STUFF_LABELS, PASCAL_CONTEXT_59_LABELS
 from dtop_hf.toolkit.data.layouts import ACCEPTED_FOLDER_LAYOUTS, detect_folder_layout
+from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL
 
 
 RNG = np.random.default_rng(0)
@@ -173,9 +174,10 @@ def test_finetune_trains_two_steps_on_each_layout(layout, tmp_path):
     dataset_name = "builtin" if layout == "builtin" else str(LAYOUTS[layout][0](tmp_path / "data"))
     output_dir = tmp_path / "run"
     load_example("finetune").main([
-        "--cpu", "--dataset_name", dataset_name, "--preset", "tiny", "--crop_size", "32", "--output_dir", str(output_dir),
-        "--synthetic_image_size", "32", "--synthetic_train_samples", "4", "--synthetic_validation_samples", "2",
-        "--validation_split_percentage", "20", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+        "--cpu", "--dataset_name", dataset_name, "--preset", "tiny", "--crop_size", "32",
+        "--output_dir", str(output_dir), "--synthetic_image_size", "32", "--synthetic_train_samples", "4",
+        "--synthetic_validation_samples", "2", "--validation_split_percentage", "20",
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
         "--max_train_steps", "2", "--num_warmup_steps", "1", "--learning_rate", "1e-3",
     ])  # fmt: skip
     results = json.loads((output_dir / "all_results.json").read_text())
@@ -183,5 +185,5 @@ def test_finetune_trains_two_steps_on_each_layout(layout, tmp_path):
     losses = [json.loads(line)["loss"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
     model = DToPForSemanticSegmentation.from_pretrained(output_dir)
-    expected = 15 if layout == "builtin" else len(LAYOUTS[layout][1])
+    expected = len(SYNTHETIC_ID2LABEL) if layout == "builtin" else len(LAYOUTS[layout][1])
     assert model.config.num_labels == expected

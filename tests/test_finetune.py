@@ -14,7 +14,6 @@
 """Tests of the fine-tuning stack: training helpers, data checks and transforms, and `examples/finetune.py`
 run in two CPU processes (checkpoint, exact resume, distributed evaluation, pipeline loading, prune stage)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import run_example
 from PIL import Image
 
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor
@@ -40,6 +40,7 @@ from dtop_hf.toolkit.data.datasets import (
     standardize_columns,
 )
 from dtop_hf.toolkit.data.transforms import SegmentationEvalTransform, SegmentationTrainTransform
+from dtop_hf.toolkit.training import build_training_dataloaders, preset_defaults
 from dtop_hf.toolkit.training.checkpoints import checkpoint_step, find_latest_checkpoint, write_manifest
 from dtop_hf.toolkit.training.config_overrides import build_preset_config, parse_config_overrides
 from dtop_hf.toolkit.training.optimization import build_optimizer, build_poly_scheduler, set_train_scope
@@ -51,14 +52,6 @@ TINY_OVERRIDES = (
     "hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64,patch_size=4,"
     "head_hidden_size=16,head_num_attention_heads=2,head_num_layers=1,out_indices=[1,2,3]"
 )
-
-
-def load_finetune_module():
-    """`examples/finetune.py` as a module, for its helpers."""
-    spec = importlib.util.spec_from_file_location("finetune", FINETUNE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_model(**fields) -> DToPForSemanticSegmentation:
@@ -310,7 +303,7 @@ def run_finetune(output_dir: Path, *arguments: str, num_processes: int = 2) -> s
         command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
     else:
         command += ["--num_processes", "1"]
-    command += [str(FINETUNE_SCRIPT), "--cpu", "--output_dir", str(output_dir), *arguments]
+    command += [str(FINETUNE_SCRIPT), "--device", "cpu", "--output_dir", str(output_dir), *arguments]
     # One thread per process: two processes on two cores, no OpenMP oversubscription.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
@@ -374,12 +367,13 @@ def test_distributed_evaluation_equals_single_process(finetune_runs):
 
     from dtop_hf.toolkit.evaluation.loop import evaluate_model
 
-    finetune = load_finetune_module()
-    args = finetune.parse_args(["--output_dir", str(finetune_runs["full"]), *TINY_RUN])
     model = DToPForSemanticSegmentation.from_pretrained(finetune_runs["full"])
     processor = DToPImageProcessor.from_pretrained(finetune_runs["full"])
     dataset, _ = load_segmentation_dataset(None, num_train_samples=12, num_validation_samples=5, image_size=32)
-    _, eval_dataloader = finetune.build_dataloaders(args, dataset, processor, model.config.num_labels, crop_size=32)
+    _, eval_dataloader = build_training_dataloaders(
+        dataset, processor, model.config.num_labels, crop_size=32, per_device_train_batch_size=2,
+        per_device_eval_batch_size=1, seed=7,
+    )  # TINY_RUN's batches and seed  # fmt: skip
     accelerator = Accelerator(cpu=True)
     eval_dataloader = accelerator.prepare(eval_dataloader)
     results = evaluate_model(model, eval_dataloader, accelerator, image_processor=processor)
@@ -432,21 +426,22 @@ def test_prune_stage_fine_tunes_the_heads_in_two_processes(finetune_runs, tmp_pa
 
 
 def test_paper_preset_trains_with_the_official_recipe_in_both_stages(tmp_path):
-    """`--preset dtop-vit-base-ade20k` on an ADE20K release folder (a tiny backbone through --config_overrides):
+    """`--paper_preset dtop-vit-base-ade20k` on an ADE20K release folder (a tiny backbone through --config_overrides):
     the saved config carries the preset's drop path and thresholds, phase 2 prunes in training, and the processor is
     the official test mode. A data set with other classes is refused."""
     from test_data_layouts import write_ade20k
 
-    finetune = load_finetune_module()
     folder = write_ade20k(tmp_path / "data")
     common = [
-        "--cpu", "--preset", "dtop-vit-base-ade20k", "--dataset_name", str(folder), "--max_eval_samples", "1",
+        "--device", "cpu", "--paper_preset", "dtop-vit-base-ade20k", "--dataset_name", str(folder),
+        "--max_eval_samples", "1",
         "--config_overrides", TINY_OVERRIDES.replace("patch_size=4", "patch_size=16"), "--train_scale", "256", "64",
         "--crop_size", "64", "--max_train_steps", "2", "--num_warmup_steps", "1", "--per_device_train_batch_size", "2",
     ]  # fmt: skip
-    finetune.main([*common, "--stage", "base", "--output_dir", str(tmp_path / "base")])
-    prune_stage = ["--stage", "prune", "--model_name_or_path", str(tmp_path / "base")]
-    finetune.main([*common, *prune_stage, "--output_dir", str(tmp_path / "prune")])
+    run_example("finetune", [*common, "--stage", "base", "--output_dir", str(tmp_path / "base")])
+    prune_stage = ["--stage", "prune", "--model_name_or_path", str(tmp_path / "base"), "--no-sliding_window"]
+    with pytest.warns(FutureWarning, match="`--no-sliding_window` is deprecated"):
+        run_example("finetune", [*common, *prune_stage, "--output_dir", str(tmp_path / "prune")])
     base = json.loads((tmp_path / "base" / "config.json").read_text())
     prune = json.loads((tmp_path / "prune" / "config.json").read_text())
     assert (base["drop_path_rate"], base["exit_threshold"], base["prune_during_training"]) == (0.1, 1.0, False)
@@ -457,7 +452,14 @@ def test_paper_preset_trains_with_the_official_recipe_in_both_stages(tmp_path):
     assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["image_std"] == [0.229, 0.224, 0.225]
     # `--crop_size 64` overrides the official 512 / 341 windows (stride 2/3 of the crop).
     assert processor["crop_size"] == {"height": 64, "width": 64} and processor["stride"] == {"height": 42, "width": 42}
-    assert finetune.parse_args(["--preset", "dtop-vit-base-ade20k", "--no-sliding_window"]).sliding_window is False
+    # The preset evaluates in slide mode; an explicit flag (here in its earlier spelling) overrides it.
+    assert preset_defaults("dtop-vit-base-ade20k", "base")["sliding_window"] is True
+    base_results, prune_results = (
+        json.loads((tmp_path / name / "all_results.json").read_text()) for name in ("base", "prune")
+    )
+    assert base_results["sliding_window"] is True and prune_results["sliding_window"] is False
     with pytest.raises(ValueError, match="150 classes"):
-        builtin = ["--synthetic_image_size", "32", "--synthetic_train_samples", "2", "--synthetic_validation_samples", "1"]
-        finetune.main(["--cpu", "--preset", "dtop-vit-base-ade20k", *builtin, "--output_dir", str(tmp_path)])
+        builtin = ["--synthetic_image_size", "32", "--synthetic_train_samples", "2"]
+        builtin += ["--synthetic_validation_samples", "1"]
+        preset = ["--device", "cpu", "--paper_preset", "dtop-vit-base-ade20k"]
+        run_example("finetune", [*preset, *builtin, "--output_dir", str(tmp_path)])

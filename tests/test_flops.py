@@ -19,8 +19,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPImageProcessor
 from dtop_hf.toolkit.evaluation.flops import (
+    capacity_flops_ratio,
+    capacity_token_counts,
     count_flops,
     count_flops_from_outputs,
+    flops_from_capacities,
     flops_from_token_counts,
     sum_windows_per_image,
     tokens_seen_per_stage,
@@ -36,11 +39,13 @@ def counting_model(model_tester, **settings) -> DToPForSemanticSegmentation:
     return model
 
 
-def counted_macs(model: torch.nn.Module, pixel_values: torch.Tensor, exit_threshold) -> tuple[int, object]:
+def counted_macs(
+    model: torch.nn.Module, pixel_values: torch.Tensor, exit_threshold=None, **exit_rule
+) -> tuple[int, object]:
     """MACs that FlopCounterMode sees (it counts 2 FLOPs per MAC) and the model's output."""
     counter = FlopCounterMode(display=False)
     with counter:
-        outputs = model(pixel_values, exit_threshold=exit_threshold)
+        outputs = model(pixel_values, exit_threshold=exit_threshold, **exit_rule)
     return counter.get_total_flops() // 2, outputs
 
 
@@ -106,6 +111,47 @@ def test_batch_counts_per_image_and_explains_padding(model_tester, exit_threshol
     assert batch_flops.total.sum().item() * 1e9 + waste == pytest.approx(batch_macs, rel=1e-12)
 
 
+@pytest.mark.parametrize("use_cls_token", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_capacity_flops_from_capacities_alone_match_flop_counter(
+    model_tester, varied_images, head_type, use_cls_token, batch_size
+):
+    model = counting_model(model_tester, head_type=head_type, use_cls_token=use_cls_token)
+    pixel_values = varied_images(batch_size)[..., :30, :]  # 30 x 32 pixels: padded to an 8 x 8 grid
+    capacities = (0.6, 0.3)
+    predicted = flops_from_capacities(model.config, (30, 32), capacities)  # no model run
+    assert predicted.total.shape == (1,)
+    with torch.no_grad():
+        macs, outputs = counted_macs(model, pixel_values, exit_capacity=capacities)
+    # Every image keeps the same tokens, so no padding: the batch executes exactly batch_size x the prediction.
+    assert predicted.total.item() * 1e9 * batch_size == pytest.approx(macs, rel=1e-12)
+    # ... and the count from the outputs agrees image by image.
+    from_outputs = count_flops_from_outputs(model.config, outputs)
+    torch.testing.assert_close(from_outputs.total, predicted.total.expand(batch_size), rtol=0, atol=0)
+    tokens_per_layer, tokens_per_stage = capacity_token_counts(model.config, (30, 32), capacities)
+    assert torch.equal(outputs.tokens_per_layer, tokens_per_layer.expand(batch_size, -1))
+    assert tokens_per_stage.tolist() == [[64, 39, 20]]  # ceil(0.6 * 64), ceil(0.3 * 64)
+    # R from the capacities alone: the unpruned run over this one.
+    with torch.no_grad():
+        unpruned_macs, _ = counted_macs(model, pixel_values, exit_capacity=1.0)
+    assert capacity_flops_ratio(model.config, (30, 32), capacities) == pytest.approx(unpruned_macs / macs, rel=1e-12)
+
+
+def test_capacity_flops_of_vit_b_16_at_512():
+    config = DToPConfig(num_labels=150)
+    unpruned = flops_from_capacities(config, (512, 512), 1.0)
+    reference = flops_from_token_counts(config, torch.full((1, 12), 1024), torch.full((1, 3), 1024))
+    torch.testing.assert_close(unpruned.total, reference.total)
+    # Capacities that keep 75% then 55% of the tokens: layers 6-7 see 768 tokens, layers 8-11 see 564.
+    tokens_per_layer, tokens_per_stage = capacity_token_counts(config, (512, 512), (0.75, 0.55))
+    assert tokens_per_layer.tolist() == [[1024] * 6 + [768] * 2 + [564] * 4]
+    assert tokens_per_stage.tolist() == [[1024, 768, 564]]
+    ratio = capacity_flops_ratio(config, (512, 512), (0.75, 0.55), figure="backbone_and_final_head")
+    assert 1.2 < ratio < capacity_flops_ratio(config, (512, 512), (0.5, 0.3)) < 1.6
+    with pytest.raises(ValueError, match="must not increase"):
+        flops_from_capacities(config, (512, 512), (0.5, 0.6))
+
+
 def test_vit_b_16_at_512_matches_the_paper():
     config = DToPConfig(num_labels=150)  # ViT-B/16, official head dims
     num_tokens = (512 // 16) ** 2
@@ -114,7 +160,7 @@ def test_vit_b_16_at_512_matches_the_paper():
         torch.full((1, config.num_hidden_layers), num_tokens),
         torch.full((1, len(config.out_indices)), num_tokens),
     )
-    # SPEC §5: the paper's 109.9; an analytic count gives ~109.4 (backbone 106.9 + one head 2.5).
+    # The paper's 109.9; an analytic count gives ~109.4 (backbone 106.9 + one head 2.5).
     assert 109.4 <= flops.backbone_and_final_head.item() <= 109.9
     assert (flops.patch_embedding + flops.layers.sum(dim=1)).item() == pytest.approx(106.9, abs=0.05)
     assert flops.heads[0, -1].item() == pytest.approx(2.5, abs=0.1)

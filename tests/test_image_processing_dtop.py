@@ -254,7 +254,9 @@ def test_crop_of_the_image_size_is_whole_image_inference(model_tester, exit_thre
     for item, reference in zip(merged, expected, strict=True):
         torch.testing.assert_close(item.segmentation_scores, reference.segmentation_scores, rtol=0, atol=1e-6)
     exit_maps = processor.post_process_exit_map(split, target_sizes=[(32, 32)] * 2)
-    assert torch.equal(torch.stack(exit_maps), whole.exit_stage.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2))
+    assert torch.equal(
+        torch.stack(exit_maps), whole.exit_stage.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
+    )
 
 
 def test_overlapping_windows_average_the_window_scores(model_tester, exit_thresholds, varied_images):
@@ -424,7 +426,10 @@ def peaked_logits(num_labels: int, grid: tuple[int, int], seed: int) -> torch.Te
 def test_the_class_map_is_argmax_over_the_classes_that_can_win():
     processor = DToPImageProcessor(size={"height": 128, "width": 128})
     for seed, (num_labels, target) in enumerate([(150, (300, 200)), (150, (61, 47)), (20, (128, 128))]):
-        for scores in (peaked_logits(num_labels, (32, 32), seed), peaked_logits(num_labels, (32, 32), seed).softmax(1)):
+        for scores in (
+            peaked_logits(num_labels, (32, 32), seed),
+            peaked_logits(num_labels, (32, 32), seed).softmax(1),
+        ):
             winner = int(scores[0, :, 0, 0].argmax())
             twin = num_labels - 1 if winner != num_labels - 1 else 0
             scores[:, twin] = scores[:, winner]  # two classes always tied

@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 from dtop_hf import DToPImageProcessor
+from dtop_hf.pruning import tokens_seen_per_stage
 from dtop_hf.toolkit.data.datasets import collate_segmentation_batch
 from dtop_hf.toolkit.evaluation.flops import count_flops_from_outputs
 from dtop_hf.toolkit.evaluation.loop import evaluate_batch
 from dtop_hf.toolkit.evaluation.metrics import StreamingMeanIoU
 from dtop_hf.toolkit.inference.loading import load_model_and_processor
-from dtop_hf.toolkit.inference.segmentation import exits_per_stage, sliding_window_processor, stage_labels
-from dtop_hf.pruning import tokens_seen_per_stage
+from dtop_hf.toolkit.inference.segmentation import exits_per_stage, sliding_window_processor
+from dtop_hf.toolkit.inference.visualization import head_names
 
 
 def random_image(height: int, width: int, seed: int) -> Image.Image:
@@ -41,7 +42,8 @@ def test_sliding_window_processor():
     assert split.do_split_image is True and split.size == {"shortest_edge": 32, "longest_edge": 128}
     saved_in_slide_mode = DToPImageProcessor(do_split_image=True, size={"shortest_edge": 40, "longest_edge": 160})
     assert sliding_window_processor(saved_in_slide_mode) is saved_in_slide_mode
-    assert stage_labels((2, 5, 11)) == ["head 1 (layer 3)", "head 2 (layer 6)", "decode head (layer 12)"]
+    assert head_names((2, 5, 11)) == ["head 1 (layer 3)", "head 2 (layer 6)", "decode head (layer 12)"]
+    assert head_names(3) == ["head 1", "head 2", "decode head"]
 
 
 def test_evaluation_loop_in_slide_mode_equals_the_processor_image_by_image(model_tester, exit_thresholds):
@@ -51,16 +53,22 @@ def test_evaluation_loop_in_slide_mode_equals_the_processor_image_by_image(model
     )
     # A wide, a tall and a very wide image (its short side ends below the crop: windows of another shape).
     images = [random_image(45, 170, 0), random_image(150, 60, 1), random_image(20, 200, 2)]
-    labels = [torch.randint(0, 5, (image.height, image.width), generator=torch.Generator().manual_seed(3)) for image in images]
+    labels = [
+        torch.randint(0, 5, (image.height, image.width), generator=torch.Generator().manual_seed(3))
+        for image in images
+    ]
     samples = [
-        {"pixel_values": torch.from_numpy(processor(images=image, do_split_image=False)["pixel_values"][0]), "labels": label}
+        {
+            "pixel_values": torch.from_numpy(processor(images=image, do_split_image=False)["pixel_values"][0]),
+            "labels": label,
+        }
         for image, label in zip(images, labels, strict=True)
     ]
     batch = collate_segmentation_batch(samples)
     assert batch["pixel_values"].shape[-2:] == (80, 128)  # padded to the largest
     thresholds = exit_thresholds(model, processor(images=images[0], return_tensors="pt")["pixel_values"])
 
-    results = evaluate_batch(model, batch, processor, exit_threshold=thresholds, sliding_window=True)
+    results = evaluate_batch(model, batch, processor, exit_threshold=thresholds)  # the processor is in slide mode
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         inputs = processor(images=image, return_tensors="pt")
         with torch.no_grad():

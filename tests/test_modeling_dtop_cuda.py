@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The GPU path (issue 13 §1-2), on a CUDA device only: the variable-length flash attention on the packed tokens
+"""The GPU path, on a CUDA device only: the variable-length flash attention on the packed tokens
 against the padded sdpa path, and the host syncs of a forward pass counted by CUDA's sync debug mode."""
 
 import warnings

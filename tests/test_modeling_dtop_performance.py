@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""What pruning costs besides the layers it saves (issue 13 §2-4), counted on CPU: host syncs (data-dependent ops
+"""What pruning costs besides the layers it saves, counted on CPU: host syncs (data-dependent ops
 that would make a GPU wait), the work a stage does when nothing exits, and recompiles under `torch.compile`."""
 
 from collections import Counter
@@ -93,6 +93,19 @@ def test_host_syncs_per_forward(model_tester, exit_thresholds, varied_images, he
     )
 
 
+@pytest.mark.parametrize("use_cls_token", [False, True])
+def test_capacity_mode_reads_nothing_back_and_packs_nothing(
+    model_tester, varied_images, head_type, use_cls_token, monkeypatch
+):
+    model = model_tester(head_type=head_type, use_cls_token=use_cls_token).create_model()
+    counted = count_ops(model, varied_images(3), monkeypatch, exit_capacity=(0.5, 0.25))
+    assert sum(counted.syncs.values()) == 0
+    # Dense layouts moved by gathers and scatters: none of the packing's index bookkeeping, no key mask.
+    for op in ("aten.nonzero_static.default", "aten.index_copy.default", "aten.index_select.default"):
+        assert op not in counted.ops, op
+    assert counted.ops["aten.gather.default"] > 0
+
+
 def test_host_syncs_do_not_grow_with_the_layers(model_tester, varied_images, monkeypatch):
     pixel_values = varied_images(2)
     counts = []
@@ -163,7 +176,7 @@ def test_torch_compile_does_not_recompile_for_new_token_counts(model_tester, exi
     assert graphs_after_batch[2:] == [graphs_after_batch[1]] * (len(batches) - 2), graphs_after_batch
 
 
-# --- variable-length attention on the packed tokens (issue 13 §1) ---------------------------------------------------
+# --- variable-length attention on the packed tokens -----------------------------------------------------------------
 
 
 def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):

@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests of the official training recipe inside the model (issue 11 §2-3, issue 14 §1): drop path, head
+"""Tests of the official training recipe inside the model: drop path, head
 initialisation, the exit decision in float32 under bf16 autocast, and when thresholds apply in training."""
 
 import math
@@ -96,7 +96,7 @@ def test_drop_path_is_on_the_mlp_branch_only(model_tester):
         assert not torch.allclose(full, attention_half)
 
 
-# --- head initialisation (official-configs.md, "Head initialisation") ---------------------------------------------
+# --- head initialisation, as the official code does it --------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_query_self_attention_inputs_are_xavier_uniform_of_the_packed_projection
             assert attention.o_proj.weight.std().item() == pytest.approx(0.02, rel=0.25)  # a head Linear
 
 
-# --- when thresholds apply (issue 14 §1) ---------------------------------------------------------------------------
+# --- when thresholds apply -------------------------------------------------------------------------------------------
 
 
 def test_training_mode_does_not_prune_unless_the_config_says_so(model_tester, head_type):
@@ -200,7 +200,7 @@ def test_trainer_keeps_only_the_logits_at_evaluation(model_tester):
     assert all_fields - set(model.config.keys_to_ignore_at_inference) == {"loss", "logits"}
 
 
-# --- the exit decision in float32 (issue 11 §3) -----------------------------------------------------------------
+# --- the exit decision in float32 ----------------------------------------------------------------------------------
 
 
 def record_exit_rule_inputs(monkeypatch) -> list[dict]:

@@ -11,8 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The presets against the official configurations: every value of official-configs.md's tables, read from the
-tables' text (copied below verbatim; compared with the reference file itself when it is present)."""
+"""The presets against the official configurations: every value of the tables of `docs/official_recipes.md`, read
+from the page itself, so that the documentation and the code cannot drift apart."""
 
 import re
 from pathlib import Path
@@ -22,55 +22,41 @@ import torch
 from conftest import load_example
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
-from dtop_hf.toolkit.presets import DATASET_PRESETS, MODEL_SIZES, PAPER_PRESETS
 from dtop_hf.toolkit.data.label_maps import DATASET_LABELS
 from dtop_hf.toolkit.data.transforms import SegmentationTrainTransform
+from dtop_hf.toolkit.presets import DATASET_PRESETS, MODEL_SIZES, PAPER_PRESETS
 from dtop_hf.toolkit.training.optimization import build_optimizer, poly_schedule_factor
 
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-configs.md"
-
-PER_CONFIGURATION = """
-| `prune_segvit_ade20k` | ViT-B/16 | 512 | 150 | 123.675, 116.28, 103.53 / 58.395, 57.12, 57.375 | 0.1 | 512 / 341 | 0.9 / 1.0 | 40k |
-| `prune_segvit_ade20k_large` | ViT-L/16 | 640 | 150 | 127.5 / 127.5 | 0.3 | 640 / 320 | 0.95 / 1.0 | 40k |
-| `prune_segvit_pc` | ViT-L/16 | 480 | 59 | 127.5 / 127.5 | 0.3 | 480 / 320 | 0.95 / 1.0 | 40k |
-| `prune_segvit_cocostuff10k` | ViT-L/16 | 512 | 171 | 127.5 / 127.5 | 0.3 | 512 / 341 | 0.95 / 1.0 | 20k |
-"""  # noqa: E501
-
-DATA_PIPELINES = """
-| ADE20K, 512 crop | (2048, 512) | `images/training`, `annotations/training`; `images/validation`, `annotations/validation` (the `ADEChallengeData2016` release) | training / validation |
-| ADE20K, 640 crop | (2560, 640) | same | same |
-| Pascal Context 59 | (2048, 520) | `JPEGImages`, `SegmentationClassContext`; image lists `ImageSets/SegmentationContext/{train,val}.txt` (VOC2010) | train / val |
-| COCO-Stuff-10K | (2048, 512) | `images/train2014`, `annotations/train2014`; `images/test2014`, `annotations/test2014` | train / test |
-"""  # noqa: E501
-
-SCHEDULE = """
-AdamW lr 2e-5, betas (0.9, 0.999), weight decay 0.01; every parameter whose name contains "head" at 10x lr;
-no gradient clipping in effect; linear warm-up from 1e-6x over 1500 iterations, then polynomial decay (power 0.9)
-to 0 at the phase's end; batch 4 per GPU on 4 GPUs = 16.
-"""
-
-CONFIG_TO_PRESET = {
-    "prune_segvit_ade20k": "dtop-vit-base-ade20k",
-    "prune_segvit_ade20k_large": "dtop-vit-large-ade20k",
-    "prune_segvit_pc": "dtop-vit-large-pascal-context",
-    "prune_segvit_cocostuff10k": "dtop-vit-large-coco-stuff-10k",
-}
-PIPELINE_TO_DATASET = {
-    "ADE20K, 512 crop": "ade20k",
-    "ADE20K, 640 crop": "ade20k-640",
-    "Pascal Context 59": "pascal-context-59",
-    "COCO-Stuff-10K": "coco-stuff-10k",
-}
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "official_recipes.md"
 BACKBONES = {"ViT-B/16": (768, 12, 12, 3072, 16), "ViT-L/16": (1024, 24, 16, 4096, 16)}
 
 
-def table_rows(text: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.strip().splitlines()]
+def recipe_table(section: str, index: int = 0) -> list[dict[str, str]]:
+    """Table `index` under `## <section>` of the recipes page: one `{header: cell}` dict per row, backticks removed."""
+    text = RECIPES.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    tables, lines = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            tables.append(lines)
+            lines = []
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+
+    header, _, *rows = tables[index]  # the second line is the |---| separator
+    return [dict(zip(cells(header), cells(row), strict=True)) for row in rows]
+
+
+def recipe_settings(section: str, index: int = 0, key: str = "setting", value: str = "value") -> dict[str, str]:
+    """A two-column table as a dict."""
+    return {row[key]: row[value] for row in recipe_table(section, index)}
 
 
 def numbers(text: str) -> list[float]:
-    return [float(value) for value in re.findall(r"\d+(?:\.\d+)?", text)]
+    return [float(value) for value in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", text)]
 
 
 def rgb(text: str) -> tuple[float, float, float]:
@@ -78,33 +64,43 @@ def rgb(text: str) -> tuple[float, float, float]:
     return tuple(values * 3) if len(values) == 1 else tuple(values)
 
 
-@pytest.mark.skipif(not REFERENCE.is_file(), reason="official-configs.md is not beside the repository")
-def test_tables_here_are_the_reference_text():
-    reference = REFERENCE.read_text()
-    for block in (PER_CONFIGURATION, DATA_PIPELINES):
-        for line in block.strip().splitlines():
-            assert line in reference, line
-    assert " ".join(SCHEDULE.split()) in " ".join(reference.split())
+def thousands(text: str) -> int:
+    return int(text.rstrip("k")) * 1000
 
 
-@pytest.mark.parametrize("row", table_rows(PER_CONFIGURATION), ids=lambda row: row[0].strip("`"))
+def backbone_name(preset) -> str:
+    return next(name for name, sizes in BACKBONES.items() if sizes[0] == preset.backbone["hidden_size"])
+
+
+def test_recipe_tables_cover_every_preset():
+    assert {row["preset"] for row in recipe_table("Per configuration")} == set(PAPER_PRESETS)
+    assert {row["preset data set"] for row in recipe_table("Data pipelines")} == set(DATASET_PRESETS)
+
+
+@pytest.mark.parametrize("row", recipe_table("Per configuration"), ids=lambda row: row["preset"])
 def test_paper_presets_match_the_per_configuration_table(row):
-    config_file, backbone, crop, classes, mean_std, drop_path, slide, thresholds, iterations = row
-    preset = PAPER_PRESETS[CONFIG_TO_PRESET[config_file.strip("`")]]
+    preset = PAPER_PRESETS[row["preset"]]
     config = DToPConfig(**preset.config_kwargs())
-    hidden, layers, heads, intermediate, patch = BACKBONES[backbone]
+    assert backbone_name(preset) == row["backbone"]
+    hidden, layers, heads, intermediate, patch = BACKBONES[row["backbone"]]
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (hidden, layers, heads)
     assert (config.intermediate_size, config.patch_size) == (intermediate, patch)
-    assert config.image_size == preset.dataset.crop_size == int(crop)
-    assert config.num_labels == preset.dataset.num_labels == len(DATASET_LABELS[preset.dataset.name]) == int(classes)
-    mean, std = mean_std.split(" / ")
+    assert config.image_size == preset.dataset.crop_size == int(row["crop = img_size"])
+    num_labels = int(row["classes"])
+    assert config.num_labels == preset.dataset.num_labels == len(DATASET_LABELS[preset.dataset.name]) == num_labels
+    mean, std = row["pixel mean / std (RGB, 0-255)"].split(" / ")
     assert preset.dataset.image_mean == rgb(mean) and preset.dataset.image_std == rgb(std)
-    assert config.drop_path_rate == float(drop_path)
-    slide_crop, slide_stride = numbers(slide)
+    assert config.drop_path_rate == float(row["drop_path_rate"])
+    slide_crop, slide_stride = numbers(row["slide crop / stride"])
     assert (preset.dataset.crop_size, preset.dataset.slide_stride) == (slide_crop, slide_stride)
-    auxiliary, final = numbers(thresholds)
+    auxiliary, final = numbers(row["aux / final threshold"])
     assert config.exit_thresholds_per_head() == (auxiliary, auxiliary, final)
-    assert preset.prune_schedule.max_steps == int(iterations.rstrip("k")) * 1000
+    assert preset.prune_schedule.max_steps == thousands(row["iterations (phase 2)"])
+    assert config.out_indices == tuple(int(value) for value in numbers(row["heads after layers"]))
+    head_width, head_heads = numbers(row["ATM width / attention heads"])
+    assert (config.head_hidden_size, config.head_num_attention_heads) == (head_width, head_heads)
+    assert (config.head_type, config.head_num_layers, config.head_intermediate_size) == ("atm", 3, 4 * head_width)
+    assert config.keep_top_k == 5 and config.layer_norm_eps == 1e-6 and not config.use_cls_token
     # The processor of the converted / fine-tuned model: the same windows and normalisation, in 0-1 units.
     processor = preset.dataset.image_processor_kwargs()
     assert processor["crop_size"] == {"height": slide_crop, "width": slide_crop}
@@ -114,40 +110,40 @@ def test_paper_presets_match_the_per_configuration_table(row):
     assert processor["do_split_image"] is True
 
 
-@pytest.mark.parametrize("row", table_rows(DATA_PIPELINES), ids=lambda row: row[0])
+@pytest.mark.parametrize("row", recipe_table("Data pipelines"), ids=lambda row: row["preset data set"])
 def test_dataset_presets_match_the_data_pipelines_table(row):
-    name, scale, _, splits = row
-    dataset = DATASET_PRESETS[PIPELINE_TO_DATASET[name]]
-    long_side, short_side = numbers(scale)
+    dataset = DATASET_PRESETS[row["preset data set"]]
+    long_side, short_side = numbers(row["S (long, short)"])
     assert dataset.scale == (long_side, short_side)
     processor = dataset.image_processor_kwargs()
     assert processor["size"] == {"shortest_edge": short_side, "longest_edge": long_side}  # test Resize(scale=S)
-    if splits != "same":
-        train, validation = splits.split(" / ")
-        assert (dataset.train_split, dataset.validation_split) == (train, validation)
-    # Training pipeline of every data set: RandomResize ratio 0.5-2.0, RandomCrop cat_max_ratio 0.75, RandomFlip 0.5,
-    # reduce_zero_label.
-    assert dataset.ratio_range == (0.5, 2.0) and dataset.cat_max_ratio == 0.75 and dataset.do_reduce_labels
+    train, validation = row["splits (training / evaluation)"].split(" / ")
+    assert (dataset.train_split, dataset.validation_split) == (train, validation)
+    # The training pipeline, the same for every data set: the section's second table.
+    steps = recipe_settings("Data pipelines", 1, key="step", value="setting")
+    assert dataset.ratio_range == tuple(numbers(steps["resize"]))
+    assert dataset.cat_max_ratio == numbers(steps["crop"])[0]
+    assert dataset.do_reduce_labels and "reduce_zero_label=True" in steps["labels"]
 
 
 def test_pipeline_defaults_are_the_official_ones():
+    steps = recipe_settings("Data pipelines", 1, key="step", value="setting")
     transform = SegmentationTrainTransform(None, 512)
-    assert transform.scale == (2048, 512) and transform.ratio_range == (0.5, 2.0)
-    assert transform.cat_max_ratio == 0.75 and transform.flip_probability == 0.5
-    assert transform.photometric_distortion is not None and transform.ignore_index == 255
+    assert transform.scale == (2048, 512) and transform.ratio_range == tuple(numbers(steps["resize"]))
+    assert transform.cat_max_ratio == numbers(steps["crop"])[0]
+    assert transform.flip_probability == numbers(steps["flip"])[0]
+    assert transform.photometric_distortion is not None and transform.ignore_index == numbers(steps["pad"])[-1] == 255
 
 
-def schedule_value(pattern: str) -> float:
-    return float(re.search(pattern, " ".join(SCHEDULE.split())).group(1))
-
-
-def test_schedule_presets_and_optimizer_match_the_schedule_text():
-    lr, weight_decay = schedule_value(r"AdamW lr ([0-9.e-]+),"), schedule_value(r"weight decay ([0-9.]+);")
-    beta1, beta2 = (float(value) for value in re.search(r"betas \(([0-9.]+), ([0-9.]+)\)", SCHEDULE).groups())
-    multiplier, start_factor = schedule_value(r'at (\d+)x lr'), schedule_value(r"from ([0-9.e-]+)x")
-    warmup, power = schedule_value(r"over (\d+) iterations"), schedule_value(r"power ([0-9.]+)")
-    batch = re.search(r"batch (\d+) per GPU on (\d+) GPUs = (\d+)", SCHEDULE)
-    per_gpu, gpus, total = (float(value) for value in batch.groups())
+def test_schedule_presets_and_optimizer_match_the_schedule_table():
+    settings = recipe_settings("Optimiser and schedule")
+    assert settings["optimiser"] == "AdamW"
+    (lr,), (weight_decay,) = numbers(settings["learning rate"]), numbers(settings["weight decay"])
+    beta1, beta2 = numbers(settings["betas"])
+    multiplier = numbers(settings["head learning rate"])[0]
+    start_factor, warmup = numbers(settings["warm-up"])
+    power = numbers(settings["decay"])[0]
+    per_gpu, gpus, total = numbers(settings["batch"])
     for preset in PAPER_PRESETS.values():
         for schedule in (preset.base_schedule, preset.prune_schedule):
             assert (schedule.learning_rate, schedule.weight_decay) == (lr, weight_decay)
@@ -168,14 +164,27 @@ def test_schedule_presets_and_optimizer_match_the_schedule_text():
     assert poly_schedule_factor(20750, 1500, 40000) == pytest.approx(0.5**power)
 
 
-def test_phase_one_schedules_follow_the_base_configs():
-    """BASE_segvit_ade20k.py: schedule_40k (40k iterations) with PolyLR(end=160000); the ViT-L BASE files:
-    schedule_160k (160k iterations, decay to 160k)."""
-    base = PAPER_PRESETS["dtop-vit-base-ade20k"].base_schedule
-    assert (base.max_steps, base.decay_steps) == (40000, 160000)
-    for name in ("dtop-vit-large-ade20k", "dtop-vit-large-pascal-context", "dtop-vit-large-coco-stuff-10k"):
-        schedule = PAPER_PRESETS[name].base_schedule
-        assert schedule.max_steps == 160000 and schedule.decay_steps is None
+@pytest.mark.parametrize("row", recipe_table("Phase 1: the baseline"), ids=lambda row: row["backbone"])
+def test_phase_one_schedules_and_weights_match_the_baseline_table(row):
+    """ViT-B's phase 1 stops at 40k iterations but decays towards 160k; ViT-L's runs and decays over 160k."""
+    presets = [preset for preset in PAPER_PRESETS.values() if backbone_name(preset) == row["backbone"]]
+    assert presets
+    for preset in presets:
+        schedule = preset.base_schedule
+        assert schedule.max_steps == thousands(row["iterations"])
+        assert (schedule.decay_steps or schedule.max_steps) == thousands(row["learning rate reaches 0 at"])
+        assert preset.backbone_checkpoint.endswith("/" + row["starts from"])
+
+
+def test_loss_defaults_match_the_loss_table():
+    loss = recipe_settings("Loss", key="term", value="setting")
+    config = DToPConfig()
+    assert numbers(loss["presence"]) == [1.0, 0.1] and config.no_object_weight == 0.1
+    alpha, gamma, focal_weight = numbers(loss["mask, focal"])
+    assert (config.focal_alpha, config.focal_gamma, config.mask_focal_weight) == (alpha, gamma, focal_weight)
+    assert config.mask_dice_weight == numbers(loss["mask, dice"])[0]
+    assert config.stage_loss_weights is None  # weight 1 per head
+    assert not config.ignore_pixels_as_negatives and "ignore_pixels_as_negatives=True" in loss["unlabelled pixels"]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PRESETS))

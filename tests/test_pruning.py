@@ -11,14 +11,13 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests of the pure pruning functions on hand-made tensors: exit rule (SPEC §3), canvas, scores, packing."""
+"""Tests of the pure pruning functions on hand-made tensors: exit rule, canvas, scores, packing."""
 
 import pytest
 import torch
 
 from dtop_hf.pruning import (
     ActiveTokens,
-    assemble_atm_scores,
     atm_class_scores,
     pack_tokens,
     select_exiting_tokens,
@@ -44,7 +43,7 @@ def select(confidence, predicted_class, threshold, keep_top_k, active=None) -> l
 
 
 def reference_exit_mask(confidence, predicted_class, active_mask, threshold, keep_top_k) -> torch.Tensor:
-    """The rule of SPEC §3 written as plain loops: per image and class, the k best candidates stay (ties: earlier
+    """The threshold exit rule written as plain loops: per image and class, the k best candidates stay (ties: earlier
     token first), the other candidates exit."""
     exit_mask = torch.zeros_like(active_mask)
     for image in range(confidence.shape[0]):
@@ -154,7 +153,6 @@ class TestScores:
         presence = torch.tensor([1 / (1 + torch.e**-2), 1 / (1 + torch.e)])
         expected = presence[None, :, None] * torch.sigmoid(mask_logits)
         torch.testing.assert_close(atm_class_scores(class_logits, mask_logits), expected, rtol=0, atol=1e-7)
-        assert torch.equal(assemble_atm_scores(class_logits, mask_logits), atm_class_scores(class_logits, mask_logits))
 
     def test_token_confidence_is_max_and_argmax_over_classes(self):
         scores = torch.tensor([[[0.1, 0.7, 0.2], [0.6, 0.2, 0.3], [0.3, 0.1, 0.5]]])  # (1, 3 labels, 3 tokens)

@@ -14,7 +14,6 @@
 """The README's two set-up commands: the main job (examples/quickstart.py, run end to end at its tiny CI size) and
 the test command (the one `.ci/run` runs)."""
 
-import importlib.util
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from PIL import Image
 from transformers import pipeline
 
 from dtop_hf import DToPConfig
+from dtop_hf.toolkit.quickstart import RUN_SIZES, run_size, tiny_from_environment
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +36,17 @@ README = REPO_ROOT / "README.md"
 INSTALL_PREFIX = "pip install torch==2.13.0 && "
 
 
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_example", REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_example(name: str, argv: list[str]):
+    from conftest import run_example
+
+    return run_example(name, argv)
 
 
 def readme_setup_commands() -> list[str]:
     """The README's set-up commands: the lines that install the pinned torch first, in order of appearance."""
-    return [line.strip() for line in README.read_text(encoding="utf-8").splitlines() if line.startswith(INSTALL_PREFIX)]
+    return [
+        line.strip() for line in README.read_text(encoding="utf-8").splitlines() if line.startswith(INSTALL_PREFIX)
+    ]
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
@@ -83,7 +84,9 @@ def test_quickstart_prints_the_sweep_table_and_where_everything_went(quickstart_
     final_part = stdout.split("DToP quick start done in")[1]
     assert "| threshold | mIoU (%) |" in final_part
     for result in results["results"]:
-        row = re.search(rf"^\| {result['exit_threshold']:.4g} \| ([\d.]+) \| [\d.]+ \| ([\d.e-]+) \|", final_part, re.M)
+        row = re.search(
+            rf"^\| {result['exit_threshold']:.4g} \| ([\d.]+) \| [\d.]+ \| ([\d.e-]+) \|", final_part, re.M
+        )
         assert row, (result["exit_threshold"], final_part)
         assert float(row.group(1)) == pytest.approx(100 * result["mean_iou"], abs=0.006)
         assert float(row.group(2)) == pytest.approx(result["gflops_backbone_and_final_head"], rel=1e-3)
@@ -103,7 +106,9 @@ def test_quickstart_calibrates_per_head_thresholds_on_calibration_scenes(quickst
     # The final table shows the sweep and the calibrated point side by side, with both splits' numbers.
     final_part = stdout.split("DToP quick start done in")[1]
     assert "calibrated (saved)" in final_part
-    assert "| exit threshold | chosen as | calibration mIoU (%) | Δ mIoU | GFLOPs | R | evaluation mIoU (%)" in final_part
+    assert (
+        "| exit threshold | chosen as | calibration mIoU (%) | Δ mIoU | GFLOPs | R | evaluation mIoU (%)" in final_part
+    )
     assert "On the validation scenes, within 0.3 mIoU points: calibrated thresholds" in final_part
     assert str(output_dir / "calibrated") in final_part
 
@@ -140,22 +145,23 @@ def test_quickstart_model_loads_in_the_pipeline_and_in_segment_py(quickstart_run
 
     photo_path = tmp_path / "photo.jpg"
     photo.save(photo_path)
-    segment = load_example("segment")
-    assert segment.main([str(photo_path), "--model", str(model_dir), "--output_dir", str(tmp_path / "out")]) == 0
+    arguments = [str(photo_path), "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out")]
+    assert run_example("segment", arguments) == 0
     with Image.open(tmp_path / "out" / "photo_overlay.png") as overlay:
         assert overlay.size == (300, 200)
 
 
 def test_quickstart_size_flags(monkeypatch, capsys):
-    quickstart = load_example("quickstart")
     monkeypatch.delenv("DTOP_QUICKSTART_TINY", raising=False)
-    default = quickstart.parse_args([])
-    assert not default.tiny and default.base_steps == quickstart.RUN_SIZES["default"]["base_steps"]
+    default = run_size(tiny_from_environment())
+    assert not tiny_from_environment() and default["base_steps"] == RUN_SIZES["default"]["base_steps"]
     monkeypatch.setenv("DTOP_QUICKSTART_TINY", "1")
-    tiny = quickstart.parse_args(["--base_steps", "5"])
-    assert tiny.tiny and tiny.base_steps == 5 and tiny.train_samples == quickstart.RUN_SIZES["tiny"]["train_samples"]
-    with pytest.raises(ValueError, match="--exit_threshold"):
-        quickstart.parse_args(["--exit_threshold", "1.0"])
+    tiny = run_size(tiny_from_environment(), {"base_steps": 5, "train_samples": None})
+    assert tiny_from_environment() and tiny["base_steps"] == 5
+    assert tiny["train_samples"] == RUN_SIZES["tiny"]["train_samples"]
+    with pytest.raises(SystemExit):
+        run_example("quickstart", ["--exit_threshold", "1.0"])
+    assert "--exit_threshold" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        quickstart.parse_args(["--help"])
+        run_example("quickstart", ["--help"])
     assert exit_info.value.code == 0 and "DTOP_QUICKSTART_TINY" in capsys.readouterr().out

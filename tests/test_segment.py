@@ -13,7 +13,6 @@
 # limitations under the License.
 """examples/segment.py on real photos (scikit-image's), grey / RGBA / palette / EXIF-rotated / broken inputs."""
 
-import importlib.util
 import os
 import re
 import shlex
@@ -31,10 +30,13 @@ from dtop_hf import DToPImageProcessor
 from dtop_hf.toolkit.evaluation.flops import count_flops
 from dtop_hf.toolkit.inference.images import open_image
 from dtop_hf.toolkit.inference.loading import load_model_and_processor
-from dtop_hf.toolkit.inference.segmentation import segment_image, segment_images
+from dtop_hf.toolkit.inference.segmentation import segment_images, sliding_window_processor
+from dtop_hf.toolkit.inference.visualization import make_palette
 
 
-skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the test photos (pip install -e '.[dev]')")
+skimage_data = pytest.importorskip(
+    "skimage.data", reason="scikit-image ships the test photos (pip install -e '.[dev]')"
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "segment.py"
@@ -44,14 +46,17 @@ EXIF_ORIENTATION_TAG = 0x0112
 ROTATED_90_CLOCKWISE = 6  # the stored pixels must be turned 90 degrees clockwise to be upright: width <-> height
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("segment_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def segment(argv: list[str]) -> int:
+    """The script's `main(argv)`, in this process."""
+    from conftest import run_example
+
+    return run_example("segment", argv)
 
 
-segment = load_script()
+def segment_image(model, image_processor, image, exit_threshold, sliding_window: bool = False):
+    """One image through the inference API, whole or in slide mode."""
+    processor = sliding_window_processor(image_processor) if sliding_window else image_processor
+    return segment_images(model, processor, [image], exit_threshold=exit_threshold)[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +100,9 @@ def model_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("model")
     # initializer_range 0.5: random heads with confident, varied predictions, so that low thresholds prune.
-    model = DToPModelTester(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_labels=5, initializer_range=0.5).create_model()
+    model = DToPModelTester(
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_labels=5, initializer_range=0.5
+    ).create_model()
     model.save_pretrained(folder)
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     DToPImageProcessor(size=size, crop_size=size, stride={"height": 24, "width": 24}).save_pretrained(folder)
@@ -127,8 +134,8 @@ def test_cli_segments_real_photos_and_skips_the_broken_file(photos, model_dir, p
     output_dir = tmp_path / "out"
     completed = run_script(
         str(photos["astronaut"]), str(photos["camera"]), str(photos["broken"]), str(photos["coffee"]),
-        str(photos["chelsea"].parent), "--model", str(model_dir), "--output_dir", str(output_dir),
-        "--threshold", f"{pruning_threshold:.6f}",
+        str(photos["chelsea"].parent), "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+        "--exit_threshold", f"{pruning_threshold:.6f}",
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert re.search(r"skipped .*broken\.jpg: not a readable image", completed.stderr), completed.stderr
@@ -136,7 +143,9 @@ def test_cli_segments_real_photos_and_skips_the_broken_file(photos, model_dir, p
     assert re.search(r"exited at head 1 \(layer 2\): \d+ tokens, head 2 \(layer 3\): \d+ tokens", completed.stdout)
     assert "notes" not in completed.stdout + completed.stderr  # folders are searched for image files only
 
-    exits_per_image = re.findall(r"\((\d+)x(\d+)\): (\d+) tokens; exited at (.*)\n\s+GFLOPs ([\d.e-]+)", completed.stdout)
+    exits_per_image = re.findall(
+        r"\((\d+)x(\d+)\): (\d+) tokens; exited at (.*)\n\s+GFLOPs ([\d.e-]+)", completed.stdout
+    )
     assert len(exits_per_image) == 4, completed.stdout
     early_exits = 0
     for width, height, num_tokens, exits, gflops in exits_per_image:
@@ -161,10 +170,11 @@ def test_cli_segments_real_photos_and_skips_the_broken_file(photos, model_dir, p
 
 
 def test_exit_code_is_non_zero_only_when_no_image_could_be_segmented(photos, model_dir, tmp_path, capsys):
-    assert segment.main([str(photos["broken"]), str(tmp_path / "missing.jpg"), "--model", str(model_dir), "--output_dir", str(tmp_path)]) == 1
+    flags = ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path)]
+    assert segment([str(photos["broken"]), str(tmp_path / "missing.jpg"), *flags]) == 1
     captured = capsys.readouterr()
     assert "no such file" in captured.err and "no image could be segmented" in captured.err
-    assert segment.main([str(photos["broken"]), str(photos["camera"]), "--model", str(model_dir), "--output_dir", str(tmp_path)]) == 0
+    assert segment([str(photos["broken"]), str(photos["camera"]), *flags]) == 0
 
 
 def test_open_image_turns_every_mode_into_upright_rgb(photos, tmp_path):
@@ -236,13 +246,18 @@ def test_errors_say_how_to_fix_the_model_folder(model_dir, tmp_path):
 
 def test_help_lists_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        segment.parse_args(["--help"])
+        segment(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "default: outputs/segment" in text and "--sliding_window" in text and "--threshold" in text
-    assert "--batch_size" in text and "--no_pictures" in text and "--overwrite" in text
-    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
-        segment.parse_args(["photo.jpg", "--model", "m", "--threshold", "1.5"])
+    assert "default: outputs/segment" in text and "--sliding_window" in text and "--exit_threshold" in text
+    assert "--per_device_eval_batch_size" in text and "--no_pictures" in text and "--overwrite" in text
+    with pytest.raises(SystemExit):
+        segment(["photo.jpg", "--model_name_or_path", "m", "--exit_threshold", "1.5"])
+    assert re.search(r"must lie in \(0, 1\]", capsys.readouterr().err)
+    # The flags of the previous release still work, with a warning naming the new one.
+    with pytest.warns(FutureWarning, match="--exit_threshold"), pytest.raises(SystemExit):
+        segment(["photo.jpg", "--model", "m", "--threshold", "1.5"])
+    assert re.search(r"must lie in \(0, 1\]", capsys.readouterr().err)
 
 
 def test_images_of_a_batch_give_what_they_give_alone(loaded, photos, pruning_threshold):
@@ -250,7 +265,8 @@ def test_images_of_a_batch_give_what_they_give_alone(loaded, photos, pruning_thr
     camera = open_image(photos["camera"])
     images = [camera, open_image(photos["astronaut"]), camera.transpose(Image.FLIP_LEFT_RIGHT)]
     for sliding_window in (False, True):
-        together = segment_images(model, image_processor, images, pruning_threshold, sliding_window)
+        processor = sliding_window_processor(image_processor) if sliding_window else image_processor
+        together = segment_images(model, processor, images, exit_threshold=pruning_threshold)
         for image, result in zip(images, together, strict=True):
             alone = segment_image(model, image_processor, image, pruning_threshold, sliding_window)
             assert np.array_equal(result.segmentation, alone.segmentation)
@@ -259,8 +275,9 @@ def test_images_of_a_batch_give_what_they_give_alone(loaded, photos, pruning_thr
 
 
 def test_no_pictures_writes_palette_class_maps_only(loaded, photos, model_dir, pruning_threshold, tmp_path):
-    arguments = [str(photos["camera"]), "--model", str(model_dir), "--output_dir", str(tmp_path), "--no_pictures"]
-    assert segment.main(arguments + ["--threshold", f"{pruning_threshold:.6f}"]) == 0
+    arguments = [str(photos["camera"]), "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path)]
+    arguments.append("--no_pictures")
+    assert segment(arguments + ["--exit_threshold", f"{pruning_threshold:.6f}"]) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["camera_classes.png"]
     model, image_processor = loaded
     expected = segment_image(model, image_processor, open_image(photos["camera"]), float(f"{pruning_threshold:.6f}"))
@@ -268,7 +285,7 @@ def test_no_pictures_writes_palette_class_maps_only(loaded, photos, model_dir, p
         assert class_map.mode == "P" and class_map.size == (400, 300)
         assert np.array_equal(np.asarray(class_map), expected.segmentation)  # pixel value = class id
         palette = np.asarray(class_map.getpalette()[: 3 * 5]).reshape(5, 3)
-    assert np.array_equal(palette, segment.make_palette(5))
+    assert np.array_equal(palette, make_palette(5))
 
 
 def free_port() -> int:
@@ -286,7 +303,12 @@ def run_launched(num_processes: int, *arguments: str) -> str:
         command += ["--num_processes", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [*command, str(SCRIPT), "--cpu", *arguments], capture_output=True, text=True, env=env, timeout=240, cwd=REPO_ROOT
+        [*command, str(SCRIPT), "--device", "cpu", *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=REPO_ROOT,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]
@@ -305,12 +327,14 @@ def test_two_processes_write_what_one_writes_and_an_interrupted_run_resumes(
     for name in ("astronaut", "camera", "coffee", "chelsea"):
         shutil.copy(photos[name], images / photos[name].name)
     shutil.copy(photos["camera"], images / "camera_again.png")  # same size as camera.png: one batch of two
-    common = [str(images), "--model", str(model_dir), "--threshold", f"{pruning_threshold:.6f}"]
+    common = [str(images), "--model_name_or_path", str(model_dir), "--exit_threshold", f"{pruning_threshold:.6f}"]
 
     two = tmp_path / "two_processes"
-    output = run_launched(2, *common, "--output_dir", str(two), "--batch_size", "2")
+    output = run_launched(2, *common, "--output_dir", str(two), "--per_device_eval_batch_size", "2")
     assert "on 2 process(es)" in output and "Segmented 5 image(s), skipped 0, 0 already done" in output
-    assert re.search(r"tokens exited at head 1 \(layer 2\): \d+ tokens, head 2 \(layer 3\): \d+ tokens, decode head", output)
+    assert re.search(
+        r"tokens exited at head 1 \(layer 2\): \d+ tokens, head 2 \(layer 3\): \d+ tokens, decode head", output
+    )
     assert re.search(r"GFLOPs per image [\d.e-]+ .*\n\s+[\d.]+ images/s", output)
     one = tmp_path / "one_process"
     run_script(*common, "--output_dir", str(one))  # plain python, batch size 1
@@ -323,7 +347,7 @@ def test_two_processes_write_what_one_writes_and_an_interrupted_run_resumes(
     (two / ".coffee_rgba_classes.png.tmp").write_bytes(b"half a PNG")
     redone = ("chelsea", "coffee", ".")
     untouched = {path.name: path.stat().st_mtime_ns for path in two.iterdir() if not path.name.startswith(redone)}
-    output = run_launched(2, *common, "--output_dir", str(two), "--batch_size", "2")
+    output = run_launched(2, *common, "--output_dir", str(two), "--per_device_eval_batch_size", "2")
     assert "Segmented 2 image(s), skipped 0, 3 already done" in output
     assert {name: (two / name).stat().st_mtime_ns for name in untouched} == untouched  # done images not redone
     assert {name: data for name, data in folder_bytes(two).items() if not name.startswith(".")} == expected

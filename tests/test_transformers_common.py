@@ -16,7 +16,7 @@
 The common tests are not part of the transformers wheel and may not be copied into this repository, so the
 source distribution of the installed transformers version is downloaded once with pip (cached under
 `~/.cache/dtop-hf-tests`, or `$DTOP_HF_TEST_CACHE`), its top-level `tests/*.py` are extracted next to three small
-stubs for modules the sdist lacks (hf-notes §6.3), and imported as the package `hf_common_tests`. Without network
+stubs for modules the sdist lacks (`STUBS`), and imported as the package `hf_common_tests`. Without network
 access the whole module is skipped.
 """
 
@@ -33,16 +33,17 @@ from unittest import mock
 import pytest
 import torch
 import transformers
+from conftest import DToPModelTester
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from conftest import DToPModelTester
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation, DToPModel
 
 
 CACHE_DIR = Path(os.environ.get("DTOP_HF_TEST_CACHE", "~/.cache/dtop-hf-tests")).expanduser()
 PACKAGE_NAME = "hf_common_tests"
 
-# Modules imported by the common test files that the sdist does not contain (hf-notes §6.3).
+# Modules imported by the common test files that the sdist does not contain (it ships the top-level `tests/*.py`
+# only, not `tests/exporters/`, `tests/generation/`, `tests/utils/`): small stand-ins are enough to import them.
 STUBS = {
     "exporters/test_export.py": "class ExportTesterMixin:\n    pass\n",
     "generation/test_utils.py": "class GenerationTesterMixin:\n    pass\n",

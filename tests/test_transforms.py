@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The training pipeline against written statements of mmseg 1.x's transforms (official-configs.md, "Data pipelines").
+"""The training pipeline against written statements of mmseg 1.x's transforms (docs/official_recipes.md, "Data
+pipelines").
 
 Each test states the rule it checks, with expected values worked out by hand from that rule, not from the code.
 """

@@ -167,7 +167,7 @@ def test_keyword_arguments_override_and_are_checked():
     assert config.layer_norm_eps == 1e-5 and config.exit_threshold == 0.8 and config.num_labels == 4
     with pytest.raises(ValueError, match="Unknown keyword arguments \\['exit_treshold'\\]"):
         dtop_config_from_vit(vit_config, exit_treshold=0.8, **HEAD_FIELDS)
-    # Without stage arguments, the default layout for the depth and width (issue 12: any depth loads).
+    # Without stage arguments, the default layout for the depth and width: any depth loads.
     default = dtop_config_from_vit(vit_config, num_labels=4)
     assert default.out_indices == (1, 2, 3) and default.head_hidden_size == 16
     assert default.head_num_attention_heads == 1 and default.exit_threshold == 0.9

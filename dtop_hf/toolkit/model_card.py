@@ -11,20 +11,26 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Hub model card (README.md) of a saved DToP model, filled in from the `MODEL_CARD.md` template."""
+"""Hub model card (README.md) of a saved DToP model, filled in from the `model_card_template.md` template.
+
+`python -m dtop_hf.toolkit.model_card MODEL_CARD.md` writes the repository's `MODEL_CARD.md`: the card of the official
+ViT-B/16 ADE20K configuration, rendered from the same template (`reference_model_card`).
+"""
 
 import json
 import re
+import sys
+import textwrap
 from pathlib import Path
 
 from ..configuration_dtop import DToPConfig
 from ..modeling_dtop import DTOP_HEAD_CLASSES
 
 
-# The template sits at the root of the dtop-hf repository, beside the package.
-# `dtop_hf/MODEL_CARD.md` links to the repository's root `MODEL_CARD.md` and is installed as package data, so the
-# template is found in editable and regular installs alike.
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
+# Package data beside this module, so that editable and regular installs find it alike.
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
+# The configuration the repository's own MODEL_CARD.md describes.
+REFERENCE_PRESET = "dtop-vit-base-ade20k"
 PLACEHOLDER_PATTERN = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -72,10 +78,9 @@ def render_model_card(template: str, fields: dict[str, str]) -> str:
     return PLACEHOLDER_PATTERN.sub(lambda match: str(fields[match.group(1)]), template)
 
 
-def write_model_card(
-    output_dir: str | Path,
+def model_card_text(
     config: DToPConfig,
-    model_name: str | None = None,
+    model_name: str,
     repo_id: str | None = None,
     datasets: list[str] | tuple[str, ...] = (),
     dataset_name: str = "a custom data set",
@@ -84,32 +89,26 @@ def write_model_card(
     mean_iou: float | None = None,
     gflops: float | None = None,
     template_path: str | Path | None = None,
-) -> Path:
-    """Write `README.md`, the Hub model card, into a saved model folder.
+) -> str:
+    """The Hub model card of a DToP model, as markdown.
 
     Args:
-        output_dir: the folder `save_pretrained` wrote.
         config: the model's config (architecture table, label count).
-        model_name: title of the card; defaults to the folder name.
+        model_name: title of the card.
         repo_id: Hub id used in the usage snippets; defaults to `model_name`.
         datasets: Hub data set ids for the YAML metadata (e.g. `["scene_parse_150"]`).
         dataset_name: human-readable name of the training data.
         description: a paragraph on where these weights come from.
         training_recipe: how these weights were trained (after the official recipe's paragraph).
         mean_iou, gflops: this checkpoint's figures for the evaluation table (fraction in [0, 1]; GFLOPs per image).
-        template_path: defaults to the `MODEL_CARD.md` template shipped with dtop-hf.
-
-    Returns:
-        The path of the written `README.md`.
+        template_path: defaults to the `model_card_template.md` shipped with dtop-hf.
     """
-    output_dir = Path(output_dir)
     template_path = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATE
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"Model card template not found at {template_path}: pass `template_path` (the `MODEL_CARD.md` of the "
-            "dtop-hf repository)."
+            f"Model card template not found at {template_path}: pass `template_path` (dtop-hf ships it as "
+            "`dtop_hf/toolkit/model_card_template.md`)."
         )
-    model_name = model_name or output_dir.resolve().name
     fields = {
         "model_name": model_name,
         "repo_id": repo_id or model_name,
@@ -121,11 +120,62 @@ def write_model_card(
         "training_recipe": training_recipe,
         "evaluation_row": evaluation_table_row(model_name, dataset_name, mean_iou, gflops),
     }
-    card = render_model_card(template_path.read_text(encoding="utf-8"), fields)
+    return render_model_card(template_path.read_text(encoding="utf-8"), fields)
+
+
+def write_model_card(output_dir: str | Path, config: DToPConfig, model_name: str | None = None, **card_fields) -> Path:
+    """Write `README.md`, the Hub model card, into a saved model folder.
+
+    Args:
+        output_dir: the folder `save_pretrained` wrote.
+        config: the model's config.
+        model_name: title of the card; defaults to the folder name.
+        card_fields: the other arguments of [`model_card_text`].
+
+    Returns:
+        The path of the written `README.md`.
+    """
+    output_dir = Path(output_dir)
+    card = model_card_text(config, model_name or output_dir.resolve().name, **card_fields)
     output_dir.mkdir(parents=True, exist_ok=True)
     card_path = output_dir / "README.md"
     card_path.write_text(card, encoding="utf-8")
     return card_path
 
 
-__all__ = ["MODEL_CARD_TEMPLATE", "evaluation_table_row", "render_model_card", "write_model_card"]
+def reference_model_card() -> str:
+    """The repository's `MODEL_CARD.md`: the card of the official ViT-B/16 ADE20K configuration, as a folder of it
+    converted or trained with dtop-hf carries it, before any figures of its own."""
+    from .presets import PAPER_PRESETS
+
+    preset = PAPER_PRESETS[REFERENCE_PRESET]
+    return model_card_text(
+        DToPConfig(**preset.config_kwargs()),
+        model_name=REFERENCE_PRESET,
+        repo_id=f"your-org/{REFERENCE_PRESET}",
+        datasets=preset.dataset.card_datasets,
+        dataset_name=preset.dataset.display_name,
+        description=textwrap.fill(
+            f"The official ViT-B/16 ADE20K configuration of DToP (dtop-hf's `{REFERENCE_PRESET}` preset). No weights "
+            "of it were ever released: a folder converted (`convert_dtop_original_to_hf`) or trained "
+            "(`examples/finetune.py`) with dtop-hf carries this card, with its own origin, recipe and figures.",
+            width=115,
+        ),
+        training_recipe="Every value of this configuration, both phases: dtop-hf's "
+        "[docs/official_recipes.md](https://github.com/dtop-hf/dtop-hf/blob/main/docs/official_recipes.md).",
+    )
+
+
+__all__ = [
+    "MODEL_CARD_TEMPLATE",
+    "evaluation_table_row",
+    "model_card_text",
+    "reference_model_card",
+    "render_model_card",
+    "write_model_card",
+]
+
+
+if __name__ == "__main__":
+    # python -m dtop_hf.toolkit.model_card MODEL_CARD.md
+    Path(sys.argv[1]).write_text(reference_model_card(), encoding="utf-8")

@@ -25,8 +25,9 @@ from fractions import Fraction
 from typing import Any
 
 
-# SPEC §2-3: ViT-B (12 layers) has its auxiliary heads after 6 and 8 of 12 layers, ViT-L (24 layers) after 8 and 16
-# of 24; the decode head follows the last layer. Backbones as deep as ViT-L or deeper use ViT-L's fractions.
+# The official stage layouts (docs/official_recipes.md): ViT-B (12 layers) has its auxiliary heads after 6 and 8 of
+# 12 layers, ViT-L (24 layers) after 8 and 16 of 24; the decode head follows the last layer. Backbones as deep as
+# ViT-L or deeper use ViT-L's fractions.
 SHALLOW_AUXILIARY_FRACTIONS = (Fraction(1, 2), Fraction(2, 3))
 DEEP_AUXILIARY_FRACTIONS = (Fraction(1, 3), Fraction(2, 3))
 DEEP_BACKBONE_LAYERS = 24
@@ -85,7 +86,7 @@ def default_stage_layout(num_hidden_layers: int, hidden_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backbones (SPEC §1): plain ViTs with 16x16 patches, LayerNorm eps 1e-6.
+# Backbones (docs/method.md): plain ViTs with 16x16 patches, LayerNorm eps 1e-6.
 
 VIT_BASE_PATCH16: dict[str, Any] = {
     "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -103,7 +104,7 @@ HALF_RANGE_MEAN, HALF_RANGE_STD = (127.5, 127.5, 127.5), (127.5, 127.5, 127.5)
 
 @dataclass(frozen=True)
 class DToPDatasetPreset:
-    """One data set as an official configuration trains and tests on it (official-configs.md, "Data pipelines").
+    """One data set as an official configuration trains and tests on it (docs/official_recipes.md, "Data pipelines").
 
     Args:
         name: key of the data set (also the key of its class names in `toolkit.data.label_maps.DATASET_LABELS`).
@@ -117,7 +118,7 @@ class DToPDatasetPreset:
         do_reduce_labels: mmseg `reduce_zero_label` (0 = unlabelled -> 255, k -> k - 1).
         ratio_range: training `RandomResize` ratio range.
         cat_max_ratio: training `RandomCrop` retry rule (see `toolkit.data.transforms.random_crop_box`).
-        train_split, validation_split: the official training and evaluation splits (official-configs.md).
+        train_split, validation_split: the official training and evaluation splits.
         card_datasets: data-set ids of a model card's metadata.
     """
 
@@ -152,7 +153,7 @@ class DToPDatasetPreset:
         }
 
 
-# official-configs.md, "Per configuration" and "Data pipelines" (config/_base_/datasets/*.py).
+# docs/official_recipes.md, "Per configuration" and "Data pipelines" (config/_base_/datasets/*.py).
 DATASET_PRESETS: dict[str, DToPDatasetPreset] = {
     preset.name: preset
     for preset in (
@@ -178,7 +179,7 @@ DATASET_PRESETS: dict[str, DToPDatasetPreset] = {
 
 @dataclass(frozen=True)
 class DToPSchedulePreset:
-    """One training phase of the official recipe (SPEC §4; official-configs.md, "Optimiser and schedule").
+    """One training phase of the official recipe (docs/official_recipes.md, "Optimiser and schedule").
 
     Args:
         max_steps: optimiser steps (mmseg `train_cfg.max_iters`).
@@ -217,7 +218,7 @@ class DToPPaperPreset:
         dataset: the data set and its pipelines.
         backbone: `DToPConfig` backbone fields.
         head_num_attention_heads: attention heads of the ATM heads (ViT-L: 8 on ADE20K, 16 on Pascal Context and
-            COCO-Stuff, SPEC §2); the rest of the stage layout is `default_stage_layout`'s official one.
+            COCO-Stuff); the rest of the stage layout is `default_stage_layout`'s official one.
         drop_path_rate: stochastic depth of the backbone's FFN branch, rising linearly to this value.
         exit_threshold: threshold of the auxiliary heads in phase 2 (the decode head's is always 1.0).
         base_schedule, prune_schedule: phases 1 and 2.
@@ -268,8 +269,8 @@ BACKBONE_SETTINGS = {
     "vit-base": (VIT_BASE_PATCH16, VIT_BASE_CHECKPOINT, VIT_BASE_BASE_SCHEDULE),
     "vit-large": (VIT_LARGE_PATCH16, VIT_LARGE_CHECKPOINT, VIT_LARGE_BASE_SCHEDULE),
 }
-# official-configs.md, "Per configuration" (config/prune/prune_segvit_*.py): name -> data set, backbone, ATM attention
-# heads, drop_path_rate, auxiliary exit threshold, phase-2 iterations.
+# docs/official_recipes.md, "Per configuration" (config/prune/prune_segvit_*.py): name -> data set, backbone, ATM
+# attention heads, drop_path_rate, auxiliary exit threshold, phase-2 iterations.
 PAPER_CONFIGURATIONS = {
     "dtop-vit-base-ade20k": ("ade20k", "vit-base", 6, 0.1, 0.9, 40000),
     "dtop-vit-large-ade20k": ("ade20k-640", "vit-large", 8, 0.3, 0.95, 40000),

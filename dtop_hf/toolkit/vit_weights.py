@@ -24,7 +24,6 @@ import re
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
@@ -45,32 +44,32 @@ IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 # The source base model's parameter names (transformers v5 names: `from_pretrained` converts older checkpoints) ->
 # DToP base model names. DToP mirrors ViT's names; the families with layer scale keep transformers' `layer_scale*`.
 VIT_KEY_MAPPING = {  # ViTModel, DeiTModel
-    r"^embeddings\.(cls_token|distillation_token|position_embeddings)$":     r"embeddings.\1",
-    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":            r"embeddings.patch_embeddings.projection.\1",
-    r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\.(weight|bias)$":   r"layers.\1.\2.\3",
-    r"^layers\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":             r"layers.\1.attention.\2.\3",
-    r"^layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$":                       r"layers.\1.mlp.\2.\3",
+    r"^embeddings\.(cls_token|distillation_token|position_embeddings)$": r"embeddings.\1",
+    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":        r"embeddings.patch_embeddings.projection.\1",
+    r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\.(weight|bias)$": r"layers.\1.\2.\3",
+    r"^layers\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":         r"layers.\1.attention.\2.\3",
+    r"^layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$":                   r"layers.\1.mlp.\2.\3",
 }
 DINOV2_KEY_MAPPING = {  # Dinov2Model, Dinov2WithRegistersModel
-    r"^embeddings\.(cls_token|register_tokens|position_embeddings)$":        r"embeddings.\1",
-    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":            r"embeddings.patch_embeddings.projection.\1",
-    r"^encoder\.layer\.(\d+)\.norm1\.(weight|bias)$":                        r"layers.\1.layernorm_before.\2",
-    r"^encoder\.layer\.(\d+)\.norm2\.(weight|bias)$":                        r"layers.\1.layernorm_after.\2",
-    r"^encoder\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":     r"layers.\1.attention.\2.\3",
-    r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$":                  r"layers.\1.layer_scale\2.lambda1",
+    r"^embeddings\.(cls_token|register_tokens|position_embeddings)$":    r"embeddings.\1",
+    r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$":        r"embeddings.patch_embeddings.projection.\1",
+    r"^encoder\.layer\.(\d+)\.norm1\.(weight|bias)$":                    r"layers.\1.layernorm_before.\2",
+    r"^encoder\.layer\.(\d+)\.norm2\.(weight|bias)$":                    r"layers.\1.layernorm_after.\2",
+    r"^encoder\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$": r"layers.\1.attention.\2.\3",
+    r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$":              r"layers.\1.layer_scale\2.lambda1",
     r"^encoder\.layer\.(\d+)\.mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)\.(weight|bias)$": r"layers.\1.mlp.\2.\3",
 }
 DINOV3_KEY_MAPPING = {  # DINOv3ViTModel; its plain MLP's up/down projections become fc1/fc2 (see `rename_plain_mlp`)
-    r"^embeddings\.(cls_token|register_tokens)$":                            r"embeddings.\1",
-    r"^embeddings\.patch_embeddings\.(weight|bias)$":                        r"embeddings.patch_embeddings.projection.\1",
-    r"^model\.layer\.(\d+)\.norm1\.(weight|bias)$":                          r"layers.\1.layernorm_before.\2",
-    r"^model\.layer\.(\d+)\.norm2\.(weight|bias)$":                          r"layers.\1.layernorm_after.\2",
-    r"^model\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":       r"layers.\1.attention.\2.\3",
-    r"^model\.layer\.(\d+)\.layer_scale([12])\.lambda1$":                    r"layers.\1.layer_scale\2.lambda1",
+    r"^embeddings\.(cls_token|register_tokens)$":                        r"embeddings.\1",
+    r"^embeddings\.patch_embeddings\.(weight|bias)$":                    r"embeddings.patch_embeddings.projection.\1",
+    r"^model\.layer\.(\d+)\.norm1\.(weight|bias)$":                      r"layers.\1.layernorm_before.\2",
+    r"^model\.layer\.(\d+)\.norm2\.(weight|bias)$":                      r"layers.\1.layernorm_after.\2",
+    r"^model\.layer\.(\d+)\.attention\.([qkvo]_proj)\.(weight|bias)$":   r"layers.\1.attention.\2.\3",
+    r"^model\.layer\.(\d+)\.layer_scale([12])\.lambda1$":                r"layers.\1.layer_scale\2.lambda1",
     r"^model\.layer\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$": r"layers.\1.mlp.\2.\3",
 }
 # Source tensors with no DToP counterpart, dropped on purpose: the final norm (DToP's heads read the raw layer
-# outputs, SPEC §1), ViT's pooler and the mask token (masked-image pre-training only).
+# outputs, docs/method.md), ViT's pooler and the mask token (masked-image pre-training only).
 SOURCE_KEYS_TO_DROP = [r"^(layernorm|norm)\.(weight|bias)$", r"^pooler\.", r"^embeddings\.mask_token$"]
 # fmt: on
 
@@ -155,9 +154,7 @@ def dinov2_backbone_fields(source_config: PreTrainedConfig, keep_extra_tokens: b
 def dinov3_backbone_fields(source_config: PreTrainedConfig, keep_extra_tokens: bool) -> dict:
     """DINOv3: 2-D rotary positions (no learned positions), no key bias, layer scale, optional gated MLP."""
     unsupported = {
-        name: getattr(source_config, name)
-        for name in ("proj_bias", "mlp_bias")
-        if not getattr(source_config, name)
+        name: getattr(source_config, name) for name in ("proj_bias", "mlp_bias") if not getattr(source_config, name)
     }
     if source_config.query_bias != source_config.value_bias:
         unsupported.update(query_bias=source_config.query_bias, value_bias=source_config.value_bias)
@@ -215,7 +212,7 @@ MODEL_INIT_KWARGS = ("attn_implementation", "dtype")
 def resize_position_embeddings(
     position_embeddings: torch.Tensor, grid_size: tuple[int, int], num_prefixes: int = 1, antialias: bool = False
 ) -> torch.Tensor:
-    """Resize stored ViT position embeddings to another patch grid, once (SPEC §1).
+    """Resize stored ViT position embeddings to another patch grid, once (bicubic; docs/method.md).
 
     Args:
         position_embeddings: `(1, num_prefixes + side * side, dim)`: the class (and distillation) token slots, then
@@ -534,7 +531,8 @@ def from_vit_pretrained(
     folder or Hub id, old or v5 key names. The DToP backbone reproduces the family (layer scale, distillation and
     register tokens, DINOv3's rotary positions, gated MLPs, each family's position resizing). The final norm, the
     pooler, the mask token and any task head are dropped on purpose: DToP's heads read the raw layer outputs
-    (SPEC §1). Every other tensor must load exactly: a missing, unexpected or misshapen backbone tensor is an error.
+    (docs/method.md). Every other tensor must load exactly: a missing, unexpected or misshapen backbone tensor is an
+    error.
 
     Args:
         model_class: [`DToPModel`] or [`DToPForSemanticSegmentation`].

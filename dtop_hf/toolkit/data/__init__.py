@@ -11,4 +11,5 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Data sets: the layouts users have on disk (ADE20K, Pascal Context, COCO-Stuff, Hub exports), mmseg's training transforms, the built-in synthetic scenes, label names."""
+"""Data sets: the layouts users have on disk (ADE20K, Pascal Context, COCO-Stuff, Hub exports), mmseg's training
+transforms, the built-in synthetic scenes, label names."""

@@ -15,7 +15,7 @@
 
 Each reader returns a `datasets.DatasetDict` whose splits have `image` and `annotation` columns (lazily decoded
 `datasets.Image` features over the files), and the class names when the layout implies them. The official folders
-are read as the official configs read them (official-configs.md, "Data pipelines"): same sub-folders, same image
+are read as the official configs read them (docs/official_recipes.md, "Data pipelines"): same sub-folders, same image
 lists, same splits; their label maps are used with `reduce_zero_label` (0 = unlabelled).
 """
 

@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The official training pipeline (mmseg 1.x, official-configs.md "Data pipelines"), transform by transform.
+"""The official training pipeline (mmseg 1.x, docs/official_recipes.md "Data pipelines"), transform by transform.
 
     RandomResize(scale=S, ratio_range=(0.5, 2.0), keep_ratio=True)   -> random_resize_scale + rescale_size
     RandomCrop(crop_size, cat_max_ratio=0.75)                        -> random_crop_box
@@ -242,7 +242,7 @@ def pad_to_crop(
 
 
 class SegmentationTrainTransform:
-    """The official training pipeline (official-configs.md) on an image and its (already reduced) label map:
+    """The official training pipeline (docs/official_recipes.md) on an image and its (already reduced) label map:
     `RandomResize` to the data set's scale (ratio 0.5-2.0), `RandomCrop` with `cat_max_ratio`, horizontal flip,
     `PhotoMetricDistortion`, normalisation, padding to the crop.
 

@@ -11,4 +11,5 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Evaluation: streaming mIoU (also as an `evaluate` module), the evaluation loop, per-image GFLOPs, exit-threshold calibration."""
+"""Evaluation: streaming mIoU (also as an `evaluate` module), the evaluation loop, per-image GFLOPs, exit-threshold
+calibration, and the evaluation job's data, sweep, report, plot."""

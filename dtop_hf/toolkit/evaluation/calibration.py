@@ -29,6 +29,11 @@ hundred evaluations where a full grid of 11 values over 3 heads needs 1331. Both
 threshold when no swept threshold saves anything (and, for an mIoU-drop limit, while the lowest threshold tried is
 still the best), and raise [`NothingToCalibrateError`] when even the lowest threshold lets no token exit.
 
+The same search serves capacity mode's knob (the fraction of tokens still active after each auxiliary head,
+[`calibrate_per_head_capacities`]): an [`ExitKnob`] says which result field holds the setting, its lowest value
+and whether the values must not increase from head to head (capacities must not). Lower capacities, like lower
+thresholds, save more, so every step of the search reads the same way for both.
+
 Calibrate on data the final report does not use (a calibration split), and report the chosen thresholds on the
 evaluation split: the search picks the best of many noisy measurements, so its own numbers are optimistic.
 """
@@ -40,14 +45,19 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
+from ...configuration_dtop import normalize_exit_capacity
+
 
 THRESHOLD_KEY = "exit_threshold"
+CAPACITY_KEY = "exit_capacity"
 MIOU_KEY = "mean_iou"
 GFLOPS_KEY = "gflops"
 # Thresholds are rounded to this many decimals (midpoints of 0.1-spaced grids stay readable and cache keys exact).
 THRESHOLD_DECIMALS = 6
 # No threshold below this is tried when the sweep is extended downward.
 DEFAULT_MIN_THRESHOLD = 0.01
+# No capacity below this either: 5% of the tokens still go on after each auxiliary head.
+DEFAULT_MIN_CAPACITY = 0.05
 
 Threshold = float | tuple[float, ...]
 
@@ -56,14 +66,54 @@ class NothingToCalibrateError(ValueError):
     """No threshold down to the lowest one tried saves any GFLOPs: the model never exits a token on this data."""
 
 
-def per_head(threshold: Threshold | Sequence[float], num_heads: int) -> tuple[float, ...]:
-    """One value per auxiliary head: `0.8` -> `(0.8, 0.8)` for 2 heads; a sequence must have `num_heads` values."""
+@dataclass(frozen=True)
+class ExitKnob:
+    """The setting a calibration searches, one value in (0, 1] per auxiliary head (1.0 = no exit); lower values
+    make more tokens exit.
+
+    Attributes:
+        key: the result field (and the model's per-call argument) holding the setting.
+        name: how messages name one value.
+        non_increasing: the values must not increase from one head to the next.
+        nothing_saved_hint: what to do when no value down to the lowest one saves any GFLOPs.
+    """
+
+    key: str
+    name: str
+    non_increasing: bool = False
+    nothing_saved_hint: str = ""
+
+    def allows(self, setting: tuple[float, ...]) -> bool:
+        """Whether a per-head setting is one the model accepts (capacities: non-increasing)."""
+        return not self.non_increasing or all(later <= earlier for earlier, later in zip(setting, setting[1:]))
+
+
+THRESHOLD = ExitKnob(
+    THRESHOLD_KEY,
+    "exit threshold",
+    nothing_saved_hint="The model's auxiliary heads are never that confident, so no threshold saves anything: "
+    "fine-tune it with pruning on (`examples/finetune.py --stage prune`) before calibrating.",
+)
+CAPACITY = ExitKnob(
+    CAPACITY_KEY,
+    "exit capacity",
+    non_increasing=True,
+    nothing_saved_hint="The token grid is too small for these capacities to drop a token: calibrate at a larger "
+    "input size.",
+)
+
+
+def per_head(
+    threshold: Threshold | Sequence[float], num_heads: int, name: str = "exit threshold"
+) -> tuple[float, ...]:
+    """One value per auxiliary head: `0.8` -> `(0.8, 0.8)` for 2 heads; a sequence must have `num_heads` values.
+    `name` names the setting in the error."""
     if isinstance(threshold, (int, float)):
         return (round(float(threshold), THRESHOLD_DECIMALS),) * num_heads
     values = tuple(round(float(value), THRESHOLD_DECIMALS) for value in threshold)
     if len(values) != num_heads:
         raise ValueError(
-            f"Expected one exit threshold per auxiliary head ({num_heads}), got {list(values)}: give one value for "
+            f"Expected one {name} per auxiliary head ({num_heads}), got {list(values)}: give one value for "
             f"every head, or {num_heads} comma-separated values (e.g. {','.join(['0.9'] * num_heads)})."
         )
     return values
@@ -114,15 +164,15 @@ def check_constraint(target_gflops: float | None, max_miou_drop: float | None) -
         raise ValueError(f"`max_miou_drop` must be >= 0, got {max_miou_drop}.")
 
 
-def baseline_result(results: Sequence[dict]) -> dict:
-    """The unpruned run (threshold 1.0 for every head), against which mIoU drops are measured."""
+def baseline_result(results: Sequence[dict], key: str = THRESHOLD_KEY) -> dict:
+    """The unpruned run (1.0 for every head), against which mIoU drops are measured; `key` holds the setting."""
     for result in results:
-        if is_unpruned(result[THRESHOLD_KEY]):
+        if is_unpruned(result[key]):
             return result
-    thresholds = [result[THRESHOLD_KEY] for result in results]
+    settings = [result[key] for result in results]
     raise ValueError(
-        f"`max_miou_drop` is measured against the unpruned baseline, but no result has {THRESHOLD_KEY}=1.0 "
-        f"(got thresholds {thresholds}): evaluate threshold 1.0 too."
+        f"`max_miou_drop` is measured against the unpruned baseline, but no result has {key}=1.0 "
+        f"(got {settings}): evaluate 1.0 too."
     )
 
 
@@ -146,6 +196,7 @@ def choose_threshold(
     target_gflops: float | None = None,
     max_miou_drop: float | None = None,
     gflops_key: str = GFLOPS_KEY,
+    key: str = THRESHOLD_KEY,
 ) -> dict:
     """Pick, among evaluated thresholds, the one that meets the constraint with the largest saving.
 
@@ -158,6 +209,7 @@ def choose_threshold(
             GFLOPs among the thresholds within it are chosen (ties: higher mIoU).
         gflops_key: the result field that holds the cost (`gflops`: every head; or, for instance,
             `gflops_backbone_and_final_head`: the paper's convention).
+        key: the result field that holds the setting (`exit_capacity` for capacities).
 
     Returns:
         The chosen result dict (one of `results`; on exact ties, the first).
@@ -165,7 +217,7 @@ def choose_threshold(
     check_constraint(target_gflops, max_miou_drop)
     if not results:
         raise ValueError("`results` is empty: evaluate at least one threshold before choosing.")
-    baseline_miou = baseline_result(results)[MIOU_KEY] if max_miou_drop is not None else None
+    baseline_miou = baseline_result(results, key)[MIOU_KEY] if max_miou_drop is not None else None
     feasible = [
         result
         for result in results
@@ -174,8 +226,8 @@ def choose_threshold(
     if not feasible:
         cheapest = min(results, key=lambda result: result[gflops_key])
         raise ValueError(
-            f"No evaluated threshold meets `target_gflops`={target_gflops}: the cheapest, "
-            f"{THRESHOLD_KEY}={cheapest[THRESHOLD_KEY]}, costs {cheapest[gflops_key]:.3f} GFLOPs per image. "
+            f"No evaluated setting meets `target_gflops`={target_gflops}: the cheapest, "
+            f"{key}={cheapest[key]}, costs {cheapest[gflops_key]:.3f} GFLOPs per image. "
             "Raise the budget or evaluate lower thresholds."
         )
     if target_gflops is not None:
@@ -189,7 +241,7 @@ def _finite_or(value: float, default: float) -> float:
 
 
 def refinement_bracket(
-    results: Sequence[dict], chosen: dict, target_gflops: float | None
+    results: Sequence[dict], chosen: dict, target_gflops: float | None, key: str = THRESHOLD_KEY
 ) -> tuple[float, float] | None:
     """The interval between the chosen threshold and the nearest evaluated one on the side of more saving that
     failed the constraint, where a better threshold may lie; `None` when there is no such neighbour. Thresholds
@@ -198,8 +250,8 @@ def refinement_bracket(
     More saving lies at higher thresholds for a GFLOPs budget (more mIoU within it) and at lower thresholds for an
     mIoU-drop limit (fewer GFLOPs within it).
     """
-    chosen_threshold = chosen[THRESHOLD_KEY]
-    thresholds = sorted({result[THRESHOLD_KEY] for result in results if isinstance(result[THRESHOLD_KEY], float)})
+    chosen_threshold = chosen[key]
+    thresholds = sorted({result[key] for result in results if isinstance(result[key], float)})
     if target_gflops is not None:
         above = [threshold for threshold in thresholds if threshold > chosen_threshold]
         return (chosen_threshold, above[0]) if above else None
@@ -209,27 +261,35 @@ def refinement_bracket(
 
 @dataclass
 class EvaluationCache:
-    """Evaluates each threshold setting once; results keyed by their per-head tuple, in evaluation order.
+    """Evaluates each setting of the knob once; results keyed by their per-head tuple, in evaluation order.
 
-    `evaluate` receives a float when every head shares the threshold, else a tuple with one value per head.
+    `evaluate` receives a float when every head shares the value, else a tuple with one value per head; its result
+    gets the setting under `knob.key`.
     """
 
     evaluate: Callable[[Threshold], dict]
     num_heads: int
     results: dict[tuple[float, ...], dict] = field(default_factory=dict)
+    knob: ExitKnob = THRESHOLD
 
     def __call__(self, threshold: Threshold | Sequence[float]) -> dict:
-        key = per_head(threshold, self.num_heads)
+        key = per_head(threshold, self.num_heads, self.knob.name)
         if key not in self.results:
             value = compact_threshold(key)
-            self.results[key] = {**self.evaluate(value), THRESHOLD_KEY: value}
+            self.results[key] = {**self.evaluate(value), self.knob.key: value}
         return self.results[key]
 
     def all_results(self) -> list[dict]:
         return list(self.results.values())
 
     def uniform_results(self) -> list[dict]:
-        return [result for result in self.results.values() if isinstance(result[THRESHOLD_KEY], float)]
+        return [result for result in self.results.values() if isinstance(result[self.knob.key], float)]
+
+    def choose(
+        self, results: Sequence[dict], target_gflops: float | None, max_miou_drop: float | None, gflops_key: str
+    ) -> dict:
+        """[`choose_threshold`] on results of this knob."""
+        return choose_threshold(results, target_gflops, max_miou_drop, gflops_key, self.knob.key)
 
 
 def saves_anything(results: Sequence[dict], gflops_key: str = GFLOPS_KEY) -> bool:
@@ -256,19 +316,19 @@ def extend_sweep_downward(
             return True
         return target_gflops is not None and min(result[gflops_key] for result in results) > target_gflops
 
+    key = cache.knob.key
     while needs_more(cache.uniform_results()):
-        lowest = min(result[THRESHOLD_KEY] for result in cache.uniform_results())
+        lowest = min(result[key] for result in cache.uniform_results())
         if lowest <= min_threshold:
             break
         cache(max(round(lowest / 2, THRESHOLD_DECIMALS), min_threshold))
     results = cache.uniform_results()
     if not saves_anything(results, gflops_key):
-        highest, lowest = (bound(result[THRESHOLD_KEY] for result in results) for bound in (max, min))
+        highest, lowest = (bound(result[key] for result in results) for bound in (max, min))
         raise NothingToCalibrateError(
-            f"Cannot calibrate: no exit threshold from {highest} down to {lowest} lets a single token exit "
-            f"on this data (every one costs {results[0][gflops_key]:.4g} GFLOPs per image). The model's auxiliary "
-            "heads are never that confident, so no threshold saves anything: fine-tune it with pruning on "
-            "(`examples/finetune.py --stage prune`) before calibrating."
+            f"Cannot calibrate: no {cache.knob.name} from {highest} down to {lowest} lets a single token exit "
+            f"on this data (every one costs {results[0][gflops_key]:.4g} GFLOPs per image). "
+            f"{cache.knob.nothing_saved_hint}"
         )
 
 
@@ -308,9 +368,9 @@ def extend_below_choice(
         return
     while True:
         results = cache.uniform_results()
-        grid = sorted(result[THRESHOLD_KEY] for result in results)
-        chosen = choose_threshold(results, max_miou_drop=max_miou_drop, gflops_key=gflops_key)
-        lower = lower_threshold(grid, min_threshold) if chosen[THRESHOLD_KEY] == grid[0] else None
+        grid = sorted(result[cache.knob.key] for result in results)
+        chosen = cache.choose(results, None, max_miou_drop, gflops_key)
+        lower = lower_threshold(grid, min_threshold) if chosen[cache.knob.key] == grid[0] else None
         if lower is None:
             return
         cache(lower)
@@ -327,15 +387,15 @@ def bisect(
     """Bisect one threshold for every head towards the boundary of the constraint ([`refinement_bracket`]);
     returns the best shared threshold evaluated."""
     for _ in range(num_refinements):
-        chosen = choose_threshold(cache.uniform_results(), target_gflops, max_miou_drop, gflops_key)
-        bracket = refinement_bracket(cache.uniform_results(), chosen, target_gflops)
+        chosen = cache.choose(cache.uniform_results(), target_gflops, max_miou_drop, gflops_key)
+        bracket = refinement_bracket(cache.uniform_results(), chosen, target_gflops, cache.knob.key)
         if bracket is None or bracket[1] - bracket[0] < min_step:
             break
         midpoint = round((bracket[0] + bracket[1]) / 2, THRESHOLD_DECIMALS)
         if per_head(midpoint, cache.num_heads) in cache.results:
             break
         cache(midpoint)
-    return choose_threshold(cache.uniform_results(), target_gflops, max_miou_drop, gflops_key)
+    return cache.choose(cache.uniform_results(), target_gflops, max_miou_drop, gflops_key)
 
 
 def calibrate_threshold(
@@ -450,60 +510,63 @@ class CalibrationOutcome:
         return len(self.results)
 
 
-def calibrate_per_head_thresholds(
+def calibrate_per_head(
     evaluate: Callable[[Threshold], dict],
-    thresholds: Sequence[Threshold],
+    values: Sequence[Threshold],
     num_heads: int,
+    knob: ExitKnob = THRESHOLD,
     target_gflops: float | None = None,
     max_miou_drop: float | None = None,
     num_refinements: int = 3,
     num_grid_refinements: int = 2,
     min_step: float = 1e-3,
     gflops_key: str = GFLOPS_KEY,
-    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    min_value: float = DEFAULT_MIN_THRESHOLD,
     max_rounds: int = 20,
 ) -> CalibrationOutcome:
-    """One exit threshold per auxiliary head, by local search on per-head grids.
+    """One value of the knob per auxiliary head (exit thresholds, or capacities), by local search on per-head grids.
 
-    1. The shared-threshold calibration ([`calibrate_threshold`]'s sweep, downward extension and bisection) gives
-       the best single threshold, the starting point. Per-head settings in `thresholds` are evaluated too.
+    1. The shared-value calibration ([`calibrate_threshold`]'s sweep, downward extension and bisection) gives
+       the best single value, the starting point. Per-head settings in `values` are evaluated too.
     2. Each head's grid holds the sweep's values and the starting point's; for `max_miou_drop`, a head at the bottom
        of its grid gets one value a grid step lower before each round. Rounds of moves
        ([`threshold_neighbours`]): each head alone along its whole grid (coordinate descent), and several heads
-       one step each (one head a step lower, another a step higher, ...). After each round the search moves to the
-       best result so far ([`choose_threshold`]); it stops when that no longer changes.
+       one step each (one head a step lower, another a step higher, ...); moves to settings the knob does not
+       allow (capacities that increase from one head to the next) are skipped. After each round the search moves
+       to the best result so far ([`choose_threshold`]); it stops when that no longer changes.
     3. `num_grid_refinements` times, each head's grid gets the midpoints around the current value, and rounds of
        one-step moves continue on the finer grids (successive refinement).
 
     Every setting is evaluated once. With 3 heads and an 11-value grid this takes 50 to 200 evaluations where the
-    full grid has 1331; with 1 head it is the shared-threshold calibration.
+    full grid has 1331; with 1 head it is the shared-value calibration.
 
     Args:
-        evaluate: runs the model on the calibration data with an exit threshold (a float for every head alike, a
-            tuple with one value per auxiliary head otherwise) and returns `mean_iou`, `gflops`, ...
-        thresholds: the sweep: shared thresholds (floats) and per-head settings (tuples), each value in (0, 1].
+        evaluate: runs the model on the calibration data with a setting of the knob (a float for every head alike,
+            a tuple with one value per auxiliary head otherwise) and returns `mean_iou`, `gflops`, ...
+        values: the sweep: shared values (floats) and per-head settings (tuples), each value in (0, 1].
         num_heads: auxiliary heads of the model (`len(config.out_indices) - 1`).
+        knob: [`THRESHOLD`] or [`CAPACITY`]: the result field of the setting, and which settings are allowed.
         target_gflops, max_miou_drop: the constraint, see [`choose_threshold`].
-        num_refinements: bisection steps of the shared threshold.
+        num_refinements: bisection steps of the shared value.
         num_grid_refinements: levels of finer per-head grids after the search on the sweep's grid.
         min_step: smallest step of the bisection and of the grid refinement.
         gflops_key: the result field that holds the cost.
-        min_threshold: the lowest threshold the downward extension tries.
+        min_value: the lowest value the downward extension tries.
         max_rounds: safety cap on the rounds of moves per grid level.
 
     Raises:
-        NothingToCalibrateError: no threshold down to `min_threshold` lets a token exit.
+        NothingToCalibrateError: no value down to `min_value` lets a token exit.
     """
     check_constraint(target_gflops, max_miou_drop)
-    check_thresholds(thresholds)
+    check_knob_values(values, knob)
     if num_heads < 1:
         raise ValueError(f"`num_heads` must be >= 1 (a model with auxiliary heads), got {num_heads}.")
-    cache = EvaluationCache(evaluate, num_heads)
-    shared = [threshold for threshold in thresholds if isinstance(threshold, (int, float))]
-    settings = [per_head(threshold, num_heads) for threshold in thresholds if not isinstance(threshold, (int, float))]
+    cache = EvaluationCache(evaluate, num_heads, knob=knob)
+    shared = [value for value in values if isinstance(value, (int, float))]
+    settings = [per_head(value, num_heads, knob.name) for value in values if not isinstance(value, (int, float))]
     shared += [setting[0] for setting in settings if len(set(setting)) == 1]
-    sweep(cache, shared or [1.0], target_gflops, max_miou_drop, gflops_key, min_threshold)
-    extend_below_choice(cache, max_miou_drop, gflops_key, min_threshold)
+    sweep(cache, shared or [1.0], target_gflops, max_miou_drop, gflops_key, min_value)
+    extend_below_choice(cache, max_miou_drop, gflops_key, min_value)
     # The per-head grids start from the sweep's values, evenly spaced as the user chose them: bisection points
     # would make one grid step tiny near the starting point, and one-step moves would barely move.
     sweep_values = sorted({key[0] for key in cache.results})
@@ -512,8 +575,8 @@ def calibrate_per_head_thresholds(
         cache(setting)
 
     def best() -> tuple[float, ...]:
-        chosen = choose_threshold(cache.all_results(), target_gflops, max_miou_drop, gflops_key)
-        return per_head(chosen[THRESHOLD_KEY], num_heads)
+        chosen = cache.choose(cache.all_results(), target_gflops, max_miou_drop, gflops_key)
+        return per_head(chosen[knob.key], num_heads)
 
     if num_heads > 1:
         current = best()
@@ -527,26 +590,80 @@ def calibrate_per_head_thresholds(
             for _ in range(max_rounds):
                 # A head at the bottom of its grid may want lower still (an mIoU-drop limit not reached yet).
                 grids = [
-                    sorted(set(grid) | {lower_threshold(grid, min_threshold)})
-                    if max_miou_drop is not None and value == grid[0] and grid[0] > min_threshold
+                    sorted(set(grid) | {lower_threshold(grid, min_value)})
+                    if max_miou_drop is not None and value == grid[0] and grid[0] > min_value
                     else grid
                     for grid, value in zip(grids, current, strict=True)
                 ]
                 for candidate in threshold_neighbours(current, grids, line_radius=None if level == 0 else 1):
-                    cache(candidate)
+                    if knob.allows(candidate):
+                        cache(candidate)
                 if best() == current:
                     break
                 current = best()
-                # A best point reached through another path (e.g. a shared threshold) joins the grids.
+                # A best point reached through another path (e.g. a shared value) joins the grids.
                 grids = [sorted(set(grid) | {value}) for grid, value in zip(grids, current, strict=True)]
     results = cache.all_results()
-    baseline = next((result for result in results if is_unpruned(result[THRESHOLD_KEY])), None)
+    baseline = next((result for result in results if is_unpruned(result[knob.key])), None)
     return CalibrationOutcome(
-        chosen=choose_threshold(results, target_gflops, max_miou_drop, gflops_key),
-        best_single=choose_threshold(cache.uniform_results(), target_gflops, max_miou_drop, gflops_key),
+        chosen=cache.choose(results, target_gflops, max_miou_drop, gflops_key),
+        best_single=cache.choose(cache.uniform_results(), target_gflops, max_miou_drop, gflops_key),
         baseline=baseline,
         results=results,
     )
+
+
+def calibrate_per_head_thresholds(
+    evaluate: Callable[[Threshold], dict],
+    thresholds: Sequence[Threshold],
+    num_heads: int,
+    target_gflops: float | None = None,
+    max_miou_drop: float | None = None,
+    num_refinements: int = 3,
+    num_grid_refinements: int = 2,
+    min_step: float = 1e-3,
+    gflops_key: str = GFLOPS_KEY,
+    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    max_rounds: int = 20,
+) -> CalibrationOutcome:
+    """One exit threshold per auxiliary head: [`calibrate_per_head`] on the threshold (results carry
+    `exit_threshold`; `evaluate` receives a threshold for every head alike, or one per head)."""
+    return calibrate_per_head(
+        evaluate, thresholds, num_heads, THRESHOLD, target_gflops, max_miou_drop, num_refinements,
+        num_grid_refinements, min_step, gflops_key, min_threshold, max_rounds,
+    )  # fmt: skip
+
+
+def calibrate_per_head_capacities(
+    evaluate: Callable[[Threshold], dict],
+    capacities: Sequence[Threshold],
+    num_heads: int,
+    target_gflops: float | None = None,
+    max_miou_drop: float | None = None,
+    num_refinements: int = 3,
+    num_grid_refinements: int = 2,
+    min_step: float = 1e-3,
+    gflops_key: str = GFLOPS_KEY,
+    min_capacity: float = DEFAULT_MIN_CAPACITY,
+    max_rounds: int = 20,
+) -> CalibrationOutcome:
+    """One exit capacity per auxiliary head (capacity mode): [`calibrate_per_head`] on the capacity, the fraction of
+    an image's patch tokens still active after each head. Settings stay non-increasing from head to head.
+
+    `evaluate` receives a capacity for every head alike, or a tuple with one per head, and runs the model with
+    `exit_capacity=` it (capacity mode); its results carry `exit_capacity`. Capacity mode's GFLOPs follow from the
+    capacities and the input size alone (`toolkit.evaluation.flops.flops_from_capacities`), so `evaluate` only has
+    to measure the mIoU.
+
+    Args:
+        capacities: the sweep, e.g. `[1.0, 0.9, ..., 0.3]`, and any per-head settings, each value in (0, 1].
+        min_capacity: the lowest capacity the downward extension tries.
+        Others: as in [`calibrate_per_head`].
+    """
+    return calibrate_per_head(
+        evaluate, capacities, num_heads, CAPACITY, target_gflops, max_miou_drop, num_refinements,
+        num_grid_refinements, min_step, gflops_key, min_capacity, max_rounds,
+    )  # fmt: skip
 
 
 def check_thresholds(thresholds: Sequence[Threshold]) -> None:
@@ -567,6 +684,20 @@ def check_thresholds(thresholds: Sequence[Threshold]) -> None:
         )
 
 
+def check_capacities(capacities: Sequence[Threshold]) -> None:
+    """Capacities must lie in (0, 1] and not increase from one head to the next (the config's rule, applied to each
+    entry: one capacity for every head, or a sequence with one per auxiliary head)."""
+    if not capacities:
+        raise ValueError("`capacities` is empty: give at least one exit capacity in (0, 1], e.g. 1.0 0.7 0.5.")
+    for capacity in capacities:
+        normalize_exit_capacity(capacity if isinstance(capacity, (int, float)) else tuple(capacity))
+
+
+def check_knob_values(values: Sequence[Threshold], knob: ExitKnob) -> None:
+    """[`check_thresholds`] or [`check_capacities`], as the knob says."""
+    (check_capacities if knob.non_increasing else check_thresholds)(values)
+
+
 def json_ready(value):
     """A result made strict JSON: NaN / inf (e.g. the IoU of an absent class) -> None, tuples -> lists, tensors and
     numpy scalars -> Python numbers."""
@@ -584,15 +715,16 @@ def json_ready(value):
 def save_calibrated_model(
     model, image_processor, output_dir: str | Path, chosen: dict, report: dict | None = None
 ) -> Path:
-    """Save a copy of `model` (and its image processor) whose config carries the chosen `exit_threshold` (a float,
-    or one value per auxiliary head), with the measurement behind the choice in `calibration.json`; the model in
-    memory keeps its own threshold.
+    """Save a copy of `model` (and its image processor) whose config carries the chosen `exit_threshold` or
+    `exit_capacity` (a float, or one value per auxiliary head; the config's `exit_mode` follows the knob), with the
+    measurement behind the choice in `calibration.json`; the model in memory keeps its own settings.
 
     Args:
         model: a DToP model (`save_pretrained`, `config.exit_threshold`).
         image_processor: saved beside the model, or `None`.
         output_dir: the folder to write.
-        chosen: the chosen result (from [`choose_threshold`] / [`calibrate_per_head_thresholds`]).
+        chosen: the chosen result (from [`choose_threshold`] / [`calibrate_per_head_thresholds`] /
+            [`calibrate_per_head_capacities`]).
         report: more to keep in `calibration.json` under `report` (e.g. the constraint, the evaluation split's
             numbers).
 
@@ -600,12 +732,16 @@ def save_calibrated_model(
         The folder.
     """
     output_dir = Path(output_dir)
-    original_threshold = model.config.exit_threshold
-    model.config.exit_threshold = compact_threshold(chosen[THRESHOLD_KEY])
+    config = model.config
+    original = {name: getattr(config, name) for name in ("exit_mode", THRESHOLD_KEY, CAPACITY_KEY)}
+    key = CAPACITY_KEY if CAPACITY_KEY in chosen else THRESHOLD_KEY
+    config.exit_mode = "capacity" if key == CAPACITY_KEY else "threshold"
+    setattr(config, key, compact_threshold(chosen[key]))
     try:
         model.save_pretrained(output_dir)
     finally:
-        model.config.exit_threshold = original_threshold
+        for name, value in original.items():
+            setattr(config, name, value)
     if image_processor is not None:
         image_processor.save_pretrained(output_dir)
     with open(output_dir / "calibration.json", "w", encoding="utf-8") as file:
@@ -614,11 +750,18 @@ def save_calibrated_model(
 
 
 __all__ = [
+    "CAPACITY",
+    "THRESHOLD",
     "CalibrationOutcome",
     "EvaluationCache",
+    "ExitKnob",
     "NothingToCalibrateError",
+    "calibrate_per_head",
+    "calibrate_per_head_capacities",
     "calibrate_per_head_thresholds",
     "calibrate_threshold",
+    "check_capacities",
+    "check_knob_values",
     "check_thresholds",
     "choose_threshold",
     "compact_threshold",

@@ -13,7 +13,7 @@
 # limitations under the License.
 """Analytic per-image GFLOPs of a DToP forward pass, from the tokens each layer and head actually processed.
 
-Convention (SPEC §5): one multiply-accumulate (MAC) = one FLOP, as fvcore counts and as the paper reports;
+Convention: one multiply-accumulate (MAC) = one FLOP, as fvcore counts and as the paper reports;
 `torch.utils.flop_counter.FlopCounterMode` counts 2 per MAC. Only matrix products and the patch convolution are
 counted; norms, softmax, activations, biases and resizing are left out, as both of those counters do.
 
@@ -21,9 +21,12 @@ The count is what each image *needs*: per image, the tokens it kept. When the im
 numbers of tokens, the model runs attention on a per-image padded layout (`max_count` tokens per image), so the
 MACs the hardware executes for a batch exceed the sum of these per-image counts by the padding: in every ViT layer
 `2 * (max_count^2 - count^2) * hidden_size` per image, and in every ATM head the key/value projections, scores and
-weighted values of the padded memory slots. At batch size 1 the two agree exactly.
+weighted values of the padded memory slots. At batch size 1 the two agree exactly. In capacity mode every image
+keeps the same number of tokens, so there is no padding: the executed MACs are the per-image count times the batch,
+and [`flops_from_capacities`] gives that count from the capacities and the input size alone, without the model.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,7 @@ from transformers.utils import ModelOutput
 
 from ...configuration_dtop import DToPConfig
 from ...modeling_dtop import DTOP_HEAD_CLASSES
-from ...pruning import tokens_seen_per_stage
+from ...pruning import num_tokens_kept, tokens_seen_per_stage
 
 
 GIGA = 1e9
@@ -62,7 +65,7 @@ class DToPFlops(ModelOutput):
 def flops_from_token_counts(
     config: DToPConfig, tokens_per_layer: torch.Tensor, tokens_per_stage: torch.Tensor
 ) -> DToPFlops:
-    """The analytic count (SPEC §5) of forward passes from their token counts; no model needed.
+    """The analytic count of forward passes from their token counts; no model needed.
 
     Args:
         config: the model's [`DToPConfig`].
@@ -155,18 +158,82 @@ def count_flops_from_outputs(config: DToPConfig, outputs, unpruned: bool = False
     return DToPFlops(**{name: sum_windows_per_image(value, patch_offsets) for name, value in per_row.items()})
 
 
+def capacity_token_counts(
+    config: DToPConfig,
+    image_size: tuple[int, int],
+    exit_capacity: float | list[float] | tuple[float, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of a capacity-mode forward pass, from the capacities and the input size alone.
+
+    The grid is `ceil(height / patch) x ceil(width / patch)` (the model pads other sizes); after auxiliary head i,
+    `ceil(exit_capacity[i] * tokens)` tokens go on (never more than were active), in every image alike.
+
+    Args:
+        config: the model's [`DToPConfig`].
+        image_size: `(height, width)` of the input.
+        exit_capacity: as the forward's per-call argument; `None` uses `config.exit_capacity`.
+
+    Returns:
+        `tokens_per_layer` `(1, num_hidden_layers)` (prefix tokens included) and `tokens_per_stage`
+        `(1, num_stages)`, as [`flops_from_token_counts`] takes them.
+    """
+    capacities = config.exit_capacities_per_head(exit_capacity)  # validates; the decode head's 1.0 last
+    num_tokens = math.prod(math.ceil(side / config.patch_size) for side in image_size)
+    tokens_per_stage, active = [], num_tokens
+    for capacity in capacities:
+        tokens_per_stage.append(active)  # what this head (and its stage's layers) see
+        active = min(active, num_tokens_kept(capacity, num_tokens))
+    out_indices = config.out_indices
+    layers_per_stage = [index - previous for previous, index in zip((-1,) + out_indices[:-1], out_indices)]
+    tokens_per_layer = [
+        count + config.num_prefix_tokens
+        for count, num_layers in zip(tokens_per_stage, layers_per_stage)
+        for _ in range(num_layers)
+    ]
+    return torch.tensor([tokens_per_layer]), torch.tensor([tokens_per_stage])
+
+
+def flops_from_capacities(
+    config: DToPConfig,
+    image_size: tuple[int, int],
+    exit_capacity: float | list[float] | tuple[float, ...] | None = None,
+) -> DToPFlops:
+    """Per-image GFLOPs of capacity mode from the capacities and the input size alone, no model run: exactly what
+    a capacity-mode forward executes per image, at any batch size (see [`capacity_token_counts`])."""
+    return flops_from_token_counts(config, *capacity_token_counts(config, image_size, exit_capacity))
+
+
+def capacity_flops_ratio(
+    config: DToPConfig,
+    image_size: tuple[int, int],
+    exit_capacity: float | list[float] | tuple[float, ...] | None = None,
+    figure: str = "total",
+) -> float:
+    """R = GFLOPs unpruned / GFLOPs in capacity mode, from the capacities and the input size alone.
+
+    Args:
+        figure: `"total"` (every head) or `"backbone_and_final_head"` (the paper's convention).
+    """
+    pruned = flops_from_capacities(config, image_size, exit_capacity)
+    unpruned = flops_from_capacities(config, image_size, 1.0)
+    return float(unpruned[figure] / pruned[figure])
+
+
 @torch.no_grad()
 def count_flops(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,
     exit_threshold: float | list[float] | tuple[float, ...] | None = None,
+    exit_mode: str | None = None,
+    exit_capacity: float | list[float] | tuple[float, ...] | None = None,
 ) -> DToPFlops:
-    """Run a DToP model on a batch and count, per image, the GFLOPs (MACs / 1e9) it spent (SPEC §5).
+    """Run a DToP model on a batch and count, per image, the GFLOPs (MACs / 1e9) it spent.
 
     Args:
         model: a [`DToPForSemanticSegmentation`] or [`DToPModel`].
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): normalised images.
-        exit_threshold: per-call threshold override, as in the model's forward (1.0 = unpruned).
+        exit_threshold, exit_mode, exit_capacity: the per-call exit rule, as in the model's forward (threshold or
+            capacity 1.0 = unpruned).
 
     Returns:
         [`DToPFlops`]; `.total` counts the auxiliary heads too, `.backbone_and_final_head` is the paper's figure.
@@ -175,14 +242,17 @@ def count_flops(
         >>> flops = count_flops(model, pixel_values)  # ViT-B/16 at 512x512, threshold 1.0: ~109.4 GFLOPs
         >>> flops.backbone_and_final_head, flops.total
     """
-    outputs = model(pixel_values, exit_threshold=exit_threshold)
+    outputs = model(pixel_values, exit_threshold=exit_threshold, exit_mode=exit_mode, exit_capacity=exit_capacity)
     return count_flops_from_outputs(model.config, outputs)
 
 
 __all__ = [
     "DToPFlops",
+    "capacity_flops_ratio",
+    "capacity_token_counts",
     "count_flops",
     "count_flops_from_outputs",
+    "flops_from_capacities",
     "flops_from_token_counts",
     "sum_windows_per_image",
     "tokens_seen_per_stage",

@@ -13,7 +13,7 @@
 # limitations under the License.
 """Distributed-correct evaluation of a DToP model: mIoU, mean GFLOPs per image and exit shares per stage."""
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -21,7 +21,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ...image_processing_dtop import DToPImageProcessor
-from ..inference.segmentation import exits_per_stage, predict_batch
+from ..inference.segmentation import (
+    ExitThreshold,
+    exit_kwargs,
+    exits_per_stage,
+    predict_batch,
+    sliding_window_processor,
+)
 from .metrics import StreamingMeanIoU
 
 
@@ -53,10 +59,12 @@ def evaluate_batch(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     image_processor: DToPImageProcessor,
-    exit_threshold: float | list[float] | tuple[float, ...] | None = None,
-    sliding_window: bool = False,
+    exit_threshold: ExitThreshold | None = None,
+    exit_mode: str | None = None,
+    exit_capacity: float | Sequence[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-image results of one batch (a `collate_segmentation_batch` output), ready to be gathered.
+    """Per-image results of one batch (a `collate_segmentation_batch` output), ready to be gathered. Slide mode when
+    `image_processor.do_split_image` (see [`~toolkit.inference.segmentation.sliding_window_processor`]).
 
     Returns:
         `confusion` `(batch, num_labels, num_labels)` int64 (rows = ground truth), `gflops` and
@@ -74,8 +82,7 @@ def evaluate_batch(
         pixel_values,
         target_sizes=label_sizes,
         image_sizes=batch["image_sizes"].tolist(),
-        exit_threshold=exit_threshold,
-        sliding_window=sliding_window,
+        **exit_kwargs(exit_threshold, exit_mode, exit_capacity),
     )
     segmentations = prediction.segmentation
     gflops, gflops_paper = prediction.flops.total, prediction.flops.backbone_and_final_head
@@ -100,10 +107,12 @@ def evaluate_model(
     model: torch.nn.Module,
     dataloader: torch.utils.data.DataLoader,
     accelerator: Accelerator,
-    exit_threshold: float | list[float] | tuple[float, ...] | None = None,
+    exit_threshold: ExitThreshold | None = None,
     sliding_window: bool = False,
     image_processor: DToPImageProcessor | None = None,
     max_batches: int | None = None,
+    exit_mode: str | None = None,
+    exit_capacity: float | Sequence[float] | None = None,
 ) -> dict:
     """Evaluate a DToP model on a data loader prepared by `accelerator`, in one or many processes.
 
@@ -124,6 +133,8 @@ def evaluate_model(
         image_processor: its `post_process_semantic_segmentation` and sliding-window settings are used;
             defaults to `DToPImageProcessor()`.
         max_batches: stop after this many batches per process (quick checks); `None` = the whole data loader.
+        exit_mode: per-call exit mode (`"threshold"` or `"capacity"`); `None` uses the model config's.
+        exit_capacity: per-call capacity (capacity mode); `None` uses the model config's.
 
     Returns:
         A dict with `mean_iou`, `mean_accuracy`, `overall_accuracy` (fractions), `per_category_iou` (list, NaN for
@@ -135,7 +146,8 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     image_processor = image_processor or DToPImageProcessor()
-    sliding_window = sliding_window or image_processor.do_split_image  # a processor saved in slide mode
+    if sliding_window:
+        image_processor = sliding_window_processor(image_processor)  # windows of its crop_size and stride
     config = model.config
     metric = StreamingMeanIoU(config.num_labels, ignore_index=config.semantic_loss_ignore_index)
     gflops_sum, gflops_paper_sum, num_images = 0.0, 0.0, 0
@@ -145,7 +157,7 @@ def evaluate_model(
         if max_batches is not None and batch_index >= max_batches:
             break
         with full_precision(model, accelerator.device.type):
-            results = evaluate_batch(model, batch, image_processor, exit_threshold, sliding_window)
+            results = evaluate_batch(model, batch, image_processor, exit_threshold, exit_mode, exit_capacity)
         results = accelerator.gather_for_metrics(results)
         metric.merge(results["confusion"].sum(dim=0).cpu())
         gflops_sum += float(results["gflops"].sum())

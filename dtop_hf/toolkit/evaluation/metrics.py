@@ -58,7 +58,9 @@ class StreamingMeanIoU:
         """Add a batch: `predictions` and `labels` of the same shape, int class ids (tensors or arrays)."""
         predictions, labels = as_class_map(predictions), as_class_map(labels)
         if predictions.shape != labels.shape:
-            raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ in shape.")
+            raise ValueError(
+                f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ in shape."
+            )
         predictions, labels = predictions.flatten().long().cpu(), labels.flatten().long().cpu()
         valid = labels != self.ignore_index
         predictions, labels = predictions[valid], labels[valid]
@@ -70,9 +72,9 @@ class StreamingMeanIoU:
             )
         if bool(((predictions < 0) | (predictions >= self.num_labels)).any()):
             raise ValueError(f"Predictions must lie in [0, {self.num_labels}).")
-        self.confusion += torch.bincount(
-            labels * self.num_labels + predictions, minlength=self.num_labels**2
-        ).reshape(self.num_labels, self.num_labels)
+        self.confusion += torch.bincount(labels * self.num_labels + predictions, minlength=self.num_labels**2).reshape(
+            self.num_labels, self.num_labels
+        )
 
     def merge(self, confusion: torch.Tensor) -> None:
         """Add another process's (or shard's) confusion matrix."""

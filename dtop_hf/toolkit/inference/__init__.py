@@ -11,4 +11,5 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Inference shared by the scripts: one model + processor loader, segmenting images, counting their GFLOPs, drawing them."""
+"""Inference shared by the scripts: one model + processor loader, one entry point that segments images
+([`~segmentation.segment_images`]: class maps, exit maps, GFLOPs), and the pictures drawn from them."""

@@ -29,7 +29,7 @@ def check_model_folder(model_name_or_path: str, argument: str = "model_name_or_p
     if folder.is_file():
         raise ValueError(
             f"`{argument}` {model_name_or_path!r} is a file: pass the model folder (the one holding config.json and "
-            "model.safetensors) or a Hub id; the images to segment come before `--model`."
+            "model.safetensors) or a Hub id; the images to segment come before `--model_name_or_path`."
         )
     if folder.is_dir() and not (folder / "config.json").is_file():
         candidates = sorted(str(path.parent) for path in folder.glob("*/config.json"))
@@ -65,7 +65,7 @@ def load_image_processor(model_name_or_path: str, config, argument: str = "model
     try:
         return AutoImageProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
     except OSError as error:
-        size, stride = config.image_size, 2 * config.image_size // 3  # stride 341 for 512 (SPEC §4)
+        size, stride = config.image_size, 2 * config.image_size // 3  # stride 341 for 512, the official test stride
         raise ValueError(
             f"`{argument}` {model_name_or_path!r} has no preprocessor_config.json (the image processor: resize and "
             "normalisation). Save the one the model was trained with next to it, e.g. with the defaults of "
@@ -82,14 +82,14 @@ def load_model_and_processor(
     """A DToP segmentation model (eval mode, on `device`) and its image processor, from a folder or a Hub id.
 
     `trust_remote_code=True` lets a Hub checkpoint's own code load; with `dtop_hf` imported the local classes are
-    used anyway (hf-notes §1.4). For slide mode, pass the processor through
+    used anyway. For slide mode, pass the processor through
     [`~toolkit.inference.segmentation.sliding_window_processor`].
 
     Args:
         model_name_or_path: a folder written by `save_pretrained` (config.json, weights, preprocessor_config.json)
             or a Hub id.
         device: where the model goes.
-        argument: how the caller names the value in its errors (a script passes its flag, e.g. `"--model"`).
+        argument: how the caller names the value in its errors (a script passes its flag).
 
     Raises:
         ValueError: the path is a file or a folder without config.json, cannot be loaded, is not a DToP model, or

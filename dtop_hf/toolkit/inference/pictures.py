@@ -14,13 +14,27 @@
 """The files and summary lines of a segmented image: class-map PNG (palette), colour pictures, exit-map figure."""
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .segmentation import DToPSegmentationResult
-from .visualization import colorize_exit_map, colorize_segmentation, compose_panels, exit_stage_colours, overlay
+from ...image_processing_dtop import DToPImageProcessor
+from ..evaluation.calibration import format_threshold
+from .segmentation import DToPSegmentationResult, ExitThreshold, segment_images
+from .visualization import (
+    colorize_exit_map,
+    colorize_segmentation,
+    compose_panels,
+    exit_stage_colours,
+    head_names,
+    make_palette,
+    overlay,
+    side_by_side,
+    stack_vertically,
+)
 
 
 # Classes named in the summary line of an image, largest first.
@@ -121,28 +135,93 @@ def class_summary(segmentation: np.ndarray, id2label: dict[int, str]) -> str:
     )
 
 
-def exits_summary(exits: list[int], labels: list[str]) -> str:
+def exits_summary(exits: list[int], stage_names: list[str]) -> str:
     """`"head 1 (layer 3): 49 tokens, head 2 (layer 4): 10 tokens, decode head (layer 5): 5 tokens"`."""
-    return ", ".join(f"{label}: {count} tokens" for label, count in zip(labels, exits, strict=True))
+    return ", ".join(f"{name}: {count} tokens" for name, count in zip(stage_names, exits, strict=True))
 
 
 def describe(
-    title: str, image_size: tuple[int, int], result: DToPSegmentationResult, labels: list[str], id2label: dict
+    title: str, image_size: tuple[int, int], result: DToPSegmentationResult, stage_names: list[str], id2label: dict
 ) -> str:
     """Three summary lines of a segmented image: tokens exited per head, GFLOPs, main classes.
 
     Args:
         title: how the image is named (its path).
         image_size: `(width, height)`.
-        labels: the heads' names ([`~toolkit.inference.segmentation.stage_labels`]).
+        stage_names: the heads' names ([`~toolkit.inference.visualization.head_names`]).
     """
     width, height = image_size
+    exits = exits_summary(result.exits, stage_names)
     return (
-        f"{title} ({width}x{height}): {sum(result.exits)} tokens; exited at {exits_summary(result.exits, labels)}\n"
+        f"{title} ({width}x{height}): {sum(result.exits)} tokens; exited at {exits}\n"
         f"  GFLOPs {result.gflops:.4g} (backbone + decode head; all heads {result.gflops_all_heads:.4g}; unpruned "
         f"{result.gflops_unpruned:.4g}, {saved_percent(result):.1f}% saved)\n"
         f"  classes: {class_summary(result.segmentation, id2label)}"
     )
+
+
+def write_pictures_per_threshold(
+    model: torch.nn.Module,
+    image_processor: DToPImageProcessor,
+    images: dict[str, Image.Image],
+    thresholds: Sequence[ExitThreshold],
+    output_dir: Path,
+) -> list[str]:
+    """Segment each image once per exit threshold and write its files as [`write_outputs`] does, named
+    `<image>_t<threshold>_<kind>.png` (`t0.6-0.9` for one threshold per auxiliary head); returns the summaries
+    [`describe`] gives."""
+    config = model.config
+    palette, stage_names = make_palette(config.num_labels), head_names(config.out_indices)
+    id2label = {int(key): value for key, value in config.id2label.items()}
+    summaries = []
+    for name, image in images.items():
+        for exit_threshold in thresholds:
+            result = segment_images(model, image_processor, image, exit_threshold=exit_threshold)[0]
+            label = f"{name}_t{format_threshold(exit_threshold).replace(' / ', '-')}"
+            write_outputs(image, result, palette, stage_names, output_dir, label)
+            summaries.append(describe(label, image.size, result, stage_names, id2label))
+    return summaries
+
+
+def write_comparison_pictures(
+    model: torch.nn.Module,
+    image_processor: DToPImageProcessor,
+    samples: Sequence[tuple[Image.Image, np.ndarray | torch.Tensor]],
+    thresholds: Sequence[ExitThreshold],
+    id2label: dict[int, str],
+    folder: Path,
+) -> list[Path]:
+    """One PNG per `(image, ground truth)` sample, one row per exit threshold: image | prediction | ground truth |
+    exit map. The ground truth is at the image's size (ids after label reduction, 255 = unlabelled)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    num_stages = len(config.out_indices)
+    palette, stage_names = make_palette(config.num_labels), head_names(config.out_indices)
+    paths = []
+    for index, (image, ground_truth) in enumerate(samples):
+        rows = []
+        for exit_threshold in thresholds:
+            result = segment_images(model, image_processor, image, exit_threshold=exit_threshold)[0]
+            titles = {
+                "prediction": f"prediction (t={format_threshold(exit_threshold)})",
+                "exit_map": f"exit map ({100 * float((result.exit_map < num_stages - 1).mean()):.0f}% early)",
+            }
+            rows.append(
+                side_by_side(
+                    image,
+                    result.segmentation,
+                    result.exit_map,
+                    num_stages,
+                    ground_truth=ground_truth,
+                    palette=palette,
+                    id2label=id2label,
+                    stage_names=stage_names,
+                    titles=titles,
+                )  # fmt: skip
+            )
+        paths.append(folder / f"image_{index}.png")
+        stack_vertically(rows).save(paths[-1])
+    return paths
 
 
 __all__ = [
@@ -152,5 +231,7 @@ __all__ = [
     "exit_map_figure",
     "exits_summary",
     "output_paths",
+    "write_comparison_pictures",
     "write_outputs",
+    "write_pictures_per_threshold",
 ]

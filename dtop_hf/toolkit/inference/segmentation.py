@@ -12,11 +12,16 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Segment images with a DToP model, whole or in slide mode: class maps, exit maps, tokens exited per head and
-GFLOPs per image. What the example scripts and the evaluation loop share."""
+GFLOPs per image.
+
+[`segment_images`] is the one entry point for images as people have them (the pipeline aside); the evaluation loop,
+which holds processed and padded batches with their labels, uses the lower-level [`predict_batch`].
+"""
 
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +31,9 @@ from transformers.image_utils import SizeDict
 from ...image_processing_dtop import DToPImageProcessor
 from ...pruning import tokens_seen_per_stage
 from ..evaluation.flops import DToPFlops, count_flops_from_outputs, sum_windows_per_image
+
+
+ExitThreshold = float | Sequence[float]
 
 
 def sliding_window_processor(image_processor: DToPImageProcessor) -> DToPImageProcessor:
@@ -49,41 +57,33 @@ def exits_per_stage(tokens_per_stage: torch.Tensor) -> torch.Tensor:
     return tokens_per_stage - later
 
 
-def stage_labels(out_indices: Sequence[int]) -> list[str]:
-    """`head 1 (layer 3)`, ..., `decode head (layer 12)`: how summaries name the heads (1-based layers)."""
-    last = len(out_indices) - 1
-    return [
-        f"{'decode head' if stage == last else f'head {stage + 1}'} (layer {layer + 1})"
-        for stage, layer in enumerate(out_indices)
-    ]
+def exit_kwargs(
+    exit_threshold: ExitThreshold | None = None,
+    exit_mode: str | None = None,
+    exit_capacity: float | Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """The per-call exit settings that are set, as keyword arguments of the model's forward: an unset one leaves
+    the config's (and a model without capacity mode never sees `exit_mode` unless asked for it)."""
+    settings = {"exit_threshold": exit_threshold, "exit_mode": exit_mode, "exit_capacity": exit_capacity}
+    return {name: value for name, value in settings.items() if value is not None}
 
 
-@torch.no_grad()
-def forward_images(
+def _forward(
     model: torch.nn.Module,
     image_processor: DToPImageProcessor,
     pixel_values: torch.Tensor,
-    image_sizes: Sequence[tuple[int, int]] | None = None,
-    exit_threshold: float | Sequence[float] | None = None,
-    sliding_window: bool = False,
+    image_sizes: Sequence[tuple[int, int]] | None,
+    forward_kwargs: dict[str, Any],
 ) -> list[tuple[list[int], object]]:
-    """Run the model on processed images, whole or cut into slide-mode windows.
-
-    Args:
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images resized by
-            the processor (in slide mode: with `do_split_image=False`, at the keep-ratio size), padded bottom /
-            right to a common size.
-        image_sizes: `(height, width)` of each image without that padding; `None` when there is none.
-        sliding_window: cut each image with `image_processor.split_image` (its `crop_size` and `stride`) and run
-            the windows; the outputs carry `patch_offsets` for the post-processing.
+    """Run the model on processed images, whole or (processor in slide mode) cut into windows.
 
     Returns:
         `(image indices, model output)` pairs: one for the whole batch, or in slide mode one per window shape (an
         image side shorter than the crop gives smaller windows, which cannot share a batch with full ones); the
         `patch_offsets` of each output count images from 0 within its pair.
     """
-    if not sliding_window:
-        return [(list(range(len(pixel_values))), model(pixel_values, exit_threshold=exit_threshold))]
+    if not image_processor.do_split_image:
+        return [(list(range(len(pixel_values))), model(pixel_values, **forward_kwargs))]
     groups: dict[tuple[int, int], tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
     for index, image in enumerate(pixel_values):
         if image_sizes is not None:
@@ -95,12 +95,12 @@ def forward_images(
         group_windows += windows
         indices.append(index)
     return [
-        (indices, model(torch.stack(windows), exit_threshold=exit_threshold, patch_offsets=offsets))
+        (indices, model(torch.stack(windows), patch_offsets=offsets, **forward_kwargs))
         for indices, windows, offsets in groups.values()
     ]
 
 
-def in_image_order(pieces: list[tuple[list[int], DToPFlops]], num_images: int) -> DToPFlops:
+def _in_image_order(pieces: list[tuple[list[int], DToPFlops]], num_images: int) -> DToPFlops:
     """Per-image counts of several forwards (each `(image indices, DToPFlops)`) as one [`DToPFlops`] on CPU."""
     merged = {}
     for name in DToPFlops.__dataclass_fields__:
@@ -118,7 +118,7 @@ class DToPPrediction:
     Args:
         segmentation: `(height, width)` int64 class maps at the target sizes.
         exit_map: `(height, width)` int64 head index per pixel (`None` unless asked for).
-        tokens_per_stage: `(batch_size, num_stages)` int64 patch tokens each head saw (summed over windows).
+        tokens_per_stage: `(batch, num_stages)` int64 patch tokens each head saw (summed over windows).
         flops: [`DToPFlops`] per image, exact (windows summed).
         flops_unpruned: [`DToPFlops`] of the same inputs with no token exiting.
     """
@@ -137,20 +137,27 @@ def predict_batch(
     pixel_values: torch.Tensor,
     target_sizes: Sequence[tuple[int, int]],
     image_sizes: Sequence[tuple[int, int]] | None = None,
-    exit_threshold: float | Sequence[float] | None = None,
-    sliding_window: bool = False,
     exit_maps: bool = False,
+    **forward_kwargs,
 ) -> DToPPrediction:
     """Segment a batch of processed images: class maps (and exit maps) at `target_sizes`, tokens each head saw,
-    exact GFLOPs per image. Arguments as in [`forward_images`]; `target_sizes` are the original `(height, width)`."""
+    exact GFLOPs per image. The lower level of [`segment_images`], for callers that hold processed batches.
+
+    Args:
+        pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): images resized by the
+            processor (in slide mode: with `do_split_image=False`, at the keep-ratio size), padded bottom / right to
+            a common size.
+        target_sizes: the original `(height, width)` of each image, where the maps are returned.
+        image_sizes: `(height, width)` of each image without the padding; `None` when there is none.
+        exit_maps: also return the exit maps.
+        forward_kwargs: per-call exit settings of the model's forward ([`exit_kwargs`]).
+    """
     config = model.config
     num_images, num_stages = len(pixel_values), len(config.out_indices)
     segmentation, exit_map = [None] * num_images, [None] * num_images
     seen = torch.zeros(num_images, num_stages, dtype=torch.long)
     flops, flops_unpruned = [], []  # (image indices, DToPFlops) per forward
-    for indices, outputs in forward_images(
-        model, image_processor, pixel_values, image_sizes, exit_threshold, sliding_window
-    ):
+    for indices, outputs in _forward(model, image_processor, pixel_values, image_sizes, forward_kwargs):
         sizes = [tuple(int(length) for length in target_sizes[index]) for index in indices]
         rows_seen = tokens_seen_per_stage(outputs.exit_stage, num_stages)
         seen[indices] = sum_windows_per_image(rows_seen, outputs.patch_offsets).cpu()
@@ -164,88 +171,105 @@ def predict_batch(
         segmentation=segmentation,
         exit_map=exit_map if exit_maps else None,
         tokens_per_stage=seen,
-        flops=in_image_order(flops, num_images),
-        flops_unpruned=in_image_order(flops_unpruned, num_images),
+        flops=_in_image_order(flops, num_images),
+        flops_unpruned=_in_image_order(flops_unpruned, num_images),
     )
 
 
 @dataclass
 class DToPSegmentationResult:
-    """What one image gave: maps at the image size, token exits and cost."""
+    """What one image gave: maps at the image size, token exits and cost (GFLOPs = multiply-accumulates / 1e9)."""
 
     segmentation: np.ndarray  # (height, width) int64 class ids
     exit_map: np.ndarray  # (height, width) int64 head index that finalised the pixel's token
     exits: list[int]  # tokens finalised by each head, decode head last (summed over windows)
     gflops: float  # backbone + decode head (the paper's figure)
     gflops_all_heads: float
-    gflops_unpruned: float  # backbone + decode head at threshold 1.0, from the same inputs
+    gflops_unpruned: float  # backbone + decode head with no token exiting, from the same inputs
+    gflops_unpruned_all_heads: float
+
+
+def _as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL RGB image from a PIL image or a `(height, width[, channels])` uint8 array."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @torch.no_grad()
 def segment_images(
     model: torch.nn.Module,
     image_processor: DToPImageProcessor,
-    images: Sequence[Image.Image],
-    exit_threshold: float | Sequence[float] | None = None,
-    sliding_window: bool = False,
+    images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray],
+    exit_threshold: ExitThreshold | None = None,
+    exit_mode: str | None = None,
+    exit_capacity: float | Sequence[float] | None = None,
+    batch_size: int | None = None,
 ) -> list[DToPSegmentationResult]:
-    """Segment RGB images: class map and exit map at each image's size, tokens finalised per head, GFLOPs.
+    """Segment images of any sizes: class map and exit map at each image's size, tokens finalised per head, GFLOPs.
 
-    Whole-image mode resizes to the processor's `size`; slide mode (`sliding_window`, or a processor saved with
-    `do_split_image=True`) resizes keeping the aspect ratio and runs overlapping windows, as the official test
-    mode (see [`sliding_window_processor`]). Images of the same size run as one batch; each image's result is
+    A processor in slide mode (`do_split_image=True`, see [`sliding_window_processor`]) resizes keeping the aspect
+    ratio and runs overlapping windows, as the official test mode; otherwise each image is resized to the
+    processor's `size`. Images of the same size run together, up to `batch_size` per forward; each image's result is
     the same as alone (the model prunes every image, and every window, on its own).
+
+    Args:
+        model: a DToP segmentation model in eval mode.
+        image_processor: the model's processor; its `do_split_image` picks slide mode.
+        images: PIL images or `(height, width[, 3])` uint8 arrays (one, or a list).
+        exit_threshold: per-call threshold, one value or one per auxiliary head; `None`: the model's.
+        exit_mode: per-call exit mode (`"threshold"` or `"capacity"`); `None`: the model's.
+        exit_capacity: per-call capacity (capacity mode); `None`: the model's.
+        batch_size: most images per forward; `None`: all images of a size at once.
+
+    Returns:
+        One [`DToPSegmentationResult`] per image, in order.
     """
-    sliding_window = sliding_window or image_processor.do_split_image
-    processor = sliding_window_processor(image_processor) if sliding_window else image_processor
+    if isinstance(images, (Image.Image, np.ndarray)):
+        images = [images]
+    images = [_as_rgb(image) for image in images]
+    forward_kwargs = exit_kwargs(exit_threshold, exit_mode, exit_capacity)
     device = next(model.parameters()).device
-    by_size: dict[tuple[int, int], list[int]] = {}
+    batches: dict[tuple[int, int], list[list[int]]] = {}
     for index, image in enumerate(images):
-        by_size.setdefault((image.height, image.width), []).append(index)
+        size_batches = batches.setdefault((image.height, image.width), [[]])
+        if batch_size is not None and len(size_batches[-1]) == batch_size:
+            size_batches.append([])
+        size_batches[-1].append(index)
     results: list[DToPSegmentationResult | None] = [None] * len(images)
-    for size, indices in by_size.items():
-        inputs = processor(images=[images[index] for index in indices], do_split_image=False, return_tensors="pt")
-        prediction = predict_batch(
-            model,
-            processor,
-            inputs["pixel_values"].to(device),
-            target_sizes=[size] * len(indices),
-            exit_threshold=exit_threshold,
-            sliding_window=sliding_window,
-            exit_maps=True,
-        )
-        exits = exits_per_stage(prediction.tokens_per_stage)
-        for position, index in enumerate(indices):
-            results[index] = DToPSegmentationResult(
-                segmentation=prediction.segmentation[position].cpu().numpy(),
-                exit_map=prediction.exit_map[position].cpu().numpy(),
-                exits=exits[position].tolist(),
-                gflops=float(prediction.flops.backbone_and_final_head[position]),
-                gflops_all_heads=float(prediction.flops.total[position]),
-                gflops_unpruned=float(prediction.flops_unpruned.backbone_and_final_head[position]),
+    for size, size_batches in batches.items():
+        for indices in size_batches:
+            inputs = image_processor(
+                images=[images[index] for index in indices], do_split_image=False, return_tensors="pt"
             )
+            prediction = predict_batch(
+                model, image_processor, inputs["pixel_values"].to(device), [size] * len(indices), exit_maps=True,
+                **forward_kwargs,
+            )  # fmt: skip
+            for position, index in enumerate(indices):
+                results[index] = _image_result(prediction, position)
     return results
 
 
-def segment_image(
-    model: torch.nn.Module,
-    image_processor: DToPImageProcessor,
-    image: Image.Image,
-    exit_threshold: float | Sequence[float] | None = None,
-    sliding_window: bool = False,
-) -> DToPSegmentationResult:
-    """[`segment_images`] for one image."""
-    return segment_images(model, image_processor, [image], exit_threshold, sliding_window)[0]
+def _image_result(prediction: DToPPrediction, position: int) -> DToPSegmentationResult:
+    """The result of image `position` of a batch's prediction, on CPU as plain numbers."""
+    exits = exits_per_stage(prediction.tokens_per_stage[position : position + 1])[0]
+    return DToPSegmentationResult(
+        segmentation=prediction.segmentation[position].cpu().numpy(),
+        exit_map=prediction.exit_map[position].cpu().numpy(),
+        exits=exits.tolist(),
+        gflops=float(prediction.flops.backbone_and_final_head[position]),
+        gflops_all_heads=float(prediction.flops.total[position]),
+        gflops_unpruned=float(prediction.flops_unpruned.backbone_and_final_head[position]),
+        gflops_unpruned_all_heads=float(prediction.flops_unpruned.total[position]),
+    )
 
 
 __all__ = [
     "DToPPrediction",
     "DToPSegmentationResult",
+    "exit_kwargs",
     "exits_per_stage",
-    "forward_images",
     "predict_batch",
-    "segment_image",
     "segment_images",
     "sliding_window_processor",
-    "stage_labels",
 ]

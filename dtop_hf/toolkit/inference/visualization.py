@@ -195,13 +195,15 @@ def stack_vertically(images: Sequence[Image.Image]) -> Image.Image:
     return canvas
 
 
-def default_stage_names(num_stages: int, out_indices: Sequence[int] | None = None) -> list[str]:
-    """`exit at head 1 (layer 3)`, ..., `decode head (layer 12)`: human (1-based) layer numbers."""
-    names = []
-    for stage in range(num_stages):
-        layer = f" (layer {out_indices[stage] + 1})" if out_indices is not None else ""
-        names.append(f"decode head{layer}" if stage == num_stages - 1 else f"exit at head {stage + 1}{layer}")
-    return names
+def head_names(out_indices: Sequence[int] | int) -> list[str]:
+    """`head 1 (layer 3)`, ..., `decode head (layer 12)`: how legends, summaries and tables name the heads (1-based
+    layers). Given only the number of heads, the names leave the layers out."""
+    layers = [None] * out_indices if isinstance(out_indices, int) else list(out_indices)
+    last = len(layers) - 1
+    return [
+        ("decode head" if stage == last else f"head {stage + 1}") + ("" if layer is None else f" (layer {layer + 1})")
+        for stage, layer in enumerate(layers)
+    ]
 
 
 def side_by_side(
@@ -226,7 +228,7 @@ def side_by_side(
         num_stages: number of heads.
         palette: class colours (default `make_palette(max class id + 1)`; pass one palette for a whole data set).
         id2label: class names for the legend (classes present in prediction or ground truth; ids otherwise).
-        stage_names: legend of the exit colours (default "exit at head 1", ..., "decode head").
+        stage_names: legend of the exit colours (default [`head_names`] without layers).
         titles: override panel titles, keys `image`, `prediction`, `ground_truth`, `exit_map`.
         alpha: opacity of the exit colours over the image.
         min_panel_size: smallest shown side of a panel.
@@ -257,7 +259,7 @@ def side_by_side(
     class_legend = [((id2label or {}).get(class_id, str(class_id)), tuple(palette[class_id])) for class_id in present]
     if any(bool(((class_map < 0) | (class_map >= len(palette))).any()) for class_map in maps):
         class_legend.append(("unlabelled", IGNORE_COLOUR))
-    stage_names = stage_names or default_stage_names(num_stages)
+    stage_names = stage_names or head_names(num_stages)
     stage_legend = list(zip(stage_names, map(tuple, exit_stage_colours(num_stages)), strict=True))
     return compose_panels(panels, [class_legend, stage_legend], min_panel_size=min_panel_size)
 
@@ -266,8 +268,8 @@ __all__ = [
     "colorize_exit_map",
     "colorize_segmentation",
     "compose_panels",
-    "default_stage_names",
     "exit_stage_colours",
+    "head_names",
     "make_palette",
     "overlay",
     "side_by_side",

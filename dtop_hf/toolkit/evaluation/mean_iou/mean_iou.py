@@ -17,7 +17,7 @@
 the Hub's `mean_iou` interface: `add_batch` / `compute` with `predictions` and `references` (class-id maps, one
 per image, any size), `num_labels`, `ignore_index`, `nan_to_num`, `label_map`, `reduce_labels`, and the same
 output keys. The numbers come from `StreamingMeanIoU`, the metric the example scripts use, so Trainer runs and
-`examples/evaluate.py` agree exactly.
+`examples/run_evaluation.py` agree exactly.
 
 `evaluate` copies this script into its module cache and imports it from there: only absolute imports of
 installed packages work here (no relative import).

@@ -11,11 +11,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests for examples/evaluate.py: the sweep as a subprocess (table, JSON, plot, pictures), one process against two,
-calibration through the script (per-head thresholds, on calibration images only, a model that never exits), and
+"""Tests for examples/run_evaluation.py: the sweep as a subprocess (table, JSON, plot, pictures), one process against
+two, calibration through the script (per-head thresholds, on calibration images only, a model that never exits), and
 clear errors on bad input."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -27,12 +26,14 @@ import pytest
 from PIL import Image
 
 from dtop_hf import DToPConfig, DToPImageProcessor
+from dtop_hf.toolkit.arguments import ExitArguments
 from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
+from dtop_hf.toolkit.evaluation import sweep as sweep_module
 from dtop_hf.toolkit.evaluation.calibration import per_head
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "examples" / "evaluate.py"
+SCRIPT = REPO_ROOT / "examples" / "run_evaluation.py"
 # 5 images (odd: two processes get uneven shards) of 48 px, 3 thresholds; pictures of 2 images.
 SWEEP_ARGS = [
     "--dataset_name",
@@ -43,7 +44,7 @@ SWEEP_ARGS = [
     "5",
     "--per_device_eval_batch_size",
     "2",
-    "--thresholds",
+    "--exit_threshold",
     "1.0",
     "0.7",
     "0.5",
@@ -62,11 +63,11 @@ DETERMINISTIC_FIELDS = (
 )
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def evaluate(argv: list[str]) -> dict:
+    """The script's `main(argv)`, in this process."""
+    from conftest import run_example
+
+    return run_example("run_evaluation", argv)
 
 
 def save_tiny_model(model_tester, folder: Path, id2label: dict[int, str], **config) -> Path:
@@ -91,7 +92,7 @@ def run_script(arguments: list[str], num_processes: int = 1) -> subprocess.Compl
     if num_processes == 1:
         command = [sys.executable, str(SCRIPT)]
     else:
-        # hf-notes §7.3: on CPU, only --multi_gpu with ACCELERATE_USE_CPU (or cpu=True) gives real ranks over gloo.
+        # On CPU, only --multi_gpu with ACCELERATE_USE_CPU (or cpu=True) gives real ranks over gloo.
         env["ACCELERATE_USE_CPU"] = "true"
         with socket.socket() as probe:  # a free port: other test runs may hold accelerate's default 29500
             probe.bind(("127.0.0.1", 0))
@@ -112,7 +113,8 @@ def run_script(arguments: list[str], num_processes: int = 1) -> subprocess.Compl
             "--main_process_port",
             str(port),
             str(SCRIPT),
-            "--cpu",
+            "--device",
+            "cpu",
         ]
     completed = subprocess.run(
         command + arguments, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300
@@ -124,7 +126,7 @@ def run_script(arguments: list[str], num_processes: int = 1) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def one_process_run(tiny_model_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("one_process")
-    completed = run_script(["--model", str(tiny_model_dir), "--output_dir", str(output_dir)] + SWEEP_ARGS)
+    completed = run_script(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output_dir)] + SWEEP_ARGS)
     return completed, output_dir
 
 
@@ -161,7 +163,9 @@ def test_sweep_writes_table_json_plot_and_pictures(one_process_run):
 
 def test_two_processes_give_the_same_results(one_process_run, tiny_model_dir, tmp_path):
     _, one_process_dir = one_process_run
-    run_script(["--model", str(tiny_model_dir), "--output_dir", str(tmp_path)] + SWEEP_ARGS, num_processes=2)
+    run_script(
+        ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path)] + SWEEP_ARGS, num_processes=2
+    )
     one = json.loads((one_process_dir / "results.json").read_text())
     two = json.loads((tmp_path / "results.json").read_text())
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
@@ -173,11 +177,10 @@ def test_two_processes_give_the_same_results(one_process_run, tiny_model_dir, tm
 
 
 def test_calibration_writes_a_model_tuned_to_the_budget(tiny_model_dir, tmp_path):
-    module = load_script()
-    common = ["--model", str(tiny_model_dir), "--num_pictures", "1"] + SWEEP_ARGS[:-2]
-    sweep = module.main(common + ["--output_dir", str(tmp_path / "sweep")])["results"]
+    common = ["--model_name_or_path", str(tiny_model_dir), "--num_pictures", "1"] + SWEEP_ARGS[:-2]
+    sweep = evaluate(common + ["--output_dir", str(tmp_path / "sweep")])["results"]
     target = (sweep[0]["gflops"] + sweep[-1]["gflops"]) / 2
-    summary = module.main(
+    summary = evaluate(
         common
         + ["--output_dir", str(tmp_path), "--target_gflops", str(target), "--num_refinements", "2"]
         + ["--calibration_samples", "4", "--num_grid_refinements", "1"]
@@ -199,22 +202,19 @@ def test_calibration_writes_a_model_tuned_to_the_budget(tiny_model_dir, tmp_path
 
 
 def test_thresholds_outside_the_unit_interval_are_rejected(capsys):
-    module = load_script()
     for bad in ("1.5", "0", "-0.2"):
         with pytest.raises(SystemExit):
-            module.parse_args(["--model", "unused", "--thresholds", "1.0", bad])
+            evaluate(["--model_name_or_path", "unused", "--exit_threshold", "1.0", bad])
         assert "(0, 1]" in capsys.readouterr().err
 
 
 def test_model_and_data_with_different_classes_are_rejected(model_tester, tmp_path):
-    module = load_script()
     five_classes = save_tiny_model(model_tester, tmp_path / "model", {index: f"class {index}" for index in range(5)})
     with pytest.raises(ValueError, match="predicts 5 classes but the data set 'builtin' has 15"):
-        module.main(["--model", str(five_classes), "--output_dir", str(tmp_path / "out")] + SWEEP_ARGS)
+        evaluate(["--model_name_or_path", str(five_classes), "--output_dir", str(tmp_path / "out")] + SWEEP_ARGS)
 
 
 def test_data_set_without_usable_samples_is_rejected(tiny_model_dir, tmp_path):
-    module = load_script()
     folder = tmp_path / "data"
     scene = make_synthetic_scenes(1, image_size=32, seed=0, split="train")[0]
     for split, image_bytes in (("train", None), ("validation", b"not a png")):
@@ -227,17 +227,28 @@ def test_data_set_without_usable_samples_is_rejected(tiny_model_dir, tmp_path):
         scene["annotation"].save(folder / split / "annotations" / "scene.png")
     (folder / "id2label.json").write_text(json.dumps(list(SYNTHETIC_ID2LABEL.values())))
     with pytest.raises(ValueError, match="no usable sample"):
-        module.main(
-            ["--model", str(tiny_model_dir), "--dataset_name", str(folder), "--output_dir", str(tmp_path / "out")]
+        evaluate(
+            [
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--dataset_name",
+                str(folder),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
         )
 
 
 def test_per_head_thresholds_round_trip_through_the_cli_and_the_table(tiny_model_dir, tmp_path, capsys):
-    module = load_script()
-    arguments = ["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--num_pictures", "1"]
+    arguments = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--num_pictures", "1"]
     arguments += SWEEP_ARGS[:-5] + ["1.0", "0.5", "0.5,0.7", "0.7,0.7"]
-    assert module.parse_args(arguments).thresholds == [1.0, 0.5, (0.5, 0.7), (0.7, 0.7)]
-    summary = module.main(arguments)
+    assert ExitArguments(exit_threshold=["1.0", "0.5", "0.5,0.7", "0.7,0.7"]).exit_threshold == [
+        1.0,
+        0.5,
+        (0.5, 0.7),
+        (0.7, 0.7),
+    ]
+    summary = evaluate(arguments)
     # (0.7, 0.7) is one threshold for every head: it runs and shows as 0.7.
     assert [result["exit_threshold"] for result in summary["results"]] == [1.0, 0.7, 0.5, (0.5, 0.7)]
     table = capsys.readouterr().out
@@ -250,33 +261,45 @@ def test_per_head_thresholds_round_trip_through_the_cli_and_the_table(tiny_model
 
 
 def test_per_head_thresholds_of_the_wrong_length_are_rejected(tiny_model_dir, tmp_path, capsys):
-    module = load_script()
-    with pytest.raises(ValueError, match="`--thresholds` 0.5,0.6,0.7 gives 3 values, but the model has 2 auxiliary"):
-        module.main(
-            ["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--thresholds", "1.0", "0.5,0.6,0.7"]
+    with pytest.raises(
+        ValueError, match="`--exit_threshold` 0.5,0.6,0.7 gives 3 values, but the model has 2 auxiliary"
+    ):
+        evaluate(
+            [
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--exit_threshold",
+                "1.0",
+                "0.5,0.6,0.7",
+            ]
         )
     with pytest.raises(SystemExit):
-        module.parse_args(["--model", "unused", "--thresholds", "0.5,high"])
-    assert "one per head" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--calibration_split"):
-        module.parse_args(["--model", "unused", "--max_miou_drop", "1", "--calibration_split", "validation"])
-    with pytest.raises(ValueError, match="calibration_search single"):
-        module.parse_args(["--model", "unused", "--calibration_search", "single", "--thresholds", "1.0", "0.5,0.7"])
+        evaluate(["--model_name_or_path", "unused", "--exit_threshold", "0.5,high"])
+    assert "one per auxiliary head" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate(["--model_name_or_path", "unused", "--max_miou_drop", "1", "--calibration_split", "validation"])
+    assert "--calibration_split" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate(
+            ["--model_name_or_path", "unused", "--calibration_search", "single", "--exit_threshold", "1.0", "0.5,0.7"]
+        )
+    assert "calibration_search single" in capsys.readouterr().err
 
 
 def test_calibration_never_reads_the_evaluated_split(tiny_model_dir, tmp_path, monkeypatch):
-    module = load_script()
     calls = []
-    original = module.evaluate_model
+    original = sweep_module.evaluate_model
 
     def spy(model, dataloader, accelerator, **kwargs):
         calls.append((dataloader.dataset.split_name, kwargs["exit_threshold"]))
         return original(model, dataloader, accelerator, **kwargs)
 
-    monkeypatch.setattr(module, "evaluate_model", spy)
-    common = ["--model", str(tiny_model_dir), "--num_pictures", "0", "--max_miou_drop", "5"]
+    monkeypatch.setattr(sweep_module, "evaluate_model", spy)
+    common = ["--model_name_or_path", str(tiny_model_dir), "--num_pictures", "0", "--max_miou_drop", "5"]
     common += SWEEP_ARGS[:-2] + ["--calibration_samples", "3", "--num_grid_refinements", "1"]
-    summary = module.main(common + ["--output_dir", str(tmp_path / "five")])
+    summary = evaluate(common + ["--output_dir", str(tmp_path / "five")])
     calibration = summary["calibration"]
     splits = [split for split, _ in calls]
     assert set(splits) == {"calibration", "eval"}
@@ -290,19 +313,27 @@ def test_calibration_never_reads_the_evaluated_split(tiny_model_dir, tmp_path, m
     expected |= {per_head(calibration[role]["exit_threshold"], 2) for role in ("baseline", "best_single", "chosen")}
     assert reported == expected
     # Another evaluated split (3 images instead of 5): the same thresholds, measured on the same calibration images.
-    other = module.main(common + ["--output_dir", str(tmp_path / "three"), "--max_eval_samples", "3"])["calibration"]
+    other = evaluate(common + ["--output_dir", str(tmp_path / "three"), "--max_eval_samples", "3"])["calibration"]
     assert other["chosen"]["exit_threshold"] == calibration["chosen"]["exit_threshold"]
     assert other["chosen"]["mean_iou"] == calibration["chosen"]["mean_iou"]
     assert other["on_evaluation_split"]["chosen"]["num_images"] == 3
 
 
 def test_calibrating_a_model_that_never_exits_in_the_sweep_extends_it_downward(model_tester, tmp_path):
-    module = load_script()
     # Default initialisation: the auxiliary heads' confidences stay near 0.27, below every swept threshold.
     folder = save_tiny_model(model_tester, tmp_path / "unsure", dict(SYNTHETIC_ID2LABEL), initializer_range=0.02)
-    arguments = ["--model", str(folder), "--num_pictures", "0", "--max_miou_drop", "50", "--calibration_samples", "2"]
+    arguments = [
+        "--model_name_or_path",
+        str(folder),
+        "--num_pictures",
+        "0",
+        "--max_miou_drop",
+        "50",
+        "--calibration_samples",
+        "2",
+    ]
     arguments += SWEEP_ARGS[:-5] + ["1.0", "0.9", "0.7", "0.5", "--calibration_search", "single"]
-    summary = module.main(arguments + ["--output_dir", str(tmp_path / "out")])
+    summary = evaluate(arguments + ["--output_dir", str(tmp_path / "out")])
     sweep = {result["exit_threshold"]: result["gflops"] for result in summary["results"]}
     assert len(set(sweep.values())) == 1  # nothing exits anywhere in the sweep's range
     calibration = summary["calibration"]
@@ -317,7 +348,7 @@ def test_a_model_that_never_exits_is_reported_plainly_and_not_saved(model_tester
     # keep_top_k 64 keeps every token of the 8x8 grid: no threshold, however low, lets one exit.
     folder = save_tiny_model(model_tester, tmp_path / "never", dict(SYNTHETIC_ID2LABEL), keep_top_k=64)
     output_dir = tmp_path / "out"
-    arguments = ["--model", str(folder), "--output_dir", str(output_dir), "--num_pictures", "0"]
+    arguments = ["--model_name_or_path", str(folder), "--output_dir", str(output_dir), "--num_pictures", "0"]
     arguments += SWEEP_ARGS[:-2] + ["--max_miou_drop", "1", "--calibration_samples", "2"]
     completed = subprocess.run(
         [sys.executable, str(SCRIPT)] + arguments, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,

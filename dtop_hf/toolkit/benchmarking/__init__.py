@@ -1,0 +1,43 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Benchmarking: does DToP's FLOPs saving turn into wall-clock time?
+
+`cases` (what runs, the default suites, the targets), `exits` (where the tokens of random-weight models exit),
+`probes` (time, CUDA memory, syncs of one call), `memory` (CPU peak memory in a fresh process), `runner` (the
+models, the backends and the loop), `reports` (tables and JSON). `examples/benchmark.py` is their command line.
+"""
+
+from .cases import BenchmarkRun, BenchmarkSuite, Case, parse_case, resolve_suite
+from .exits import SimulatedExitsSegmenter, prepare_exits, seeded_thresholds
+from .reports import report_sections, write_reports
+from .runner import BACKENDS, BenchmarkSettings, build_benchmark_model, make_images, run_benchmark
+
+
+__all__ = [
+    "BACKENDS",
+    "BenchmarkRun",
+    "BenchmarkSettings",
+    "Case",
+    "SimulatedExitsSegmenter",
+    "BenchmarkSuite",
+    "build_benchmark_model",
+    "make_images",
+    "parse_case",
+    "prepare_exits",
+    "report_sections",
+    "resolve_suite",
+    "run_benchmark",
+    "seeded_thresholds",
+    "write_reports",
+]

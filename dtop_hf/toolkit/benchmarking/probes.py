@@ -1,0 +1,124 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Probes of one benchmarked call: its time, its peak CUDA memory, its device-to-host syncs, and the compiler's
+graph count. Each takes a zero-argument callable, so that any backend's forward can be measured alike."""
+
+import collections
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# torch's sync debug mode warns "called a synchronizing CUDA operation" at every device-to-host sync.
+SYNC_WARNING_TEXT = "synchronizing"
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def autocast_context(device: str, dtype: str) -> torch.autocast:
+    """bf16 autocast for "bf16" (weights stay fp32), a disabled one for "fp32"."""
+    autocast_dtype = AUTOCAST_DTYPES[dtype]
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
+
+
+def inference_call(function: Callable[[], object], device: str, dtype: str) -> Callable[[], object]:
+    """`function()` as inference: no autograd, under the dtype's autocast."""
+
+    def call():
+        with torch.no_grad(), autocast_context(device, dtype):
+            return function()
+
+    return call
+
+
+def time_call(function: Callable[[], object], device: str) -> float:
+    """Seconds of one call. CUDA: events recorded around it on an idle stream, so the time includes every gap in
+    which the GPU waited for the host (host syncs, launches); CPU: the wall clock."""
+    if not device.startswith("cuda"):
+        start = time.perf_counter()
+        function()
+        return time.perf_counter() - start
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    function()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def time_alternating(
+    functions: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str
+) -> dict[str, float]:
+    """Median seconds per call of each function, run in turn so that machine noise hits all of them alike."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(time_call(function, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def count_device_syncs(function: Callable[[], object]) -> dict:
+    """Device-to-host syncs during one call, from torch's sync debug mode (every synchronizing CUDA operation warns);
+    `where` counts them by the Python line that caused them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [warning for warning in caught if SYNC_WARNING_TEXT in str(warning.message)]
+    where = collections.Counter(f"{Path(warning.filename).name}:{warning.lineno}" for warning in syncs)
+    return {"count": len(syncs), "where": dict(sorted(where.items()))}
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def allow_recompiles() -> None:
+    """Every (model, dtype, threshold 1.0 or not, batch 1 or more) is a graph of its own: raise dynamo's limit of
+    graphs per function (8) so that no case silently falls back to eager."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name before torch 2.6, now an alias
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+
+
+def cuda_peak_memory_mb(function: Callable[[], object]) -> tuple[float, float]:
+    """Peak CUDA memory of one call: (MB allocated on top of what was resident before it, total MB at the peak)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    function()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return (peak - resident) / 2**20, peak / 2**20

@@ -1,0 +1,122 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The benchmark's reports: a result table (and a sync table when syncs were counted) as text or Markdown, and the
+JSON of every record."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from .cases import BATCH_ONE_SPEEDUP_TARGET, BATCH_SPEEDUP_TARGET, VIT_REFERENCE_TARGET
+
+
+Table = Callable[[tuple[str, ...], list[tuple[str, ...]]], str]
+
+RESULT_COLUMNS = ("case", "mode", "dtype", "GFLOPs base->pruned", "R", "base ms", "pruned ms", "speed-up", "/R",
+                  "/R target", "img/s base->pruned", "base/ViT", "peak MB base->pruned", "targets")  # fmt: skip
+SYNC_COLUMNS = ("case", "dtype", "syncs unpruned (allowed)", "syncs pruned (allowed)", "where (pruned)")
+NOTES = (
+    "R = GFLOPs unpruned / pruned (all heads, MACs / 1e9); speed-up = median baseline time / median pruned time; "
+    f"/R = speed-up / R (targets: >= {BATCH_ONE_SPEEDUP_TARGET} at batch 1, >= {BATCH_SPEEDUP_TARGET} at larger "
+    f"batches); base/ViT = unpruned DToP / (transformers ViTModel, sdpa, + the same heads), eager only (target <= "
+    f"{VIT_REFERENCE_TARGET}); peak MB = memory one forward adds (CUDA: max_memory_allocated over the resident "
+    "weights and inputs; CPU: resident-memory growth in a fresh process)."
+)
+
+
+def format_number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def run_label(record: dict) -> str:
+    """The mode column: the mode, after the backend when it is not PyTorch."""
+    backend = record.get("backend", "torch")
+    return record["mode"] if backend == "torch" else f"{backend} {record['mode']}"
+
+
+def result_row(record: dict) -> tuple[str, ...]:
+    memory = record.get("peak_memory_mb", {})
+    images = record["images_per_second"]
+    checks = (("/R", "meets_speedup_target"), ("ViT", "meets_vit_reference_target"), ("syncs", "meets_sync_target"))
+    missed = [name for name, key in checks if record.get(key) is False]
+    return (
+        f"{record['model']} {record['image_size']}x{record['batch_size']}",
+        run_label(record),
+        record["dtype"],
+        f"{record['gflops_baseline_per_image']:.4g}->{record['gflops_pruned_per_image']:.4g}",
+        format_number(record["flops_ratio"]),
+        format_number(1e3 * record["baseline_seconds"], 1),
+        format_number(1e3 * record["pruned_seconds"], 1),
+        format_number(record["speedup"]),
+        format_number(record["speedup_over_flops_ratio"]),
+        f">={record['speedup_target']}",
+        f"{images['baseline']:.1f}->{images['pruned']:.1f}",
+        format_number(record.get("baseline_over_vit_plus_heads")),
+        f"{memory['baseline']:.0f}->{memory['pruned']:.0f}" if memory else "-",
+        "met" if not missed else "MISSED " + ", ".join(missed),
+    )
+
+
+def sync_row(record: dict) -> tuple[str, ...]:
+    syncs = record["device_syncs_per_forward"]
+    where = ", ".join(f"{line} x{count}" for line, count in syncs["pruned"]["where"].items())
+    return (
+        f"{record['model']} {record['image_size']}x{record['batch_size']}",
+        record["dtype"],
+        f"{syncs['unpruned']['count']} ({syncs['allowed_unpruned']})",
+        f"{syncs['pruned']['count']} ({syncs['allowed_pruned']})",
+        where or "-",
+    )
+
+
+def text_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(text) for text in column) for column in zip(columns, *rows)]
+    lines = [" ".join(text.rjust(width) for text, width in zip(row, widths)) for row in (columns, *rows)]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(row) + " |" for row in (columns, *rows)]
+    lines.insert(1, "|" + "---|" * len(columns))
+    return "\n".join(lines)
+
+
+def report_sections(records: list[dict], skipped: list[str], table: Table = text_table) -> list[str]:
+    """The result table, the sync table (when counted), the notes and the skipped runs, each formatted by `table`."""
+    sections = [table(RESULT_COLUMNS, [result_row(record) for record in records]), NOTES]
+    synced = [record for record in records if "device_syncs_per_forward" in record]
+    if synced:
+        sections.append("Device-to-host syncs per eager forward (torch.cuda.set_sync_debug_mode):")
+        sections.append(table(SYNC_COLUMNS, [sync_row(record) for record in synced]))
+    if skipped:
+        sections.append("Skipped (time budget): " + ", ".join(skipped))
+    return sections
+
+
+def write_reports(
+    records: list[dict],
+    skipped: list[str],
+    output_json: str | Path,
+    output_markdown: str | Path | None = None,
+    header: str = "",
+) -> None:
+    """The records as JSON and, when `output_markdown` is given, the tables as Markdown under `header`."""
+    output_json = Path(output_json)
+    output_json.parent.mkdir(parents=True, exist_ok=True)
+    output_json.write_text(json.dumps(records, indent=2))
+    if output_markdown:
+        sections = [header] if header else []
+        sections += report_sections(records, skipped, markdown_table)
+        Path(output_markdown).write_text("\n\n".join(sections) + "\n")

@@ -1,0 +1,398 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Run a benchmark: build the models once, then for every run time the unpruned and the pruned model on the same
+images, alternating, and record R, the speed-up, throughput, memory and (on request) device syncs.
+
+A backend turns a run into the calls to time: `torch` (eager or `torch.compile`) here; another backend (an exported
+model in another runtime) registers a class with the same `name`, `modes` and `prepare` in `BACKENDS`.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+from dtop_hf import DToPConfig, DToPForSemanticSegmentation
+
+from ..evaluation.flops import count_flops_from_outputs
+from ..presets import model_size_kwargs
+from .cases import ALLOWED_UNPRUNED_SYNCS, VIT_REFERENCE_TARGET, BenchmarkRun, speedup_target
+from .exits import EXIT_SOURCES, ExitSource, SimulatedExitsSegmenter, prepare_exits
+from .memory import cpu_peak_memory_mb
+from .probes import (
+    allow_recompiles,
+    autocast_context,
+    compiled_graph_count,
+    count_device_syncs,
+    cuda_peak_memory_mb,
+    inference_call,
+    synchronize,
+    time_alternating,
+)
+
+
+# Random-weight models have ADE20K's 150 classes, except the tiny smoke-test size (5).
+DEFAULT_NUM_LABELS, TINY_NUM_LABELS = 150, 5
+DEFAULT_EXIT_RATE = 0.4
+
+
+def print_line(text: str) -> None:
+    """The default progress report: stdout, at once (a long GPU run is followed in its log)."""
+    print(text, flush=True)
+
+
+@dataclass
+class BenchmarkSettings:
+    """How every run of a benchmark is measured.
+
+    Args:
+        device: `cpu`, `cuda` or `cuda:N`.
+        seed: seed of the random weights, the images and the drawn exits.
+        model_name_or_path: a trained DToP folder or Hub id, benchmarked at its own thresholds; `None`: random
+            weights of each case's model size.
+        num_labels: classes of the random-weight models (default 150; `tiny`: 5).
+        exits: where exits come from (`paper`, `rate`, `model`; see `exits.py`); default: `model` for a trained
+            model, `rate` when `exit_rate` is given, else `paper`.
+        exit_rate: the share of active tokens that `rate` exits let go at each head (default 0.4).
+        repeats: timed calls per variant, alternating.
+        warmup: untimed calls per variant first.
+        measure_memory: measure the peak memory of a forward (CPU: in a fresh process).
+        vit_reference: time transformers' `ViTModel` with the same heads next to the unpruned model (eager).
+        sync_debug: count the device-to-host syncs of one eager forward (CUDA).
+        threads: torch's CPU threads (`None`: torch's choice).
+    """
+
+    device: str = "cpu"
+    seed: int = 0
+    model_name_or_path: str | None = None
+    num_labels: int | None = None
+    exits: ExitSource | None = None
+    exit_rate: float | None = None
+    repeats: int = 3
+    warmup: int = 1
+    measure_memory: bool = True
+    vit_reference: bool = True
+    sync_debug: bool = False
+    threads: int | None = None
+
+    def __post_init__(self):
+        trained = self.model_name_or_path is not None
+        if self.exits is None:
+            self.exits = "model" if trained else "rate" if self.exit_rate is not None else "paper"
+        if self.exits not in EXIT_SOURCES:
+            raise ValueError(f"`exits` must be one of {EXIT_SOURCES}, got {self.exits!r}.")
+        if trained != (self.exits == "model"):
+            raise ValueError(
+                "A trained model (`model_name_or_path`) runs at its own thresholds, `exits='model'`, and random "
+                f"weights cannot (their thresholds mean nothing): got exits {self.exits!r}, model "
+                f"{self.model_name_or_path!r}."
+            )
+        if self.exits == "rate" and self.exit_rate is None:
+            self.exit_rate = DEFAULT_EXIT_RATE
+        if self.exit_rate is not None and not 0.0 <= self.exit_rate < 1.0:
+            raise ValueError(f"`exit_rate` must be in [0, 1), got {self.exit_rate}.")
+        if self.sync_debug and torch.device(self.device).type != "cuda":
+            raise ValueError("`sync_debug` counts CUDA syncs (torch.cuda.set_sync_debug_mode): it needs device cuda.")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"`repeats` must be >= 1 and `warmup` >= 0, got {self.repeats} and {self.warmup}.")
+
+
+def build_benchmark_model(settings: BenchmarkSettings, model_size: str | None) -> DToPForSemanticSegmentation:
+    """The trained model of `settings`, or a random-weight [`SimulatedExitsSegmenter`] of `model_size`, on the
+    device, in eval mode."""
+    torch.manual_seed(settings.seed)
+    if settings.model_name_or_path:
+        return DToPForSemanticSegmentation.from_pretrained(settings.model_name_or_path).eval().to(settings.device)
+    num_labels = settings.num_labels or (TINY_NUM_LABELS if model_size == "tiny" else DEFAULT_NUM_LABELS)
+    with torch.device(settings.device):  # initialised in place: ViT-L's 300M weights are slow to draw on a CPU
+        model = SimulatedExitsSegmenter(DToPConfig(**model_size_kwargs(model_size), num_labels=num_labels))
+    return model.eval()
+
+
+def make_images(batch_size: int, image_size: int, seed: int, device: str) -> torch.Tensor:
+    """Mixed batch, normalised: even images smooth (large easy regions), odd images textured (hard)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for index in range(batch_size):
+        coarse = torch.randn(1, 3, 4 + 4 * (index % 3), 4 + 4 * (index % 3), generator=generator)
+        image = torch.nn.functional.interpolate(
+            coarse, size=(image_size, image_size), mode="bicubic", align_corners=False
+        )
+        if index % 2:
+            image = image + 0.8 * torch.randn(1, 3, image_size, image_size, generator=generator)
+        images.append(image)
+    return torch.cat(images).to(device)
+
+
+def vit_reference(model: DToPForSemanticSegmentation, device: str) -> Callable[[torch.Tensor], None]:
+    """transformers' ViTModel (sdpa attention) at the same dims, plus our stage heads run on all of its tokens."""
+    from transformers import ViTConfig, ViTModel
+
+    from dtop_hf.pruning import pack_tokens
+
+    config = model.config
+    vit_config = ViTConfig(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        image_size=config.image_size, patch_size=config.patch_size, layer_norm_eps=config.layer_norm_eps,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    with torch.device(device):
+        vit = ViTModel(vit_config, add_pooling_layer=False).eval()
+    heads = model.dtop.heads
+
+    @torch.no_grad()
+    def run(pixel_values: torch.Tensor) -> None:
+        hidden_states = vit(pixel_values, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
+        batch_size, num_tokens = hidden_states[0].shape[0], hidden_states[0].shape[1] - 1
+        packing = pack_tokens(torch.ones(batch_size, num_tokens, dtype=torch.bool, device=pixel_values.device))
+        for head, layer_index in zip(heads, config.out_indices):
+            head(hidden_states[layer_index + 1][:, 1:].reshape(batch_size * num_tokens, -1), packing)
+
+    return run
+
+
+class BenchmarkModels:
+    """The models of a benchmark, each built once: the DToP model per size, its compiled form, the ViTModel
+    reference. `progress` receives a line per model built."""
+
+    def __init__(self, settings: BenchmarkSettings, progress: Callable[[str], None] = print_line):
+        self.settings, self.progress = settings, progress
+        self.models, self.compiled_models, self.references = {}, {}, {}
+
+    def model(self, model_size: str | None) -> DToPForSemanticSegmentation:
+        if model_size not in self.models:
+            model = self.models[model_size] = build_benchmark_model(self.settings, model_size)
+            self.progress(
+                f"model {self.settings.model_name_or_path or model_size}: "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, attention "
+                f"{model.config._attn_implementation}, exit thresholds "
+                f"{list(model.config.exit_thresholds_per_head(None)[:-1])}"
+            )
+        return self.models[model_size]
+
+    def compiled(self, model_size: str | None) -> Callable:
+        if model_size not in self.compiled_models:
+            self.compiled_models[model_size] = torch.compile(self.model(model_size), dynamic=True)
+        return self.compiled_models[model_size]
+
+    def vit_reference(self, model_size: str | None) -> Callable[[torch.Tensor], None]:
+        if model_size not in self.references:
+            self.references[model_size] = vit_reference(self.model(model_size), self.settings.device)
+        return self.references[model_size]
+
+
+@dataclass
+class TimedCalls:
+    """What a backend hands the benchmark for one run: zero-argument calls by name (`baseline`: unpruned, `pruned`,
+    and any reference such as `vit_plus_heads`), what preparing them measured, and what to add after timing."""
+
+    calls: dict[str, Callable[[], object]]
+    record: dict = field(default_factory=dict)
+    after_timing: Callable[[], dict] = dict
+
+
+class TorchBackend:
+    """The PyTorch model itself, eager or through `torch.compile` (both variants compiled before timing)."""
+
+    name = "torch"
+    modes = ("eager", "compiled")
+
+    def prepare(
+        self,
+        settings: BenchmarkSettings,
+        models: BenchmarkModels,
+        run: BenchmarkRun,
+        pixel_values: torch.Tensor,
+        threshold: list[float] | None,
+    ) -> TimedCalls:
+        model_size, device, dtype = run.case.model_size, settings.device, run.dtype
+        runner = models.compiled(model_size) if run.mode == "compiled" else models.model(model_size)
+        calls = {
+            "baseline": inference_call(lambda: runner(pixel_values, exit_threshold=1.0), device, dtype),
+            "pruned": inference_call(lambda: runner(pixel_values, exit_threshold=threshold), device, dtype),
+        }
+        if run.mode == "eager" and settings.vit_reference:
+            reference = models.vit_reference(model_size)
+            calls["vit_plus_heads"] = inference_call(lambda: reference(pixel_values), device, dtype)
+        if run.mode != "compiled":
+            return TimedCalls(calls)
+        graphs_before, compile_start = compiled_graph_count(), time.perf_counter()
+        calls["baseline"](), calls["pruned"]()  # compile both variants before timing
+        synchronize(device)
+        record = {
+            "compile_seconds": time.perf_counter() - compile_start,
+            "graphs_compiled": compiled_graph_count() - graphs_before,
+        }
+        graphs_before = compiled_graph_count()
+        # 0: the token counts of the timed calls reused the graphs compiled above.
+        return TimedCalls(
+            calls, record, lambda: {"graphs_compiled_while_timing": compiled_graph_count() - graphs_before}
+        )
+
+    @staticmethod
+    def cpu_peak_memory_mb(settings: BenchmarkSettings, run: BenchmarkRun, unpruned: bool) -> float:
+        return cpu_peak_memory_mb(settings, run.case, run.dtype, unpruned)
+
+
+BACKENDS = {TorchBackend.name: TorchBackend}
+
+
+def environment(device: str) -> dict:
+    on_cuda = device.startswith("cuda")
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+def flops_record(model: DToPForSemanticSegmentation, pixel_values: torch.Tensor, threshold, dtype: str) -> dict:
+    """GFLOPs and token counts of one eager forward, unpruned and pruned: R = GFLOPs unpruned / pruned."""
+    device = str(pixel_values.device)
+    with torch.no_grad(), autocast_context(device, dtype):
+        baseline_outputs = model(pixel_values, exit_threshold=1.0)
+        pruned_outputs = model(pixel_values, exit_threshold=threshold)
+    baseline_flops = count_flops_from_outputs(model.config, baseline_outputs)
+    pruned_flops = count_flops_from_outputs(model.config, pruned_outputs)
+    return {
+        "tokens_per_layer_mean": pruned_outputs.tokens_per_layer.float().mean(dim=0).tolist(),
+        "tokens_last_layer_per_image": pruned_outputs.tokens_per_layer[:, -1].tolist(),
+        "gflops_baseline_per_image": float(baseline_flops.total.mean()),
+        "gflops_pruned_per_image": float(pruned_flops.total.mean()),
+        "flops_ratio": float(baseline_flops.total.sum() / pruned_flops.total.sum()),
+        "flops_ratio_backbone_and_final_head": float(
+            baseline_flops.backbone_and_final_head.sum() / pruned_flops.backbone_and_final_head.sum()
+        ),
+    }
+
+
+def timing_record(medians: dict[str, float], batch_size: int, flops_ratio: float) -> dict:
+    """Times, speed-up and throughput from the median seconds per call, held to the targets."""
+    record = {
+        "baseline_seconds": medians["baseline"],
+        "pruned_seconds": medians["pruned"],
+        "speedup": medians["baseline"] / medians["pruned"],
+        "images_per_second": {name: batch_size / medians[name] for name in ("baseline", "pruned")},
+        "speedup_target": speedup_target(batch_size),
+    }
+    record["speedup_over_flops_ratio"] = record["speedup"] / flops_ratio
+    record["meets_speedup_target"] = record["speedup_over_flops_ratio"] >= record["speedup_target"]
+    if "vit_plus_heads" in medians:
+        record["vit_plus_heads_seconds"] = medians["vit_plus_heads"]
+        record["baseline_over_vit_plus_heads"] = medians["baseline"] / medians["vit_plus_heads"]
+        record["meets_vit_reference_target"] = record["baseline_over_vit_plus_heads"] <= VIT_REFERENCE_TARGET
+    return record
+
+
+def sync_record(calls: dict[str, Callable[[], object]], num_heads: int) -> dict:
+    """Device-to-host syncs of one unpruned and one pruned call, against what is allowed."""
+    syncs = {
+        "unpruned": count_device_syncs(calls["baseline"]),
+        "pruned": count_device_syncs(calls["pruned"]),
+        "allowed_unpruned": ALLOWED_UNPRUNED_SYNCS,
+        "allowed_pruned": num_heads - 1,
+    }
+    within = [syncs[name]["count"] <= syncs[f"allowed_{name}"] for name in ("unpruned", "pruned")]
+    return {"device_syncs_per_forward": syncs, "meets_sync_target": all(within)}
+
+
+def memory_record(settings: BenchmarkSettings, run: BenchmarkRun, calls: dict[str, Callable[[], object]]) -> dict:
+    """Peak memory of one unpruned and one pruned call (CUDA: on top of what was resident; CPU: resident-memory
+    growth in a fresh process)."""
+    names = ("baseline", "pruned")
+    if settings.device.startswith("cuda"):
+        peaks = {name: cuda_peak_memory_mb(calls[name]) for name in names}
+        return {
+            "peak_memory_mb": {name: peak[0] for name, peak in peaks.items()},
+            "peak_memory_total_mb": {name: peak[1] for name, peak in peaks.items()},
+        }
+    backend = BACKENDS[run.backend]
+    return {"peak_memory_mb": {name: backend.cpu_peak_memory_mb(settings, run, name == "baseline") for name in names}}
+
+
+def benchmark_run(settings: BenchmarkSettings, models: BenchmarkModels, run: BenchmarkRun) -> dict:
+    """Measure one run: the record written to the results."""
+    case = run.case
+    model = models.model(case.model_size)
+    pixel_values = make_images(case.batch_size, case.image_size, settings.seed, settings.device)
+    threshold, exit_record = prepare_exits(model, pixel_values, settings.exits, settings.exit_rate, settings.seed)
+    flops = flops_record(model, pixel_values, threshold, run.dtype)
+    timed = BACKENDS[run.backend]().prepare(settings, models, run, pixel_values, threshold)
+    record = {
+        "model": settings.model_name_or_path or case.model_size,
+        "image_size": case.image_size,
+        "batch_size": case.batch_size,
+        "backend": run.backend,
+        "mode": run.mode,
+        "dtype": run.dtype,
+        "device": settings.device,
+        "exit_threshold": list(model.config.exit_thresholds_per_head(threshold)[:-1]),
+        **exit_record,
+        **timed.record,
+    }
+    medians = time_alternating(timed.calls, settings.repeats, settings.warmup, settings.device)
+    record.update(timed.after_timing())
+    record.update(flops)
+    record.update(timing_record(medians, case.batch_size, flops["flops_ratio"]))
+    if settings.sync_debug and run.mode == "eager":
+        record.update(sync_record(timed.calls, len(model.config.out_indices)))
+    if settings.measure_memory:
+        record.update(memory_record(settings, run, timed.calls))
+    record["environment"] = environment(settings.device)
+    return record
+
+
+def run_benchmark(
+    settings: BenchmarkSettings,
+    plan: list[BenchmarkRun],
+    time_budget_s: float | None = None,
+    on_record: Callable[[list[dict], list[str]], None] | None = None,
+    progress: Callable[[str], None] = print_line,
+) -> tuple[list[dict], list[str]]:
+    """Measure the runs of `plan` in order; returns the records and the labels of the runs skipped because they
+    would have started after `time_budget_s`.
+
+    Args:
+        settings: how to measure.
+        plan: from [`benchmark_plan`].
+        time_budget_s: start no run after this many seconds.
+        on_record: called with (records, skipped) after every run, e.g. to write the reports so that a run cut
+            short keeps what it measured.
+        progress: receives a line per model built and per run.
+    """
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if any(run.mode == "compiled" for run in plan):
+        allow_recompiles()
+    models, records, skipped, start = BenchmarkModels(settings, progress), [], [], time.perf_counter()
+    for run in plan:
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            skipped.append(run.label)
+            continue
+        record = benchmark_run(settings, models, run)
+        records.append(record)
+        if on_record is not None:
+            on_record(records, skipped)
+        progress(
+            f"[{run.label}] R {record['flops_ratio']:.2f}, speed-up {record['speedup']:.2f} "
+            f"({record['speedup_over_flops_ratio']:.2f} R, target {record['speedup_target']}), "
+            f"{time.perf_counter() - start:.0f} s so far"
+        )
+    return records, skipped

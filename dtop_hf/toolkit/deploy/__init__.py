@@ -1,0 +1,19 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Deployment: export a DToP model to ONNX and run or time the exported file in ONNX Runtime.
+
+`onnx_export` (the export, and the settings it records inside the file), `onnx_runtime` (sessions, segmentation
+with the image processor's pre- and post-processing, timing). Both need the `onnx` extra:
+`pip install "dtop-hf[onnx]"` (onnx, onnxruntime, onnxscript).
+"""

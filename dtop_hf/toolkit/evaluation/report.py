@@ -1,0 +1,282 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The evaluation report: Markdown sections built from an evaluation summary (see
+[`~toolkit.evaluation.sweep.evaluate_exit_settings`]) and the files it is written to.
+
+The report is a list of [`ReportSection`]s, built by the functions of `SECTION_BUILDERS` in order: the sweep table,
+the calibration table, the per-class IoU table. A new part of the report is one more builder; a caller picks the
+sections it shows (the quick start leaves the per-class table out), then [`render_report`] joins them.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .calibration import (
+    choose_threshold,
+    compact_threshold,
+    format_threshold,
+    is_unpruned,
+    json_ready,
+    per_head,
+    speedup,
+)
+
+
+# `--gflops_convention` -> the result field it reads.
+GFLOPS_KEYS = {"all_heads": "gflops", "paper": "gflops_backbone_and_final_head"}
+# The per-class table is shown up to this many classes (ADE20K's 150 go to the JSON only).
+MAX_REPORTED_CLASSES = 30
+
+
+@dataclass
+class ReportSection:
+    """One part of the report: a name to pick it by, an optional heading line, and its Markdown body."""
+
+    name: str
+    body: str
+    heading: str | None = None
+
+    def render(self) -> str:
+        return self.body if self.heading is None else f"{self.heading}\n\n{self.body}"
+
+
+def render_report(sections: list[ReportSection]) -> str:
+    """The sections as one Markdown text, a blank line between them."""
+    return "\n\n".join(section.render() for section in sections)
+
+
+def format_percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def format_gflops(value: float) -> str:
+    """One decimal as in the paper for real models (109.4), four significant digits for tiny ones (0.003871)."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.4g}"
+
+
+def convention_name(gflops_key: str) -> str:
+    """`all heads` or `paper` (backbone + final head): the `--gflops_convention` of a result field."""
+    return next(name for name, key in GFLOPS_KEYS.items() if key == gflops_key).replace("_", " ")
+
+
+def sweep_order(result: dict) -> tuple[int, float]:
+    """Shared thresholds first, highest first; then per-head settings, in the order given."""
+    threshold = compact_threshold(result["exit_threshold"])
+    return (0, -threshold) if isinstance(threshold, float) else (1, 0.0)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def sweep_table(
+    results: list[dict],
+    stage_names: list[str],
+    gflops_key: str = GFLOPS_KEYS["all_heads"],
+    notes: dict[tuple[float, ...], str] | None = None,
+) -> str:
+    """One row per threshold setting (shared thresholds decreasing, then per-head settings), as the paper's Table 2
+    plus R, exits and time; `notes` (per-head tuple -> text) adds a last column, e.g. "calibrated"."""
+    baseline = next((result for result in results if is_unpruned(result["exit_threshold"])), None)
+    num_heads = len(stage_names) - 1
+    header = ["threshold", "mIoU (%)", "pixel acc. (%)", "GFLOPs", "GFLOPs all heads", "saved", "R"]
+    header += ["exits per head (%)", "ms / image"] + (["calibration"] if notes else [])
+    rows = []
+    for result in sorted(results, key=sweep_order):
+        gflops = result["gflops_backbone_and_final_head"]
+        saved = f"{100 * (1 - gflops / baseline['gflops_backbone_and_final_head']):.1f}%" if baseline else "n/a"
+        row = [
+            format_threshold(result["exit_threshold"]),
+            format_percent(result["mean_iou"]),
+            format_percent(result["overall_accuracy"]),
+            format_gflops(gflops),
+            format_gflops(result["gflops"]),
+            saved,
+            f"{speedup(result, baseline, gflops_key):.2f}" if baseline else "n/a",
+            " / ".join(f"{100 * share:.1f}" for share in result["exit_share"]),
+            f"{1000 * result['seconds_per_image']:.1f}",
+        ]
+        rows.append(row + ([notes.get(per_head(result["exit_threshold"], num_heads), "")] if notes else []))
+    legend = (
+        f"\nthreshold a / b: one per auxiliary head; exits per head: {' / '.join(stage_names)}; GFLOPs = "
+        "multiply-accumulates / 1e9 per image (docs/flops.md); saved: backbone + decode head GFLOPs; R = GFLOPs "
+        f"unpruned / pruned ({convention_name(gflops_key)})."
+    )
+    return markdown_table(header, rows) + "\n" + legend
+
+
+def calibration_table(calibration: dict, gflops_key: str) -> str:
+    """The calibrated thresholds next to the unpruned model and the best shared threshold, measured on the
+    calibration images (where they were chosen) and on the evaluated split (which the choice never saw)."""
+    header = ["exit threshold", "chosen as"]
+    for split in ("calibration", "evaluation"):
+        header += [f"{split} mIoU (%)", "Δ mIoU", "GFLOPs", "R"]
+    roles = {}  # threshold setting -> (result key, what it was chosen as); one row per setting
+    for key, role in (("baseline", "unpruned"), ("best_single", "best single threshold"), ("chosen", "calibrated")):
+        setting = format_threshold(calibration[key]["exit_threshold"])
+        roles[setting] = (key, f"{roles[setting][1]}, {role}" if setting in roles else role)
+    rows = []
+    for setting, (key, role) in roles.items():
+        row = [setting, role + (" (saved)" if key == "chosen" else "")]
+        for measured in (calibration, calibration["on_evaluation_split"]):
+            result, baseline = measured[key], measured["baseline"]
+            row += [
+                format_percent(result["mean_iou"]),
+                f"{100 * (result['mean_iou'] - baseline['mean_iou']):+.2f}",
+                format_gflops(result[gflops_key]),
+                f"{speedup(result, baseline, gflops_key):.2f}",
+            ]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def class_table(results: list[dict]) -> str:
+    """Per-class IoU (%), one column per threshold."""
+    ordered = sorted(results, key=sweep_order)
+    header = ["class"] + [f"t={format_threshold(result['exit_threshold'])}" for result in ordered]
+    rows = [
+        [name] + [format_percent(result["per_category_iou"][name]) for result in ordered]
+        for name in ordered[0]["per_category_iou"]
+    ]
+    return markdown_table(header, rows)
+
+
+def calibration_notes(calibration: dict, num_heads: int) -> dict[tuple[float, ...], str]:
+    """The last column of the sweep table: which rows the calibration chose."""
+    notes = {per_head(calibration["best_single"]["exit_threshold"], num_heads): "best single threshold"}
+    chosen = per_head(calibration["chosen"]["exit_threshold"], num_heads)
+    notes[chosen] = ", ".join(filter(None, [notes.get(chosen), "calibrated (saved)"]))
+    return notes
+
+
+def calibrated(summary: dict) -> bool:
+    """Whether the summary holds a finished calibration (asked for, and something found to calibrate)."""
+    calibration = summary.get("calibration")
+    return calibration is not None and "chosen" in calibration
+
+
+def evaluated_settings(summary: dict, num_heads: int) -> list[dict]:
+    """Every setting measured on the evaluated split, once: the sweep's, then the calibration's."""
+    results = list(summary["results"])
+    if calibrated(summary):
+        results += summary["calibration"]["on_evaluation_split"].values()
+    return list({per_head(result["exit_threshold"], num_heads): result for result in results}.values())
+
+
+def sweep_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection:
+    """Every setting measured on the evaluated split, the calibration's choices marked."""
+    rows = evaluated_settings(summary, len(stage_names) - 1)
+    notes = calibration_notes(summary["calibration"], len(stage_names) - 1) if calibrated(summary) else None
+    return ReportSection("sweep", sweep_table(rows, stage_names, gflops_key, notes))
+
+
+def calibration_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection | None:
+    """The calibrated settings on both splits, when a calibration was made."""
+    if not calibrated(summary):
+        return None
+    calibration = summary["calibration"]
+    heading = (
+        f"Calibration: {calibration['num_evaluations']} threshold settings evaluated on {calibration['data']}; "
+        f"the chosen ones measured on the {summary['split']!r} split too:"
+    )
+    return ReportSection("calibration", calibration_table(calibration, gflops_key), heading)
+
+
+def per_class_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection | None:
+    """Per-class IoU, up to `MAX_REPORTED_CLASSES` classes (all of them are in the JSON)."""
+    rows = evaluated_settings(summary, len(stage_names) - 1)
+    if len(rows[0]["per_category_iou"]) > MAX_REPORTED_CLASSES:
+        return None
+    return ReportSection("per_class", class_table(rows), "IoU per class (%):")
+
+
+# The report's sections in order: each builds one from (summary, stage names, GFLOPs key), or None to leave it out.
+# A new part of the report (e.g. diagnostics kept in the summary) is one more entry.
+SECTION_BUILDERS = [sweep_section, calibration_section, per_class_section]
+
+
+def report_sections(summary: dict, stage_names: list[str], gflops_key: str) -> list[ReportSection]:
+    """The report of an evaluation summary, one section per entry of `SECTION_BUILDERS` that has something to say."""
+    sections = (build(summary, stage_names, gflops_key) for build in SECTION_BUILDERS)
+    return [section for section in sections if section is not None]
+
+
+def describe_calibrated(calibration: dict, gflops_key: str) -> str:
+    """One line per split for the calibrated thresholds: mIoU, change against the unpruned model, GFLOPs, R."""
+    lines = []
+    for name, measured in (
+        ("calibration images", calibration),
+        ("evaluated split", calibration["on_evaluation_split"]),
+    ):
+        chosen, baseline = measured["chosen"], measured["baseline"]
+        lines.append(
+            f"  {name}: mIoU {format_percent(chosen['mean_iou'])} "
+            f"({100 * (chosen['mean_iou'] - baseline['mean_iou']):+.2f}), "
+            f"{format_gflops(chosen[gflops_key])} GFLOPs, R = {speedup(chosen, baseline, gflops_key):.2f}"
+        )
+    return "\n".join(lines)
+
+
+def compare_with_best_single(summary: dict, max_miou_drop: float, images: str = "evaluated images") -> str:
+    """R at the mIoU budget (points) on the evaluated split, which `images` names: the calibrated thresholds
+    (chosen on other images) against the best single threshold of the sweep (chosen, with hindsight, on the
+    evaluated images themselves)."""
+    calibrated = summary["calibration"]["on_evaluation_split"]
+    baseline = calibrated["baseline"]
+    single = choose_threshold(summary["results"] + [baseline], max_miou_drop=max_miou_drop / 100)
+
+    def describe_point(result: dict) -> str:
+        change = 100 * (result["mean_iou"] - baseline["mean_iou"])
+        return (
+            f"{format_threshold(result['exit_threshold'])}: R = {speedup(result, baseline):.2f} at {change:+.2f} mIoU"
+        )
+
+    return (
+        f"On the {images}, within {max_miou_drop:g} mIoU points: calibrated thresholds "
+        f"{describe_point(calibrated['chosen'])}; best single threshold of the sweep {describe_point(single)}."
+    )
+
+
+def write_report_files(summary: dict, report: str, output_dir: Path) -> dict[str, Path]:
+    """`table.md` (the report) and `results.json` (the summary, tuples as lists) in `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"table": output_dir / "table.md", "results": output_dir / "results.json"}
+    paths["table"].write_text(report + "\n", encoding="utf-8")
+    with open(paths["results"], "w", encoding="utf-8") as file:
+        json.dump(json_ready(summary), file, indent=2)
+    return paths
+
+
+__all__ = [
+    "GFLOPS_KEYS",
+    "MAX_REPORTED_CLASSES",
+    "ReportSection",
+    "SECTION_BUILDERS",
+    "calibrated",
+    "calibration_table",
+    "class_table",
+    "compare_with_best_single",
+    "describe_calibrated",
+    "evaluated_settings",
+    "format_gflops",
+    "format_percent",
+    "render_report",
+    "report_sections",
+    "sweep_order",
+    "sweep_table",
+    "write_report_files",
+]

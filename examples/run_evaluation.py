@@ -1,0 +1,241 @@
+# Copyright 2026 The dtop-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Measure what DToP buys: sweep exit thresholds on a data set and report, per threshold, mIoU (also per class),
+pixel accuracy, GFLOPs per image (backbone + final head, the paper's figure, and with every head), R = GFLOPs
+unpruned / pruned, the share of tokens finalised by each head and the model time per image; optionally calibrate
+the thresholds, one per auxiliary head, to a budget.
+
+Writes to `--output_dir`: `results.json`, `table.md` (the table printed, like the paper's Table 2),
+`gflops_vs_miou.png`, `pictures/image_N.png` (image | prediction | ground truth | exit map, one row per
+threshold) and, with `--target_gflops` or `--max_miou_drop`, `calibrated/` (or `--calibrated_output_dir`): a copy
+of the model whose config carries the chosen `exit_threshold`.
+
+    MODEL=outputs/quickstart/model
+    python examples/run_evaluation.py --model_name_or_path $MODEL --exit_threshold 1.0 0.98 0.95 0.9 0.8
+    python examples/run_evaluation.py --model_name_or_path $MODEL --exit_threshold 1.0 0.8 0.6,0.9
+    python examples/run_evaluation.py --model_name_or_path $MODEL --dataset_name scene_parse_150 --sliding_window
+    python examples/run_evaluation.py --model_name_or_path $MODEL --max_miou_drop 0.5   # <= 0.5 mIoU points lost
+    python examples/run_evaluation.py --model_name_or_path $MODEL --target_gflops 80    # <= 80 GFLOPs per image
+
+(`0.6,0.9`: one threshold per auxiliary head.) Calibration (`--calibrate thresholds`, implied by a budget) searches
+one threshold per auxiliary head (`--calibration_search single`: one for all heads, the paper's setting) on
+calibration data, never on the evaluated split: `--calibration_split` (a split of the data set), else the built-in
+data set's own calibration scenes, else `--calibration_samples` images drawn from `train`. The chosen thresholds are
+then reported on the evaluated split too: the gap between the two shows how much the choice overfits the
+calibration images. When no swept threshold lets a token exit, lower ones are tried; a model that never exits is
+reported as such, and no calibrated copy is written (exit code 1).
+
+Several processes split the data; the results are the same as with one (model time per image aside):
+
+    accelerate launch examples/run_evaluation.py --model_name_or_path ...
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/run_evaluation.py --device cpu ...
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from accelerate.utils import set_seed
+
+from dtop_hf.toolkit.arguments import (
+    DEPRECATED_FLAGS,
+    DataArguments,
+    ExitArguments,
+    ModelArguments,
+    RuntimeArguments,
+    build_parser,
+    parse_arguments,
+    require_positive,
+)
+from dtop_hf.toolkit.evaluation.calibration import format_threshold, is_uniform
+from dtop_hf.toolkit.evaluation.report import GFLOPS_KEYS, describe_calibrated, render_report
+from dtop_hf.toolkit.evaluation.sweep import (
+    CALIBRATORS,
+    CalibrationRequest,
+    evaluate_model_on_data,
+    write_evaluation_outputs,
+)
+from dtop_hf.toolkit.inference.loading import load_model_and_processor
+from dtop_hf.toolkit.inference.segmentation import sliding_window_processor
+from dtop_hf.toolkit.runtime import accelerator_session
+
+
+DEFAULT_THRESHOLDS = (1.0, 0.98, 0.95, 0.9, 0.8)
+# This script's `--seed` used to seed the data: it is `--data_seed` now, as in the other scripts.
+DEPRECATED = {**DEPRECATED_FLAGS, "--seed": "--data_seed"}
+
+
+@dataclass
+class EvaluationArguments:
+    """What to measure and where to write it; the calibration, when one is asked for."""
+
+    split: Literal["validation", "train"] = field(
+        default="validation", metadata={"help": "Split to evaluate (calibration never uses it: --calibration_split)."}
+    )
+    sliding_window: bool = field(
+        default=False, metadata={"help": "Official test mode: shorter side resized to the crop, overlapping windows."}
+    )
+    crop_size: int | None = field(
+        default=None, metadata={"help": "Sliding-window crop side; default: the processor's."}
+    )
+    stride: int | None = field(default=None, metadata={"help": "Sliding-window stride; default: the processor's."})
+    calibrate: str | None = field(
+        default=None,
+        metadata={
+            "help": "Calibrate the exit settings to the budget; default: thresholds when a budget is given.",
+            "choices": ["none", *sorted(CALIBRATORS)],
+        },
+    )
+    target_gflops: float | None = field(
+        default=None, metadata={"help": "Best mIoU within this many GFLOPs per image."}
+    )
+    max_miou_drop: float | None = field(
+        default=None, metadata={"help": "Fewest GFLOPs losing at most this many mIoU points (0.5 = half a point)."}
+    )
+    gflops_convention: Literal["all_heads", "paper"] = field(
+        default="all_heads", metadata={"help": "Cost --target_gflops limits: every head, or backbone + final head."}
+    )
+    num_refinements: int = field(default=4, metadata={"help": "Bisection steps between sweep thresholds."})
+    calibration_search: Literal["per_head", "single"] = field(
+        default="per_head", metadata={"help": "One threshold per auxiliary head, or one for every head."}
+    )
+    num_grid_refinements: int = field(
+        default=2, metadata={"help": "Per-head search: levels of finer grids around the best thresholds found."}
+    )
+    calibration_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to calibrate on; default: built-in calibration scenes, or images drawn from train."},
+    )
+    calibration_samples: int = field(default=100, metadata={"help": "Images calibrated on."})
+    calibrated_output_dir: str | None = field(
+        default=None, metadata={"help": "Where the calibrated model goes (default: <output_dir>/calibrated)."}
+    )
+    output_dir: str = field(default="dtop-evaluation", metadata={"help": "Results, plot, pictures, calibrated model."})
+    num_pictures: int = field(default=4, metadata={"help": "Images drawn with their prediction and exit map."})
+
+    def __post_init__(self):
+        require_positive(self, ("calibration_samples", "crop_size", "stride"))
+        if min(self.num_pictures, self.num_refinements, self.num_grid_refinements) < 0:
+            raise ValueError("`--num_pictures`, `--num_refinements` and `--num_grid_refinements` must be >= 0.")
+        if self.target_gflops is not None and self.max_miou_drop is not None:
+            raise ValueError("Give one budget: `--target_gflops` or `--max_miou_drop`, not both.")
+        if self.target_gflops is not None and self.target_gflops <= 0:
+            raise ValueError(f"`--target_gflops` must be > 0, got {self.target_gflops}.")
+        if self.max_miou_drop is not None and self.max_miou_drop < 0:
+            raise ValueError(f"`--max_miou_drop` must be >= 0 (mIoU points), got {self.max_miou_drop}.")
+        has_budget = self.target_gflops is not None or self.max_miou_drop is not None
+        self.calibrate = self.calibrate or ("thresholds" if has_budget else "none")
+        if self.calibrate != "none" and not has_budget:
+            raise ValueError(f"`--calibrate {self.calibrate}` needs a budget: `--target_gflops` or `--max_miou_drop`.")
+        if self.calibration_split is not None and self.calibration_split == self.split:
+            raise ValueError(
+                f"`--calibration_split` and `--split` are both {self.split!r}: calibrate on other images than those "
+                "the report is measured on, or the report shows the calibration's own optimism."
+            )
+
+    def calibration_request(self) -> CalibrationRequest | None:
+        if self.calibrate == "none":
+            return None
+        return CalibrationRequest(
+            self.calibrate, self.target_gflops, self.max_miou_drop, self.gflops_convention, self.calibration_search,
+            self.num_refinements, self.num_grid_refinements, self.calibration_split, self.calibration_samples,
+        )  # fmt: skip
+
+
+def check_arguments(model_args, exit_args, data_args, runtime_args, eval_args) -> None:
+    """Flags that only go wrong together."""
+    if exit_args.exit_threshold is None:
+        exit_args.exit_threshold = list(DEFAULT_THRESHOLDS)
+    if eval_args.calibration_search == "single" and not all(map(is_uniform, exit_args.exit_threshold)):
+        raise ValueError(
+            "`--calibration_search single` calibrates one threshold for every head: give `--exit_threshold` "
+            "without per-head values (no commas)."
+        )
+    exit_args.model_kwargs(exclude=("exit_threshold",))  # one exit mode and capacity: the sweep is over thresholds
+
+
+def parse_args(argv: list[str] | None = None) -> tuple:
+    parser = build_parser(
+        (ModelArguments, ExitArguments, DataArguments, RuntimeArguments, EvaluationArguments),
+        description="Sweep DToP exit thresholds: mIoU, GFLOPs, exits, time; calibrate them to a budget.",
+    )
+    return parse_arguments(parser, argv, ["model_name_or_path"], DEPRECATED, check_arguments)
+
+
+def check_threshold_lengths(thresholds: list, num_heads: int) -> None:
+    """Per-head `--exit_threshold` values must give one threshold per auxiliary head of the model."""
+    for threshold in thresholds:
+        if not is_uniform(threshold) and len(threshold) != num_heads:
+            raise ValueError(
+                f"`--exit_threshold` {','.join(f'{value:g}' for value in threshold)} gives {len(threshold)} values, "
+                f"but the model has {num_heads} auxiliary heads: give one value for every head (0.8), or {num_heads} "
+                "comma-separated values."
+            )
+
+
+def load_model(model_args: ModelArguments, data_args: DataArguments, eval_args: EvaluationArguments, device):
+    """The model (eval mode) and its image processor with the flags' overrides, in slide mode with
+    `--sliding_window`."""
+    model, image_processor = load_model_and_processor(model_args.model_name_or_path, device)
+    if eval_args.crop_size is not None:
+        image_processor.crop_size = {"height": eval_args.crop_size, "width": eval_args.crop_size}
+    if eval_args.stride is not None:
+        image_processor.stride = {"height": eval_args.stride, "width": eval_args.stride}
+    if data_args.do_reduce_labels is not None:
+        image_processor.do_reduce_labels = data_args.do_reduce_labels
+    if eval_args.sliding_window:
+        image_processor = sliding_window_processor(image_processor)
+    return model, image_processor
+
+
+def print_outcome(summary: dict, sections, eval_args: EvaluationArguments, output_dir: Path) -> None:
+    print(render_report(sections))
+    calibration = summary.get("calibration", {})
+    if "chosen" in calibration:
+        chosen = calibration["chosen"]["exit_threshold"]
+        kind = "one for every head" if is_uniform(chosen) else "one per auxiliary head"
+        calibrated_dir = eval_args.calibrated_output_dir or output_dir / "calibrated"
+        gflops_key = GFLOPS_KEYS[eval_args.gflops_convention]
+        print(f"\nCalibrated exit thresholds {format_threshold(chosen)} ({kind}) -> {calibrated_dir}")
+        print(describe_calibrated(calibration, gflops_key))
+    elif "error" in calibration:
+        print(f"\nNo calibrated model written: {calibration['error']}")
+    print(f"\nWrote {output_dir / 'results.json'}, table.md, gflops_vs_miou.png and pictures/.")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, exit_args, data_args, runtime_args, eval_args = parse_args(argv)
+    set_seed(runtime_args.seed)
+    with accelerator_session(**runtime_args.accelerator_kwargs()) as accelerator:
+        model, image_processor = load_model(model_args, data_args, eval_args, accelerator.device)
+        check_threshold_lengths(exit_args.exit_threshold, len(model.config.out_indices) - 1)
+        # The calibration (on its own images), then the sweep and the calibrated settings on the evaluated split.
+        summary, eval_dataset, id2label = evaluate_model_on_data(
+            model, image_processor, accelerator, data_args, exit_args.exit_threshold, model_args.model_name_or_path,
+            eval_args.split, eval_args.calibration_request(), runtime_args.per_device_eval_batch_size,
+            runtime_args.dataloader_num_workers, **exit_args.model_kwargs(exclude=("exit_threshold",)),
+        )  # fmt: skip
+        if accelerator.is_main_process:  # the report, plot, pictures and calibrated model
+            output_dir = Path(eval_args.output_dir)
+            sections = write_evaluation_outputs(
+                summary, model, image_processor, eval_dataset, id2label, output_dir, eval_args.calibrated_output_dir,
+                GFLOPS_KEYS[eval_args.gflops_convention], eval_args.num_pictures,
+            )  # fmt: skip
+            print_outcome(summary, sections, eval_args, output_dir)
+    return summary
+
+
+if __name__ == "__main__":
+    # Non-zero when a calibration was asked for and found nothing to calibrate (the report is still written).
+    raise SystemExit(1 if "error" in main().get("calibration", {}) else 0)
