@@ -167,7 +167,9 @@ def select_kept_tokens(
     Returns:
         `kept_index` `(batch, num_kept)` int64: the token indices that go on, in increasing order.
     """
-    rank = rank_within_class(confidence, predicted_class, active_mask)
+    rank = torch.zeros_like(predicted_class)  # without context tokens no rank is needed
+    if keep_top_k:
+        rank = rank_within_class(confidence, predicted_class, active_mask)
     is_context = active_mask & (rank < keep_top_k)
     # One priority per token, sorted once: context tokens first (by rank, then most confident), then the other
     # active tokens (least confident first), inactive tokens last; a stable sort breaks the remaining ties by index.

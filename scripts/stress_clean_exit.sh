@@ -21,15 +21,15 @@
 #   nice -n 19 scripts/stress_clean_exit.sh 20 /tmp/older_tree segment  # another checkout, one script
 #
 # Every run is `accelerate launch --multi_gpu --num_processes 2 ... --cpu` with ACCELERATE_USE_CPU (two gloo ranks
-# on CPU), tiny models and data. The logs (and core dumps, where the system writes them to the crashed process's
+# on CPU), tiny models and data. The flags are the earlier releases' (`--model`, `--threshold`, `--cpu`, ...), which
+# today's scripts still accept: one command line for older checkouts and this one. The logs (and core dumps, where the system writes them to the crashed process's
 # folder) of failed runs stay in the printed work folder; the last line per script is "<script>: F of N failed".
 set -uo pipefail
 
 RUNS=${1:-20}
 REPO=$(cd "${2:-$(dirname "$0")/..}" && pwd)
-shift $(( $# < 2 ? $# : 2 ))
-JOBS=("${@:-segment evaluation finetune}")
-read -r -a JOBS <<< "${JOBS[*]}"
+JOBS=("${@:3}")
+(( ${#JOBS[@]} )) || JOBS=(segment evaluation finetune)
 WORK=$(mktemp -d /tmp/stress_clean_exit.XXXXXX)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 export TQDM_DISABLE=1 HF_DATASETS_CACHE="$WORK/hf_datasets"

@@ -48,14 +48,15 @@ def test_exit_threshold_is_checked_where_the_config_checks_it():
     with pytest.raises(ValueError, match="takes one setting here"):
         exit_args.model_kwargs()
     assert exit_args.model_kwargs(exclude=("exit_threshold",)) == {}  # unset flags are not passed on
-    _, exit_args, *_ = parse(["--exit_threshold", "0.8", "--exit_mode", "capacity", "--exit_capacity", "0.2,0.4"])
-    assert exit_args.model_kwargs() == {"exit_threshold": 0.8, "exit_mode": "capacity", "exit_capacity": (0.2, 0.4)}
+    _, exit_args, *_ = parse(["--exit_threshold", "0.8", "--exit_mode", "capacity", "--exit_capacity", "0.4,0.2"])
+    assert exit_args.model_kwargs() == {"exit_threshold": 0.8, "exit_mode": "capacity", "exit_capacity": (0.4, 0.2)}
 
 
 def test_wrong_values_are_usage_errors(capsys):
     for argv, message in (
         (["--exit_threshold", "1.5"], r"(0, 1]"),
         (["--device", "gpu"], "--device"),
+        (["--exit_capacity", "0.2,0.4"], "must not increase"),
         (["--model_size", "tiny", "--paper_preset", "dtop-vit-base-ade20k"], "--paper_preset"),
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size"),
         ([], "required: --model_name_or_path"),

@@ -35,20 +35,9 @@ from typing import Any, Literal
 import torch
 from transformers import HfArgumentParser
 
-from ..configuration_dtop import normalize_exit_threshold
+from ..configuration_dtop import normalize_exit_capacity, normalize_exit_threshold
 from .data.layouts import ACCEPTED_FOLDER_LAYOUTS
 from .presets import MODEL_SIZES, PAPER_PRESETS
-
-
-def parse_number_list(text: str | float, flag: str) -> float | tuple[float, ...]:
-    """`"0.5"` -> 0.5, `"0.5,0.7"` -> (0.5, 0.7) (one value per auxiliary head); a ValueError names `flag`."""
-    if not isinstance(text, str):
-        return float(text)
-    try:
-        values = tuple(float(value) for value in text.split(","))
-    except ValueError:
-        raise ValueError(f"`{flag}` takes a number or one per auxiliary head ('a,b'), got {text!r}.") from None
-    return values if len(values) > 1 else values[0]
 
 
 @dataclass
@@ -104,20 +93,24 @@ class ExitArguments:
     exit_mode: Literal["threshold", "capacity"] | None = field(
         default=None,
         metadata={
-            "help": "threshold: tokens above the threshold exit; capacity: a set share of tokens exits per head."
+            "help": "threshold: tokens above the threshold exit; capacity: a set share of the tokens goes on after "
+            "each auxiliary head. Default: the model's."
         },
     )
     exit_capacity: list[str] | None = field(
         default=None,
-        metadata={"help": "Capacity mode: share(s) of tokens exiting per head, '0.3' or one per head '0.2,0.4'."},
+        metadata={
+            "help": "Capacity mode: share of an image's tokens still active after each auxiliary head, '0.5' or one "
+            "per head '0.5,0.3' (not increasing)."
+        },
     )
 
     def __post_init__(self):
-        # The config's normaliser is the one place thresholds are checked; here it reads the flag's text.
+        # The config's normalisers are the one place exit settings are checked; here they read the flags' text.
         if self.exit_threshold is not None:
             self.exit_threshold = [normalize_exit_threshold(text) for text in self.exit_threshold]
         if self.exit_capacity is not None:
-            self.exit_capacity = [parse_number_list(text, "--exit_capacity") for text in self.exit_capacity]
+            self.exit_capacity = [normalize_exit_capacity(text) for text in self.exit_capacity]
 
     def model_kwargs(self, exclude: Sequence[str] = ()) -> dict[str, Any]:
         """The one setting given, as keyword arguments of the model's forward (or config): only the flags set.
@@ -384,7 +377,6 @@ __all__ = [
     "RuntimeArguments",
     "build_parser",
     "parse_arguments",
-    "parse_number_list",
     "require_positive",
     "translate_deprecated_flags",
 ]

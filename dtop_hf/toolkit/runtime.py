@@ -11,16 +11,19 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Run a job's processes from start to a clean end: the distributed state is always torn down before exit.
+"""Run a job's processes from start to a clean end: the distributed state is always ended before the interpreter.
 
-A process of `accelerate launch` that returns from its script with the default process group still alive leaves its
-teardown to interpreter exit, where the C++ side of the group (Gloo's transport threads, the store connection) is
-destroyed in no set order with the rest of the process: `std::terminate` ("terminate called without an active
-exception", SIGABRT) when a thread object is destroyed while still joinable. The launcher then reports the whole job
-as failed although every result was written. Ending the group explicitly, while the interpreter still runs, joins
-those threads first. Use one of the sessions below around a script's work:
+Why: Gloo runs each collective on a worker thread of the process group (`ProcessGroupGloo::runLoop`), which keeps
+the finished work, and with it the collective's tensors, until it picks up the next one. Dropping a tensor that
+has a Python object takes the GIL (`TensorImpl::decref_pyobject`). A process that returns right after its last
+collective (as the non-main processes of `accelerate launch` do after a gather) can be in `Py_FinalizeEx` by then;
+CPython 3.11 answers a thread asking for the GIL during finalization with `pthread_exit`, whose forced unwind
+reaches the work's `noexcept` destructor: `std::terminate`, "terminate called without an active exception",
+SIGABRT, and the launcher fails the whole job although every result was written. Ending the group while the
+interpreter still runs (a barrier, then `destroy_process_group`, which joins the worker threads without holding the
+GIL) lets those threads finish first. Use one of the sessions below around a script's work:
 
-    with accelerator_session(cpu=args.cpu) as accelerator:
+    with accelerator_session(**runtime_args.accelerator_kwargs()) as accelerator:
         ...  # the job's steps
     # every process has finished (and waited for the others), trackers are closed, the process group is gone
 

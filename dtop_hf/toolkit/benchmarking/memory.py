@@ -14,7 +14,7 @@
 """Peak resident memory of one forward pass on a CPU, measured in a fresh process.
 
 A process that has built models and run others keeps their freed memory with the C allocator, which would hide a
-forward's growth in reused pages: each measurement runs `python -m dtop_hf.toolkit.benchmarking.memory SPEC` and
+forward's growth in reused pages: each measurement runs `python -m dtop_hf.toolkit.benchmarking.memory <json>` and
 reads the number it prints.
 """
 

@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The official optimiser and schedule (SPEC §4): AdamW with the heads at 10x, linear warm-up then poly decay."""
+"""The official optimiser and schedule of DToP (and SegViT): AdamW, heads at 10x, linear warm-up, poly decay."""
 
 import math
 
@@ -49,7 +49,7 @@ def build_optimizer(
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.AdamW:
-    """AdamW with the official DToP/SegViT groups (SPEC §4): backbone at `learning_rate`, heads at
+    """AdamW with the official DToP/SegViT groups: backbone at `learning_rate`, heads at
     `learning_rate * head_lr_multiplier`, weight decay on every parameter (mmseg `custom_keys={"head": lr_mult 10}`).
     Frozen parameters (`requires_grad=False`, see [`set_train_scope`]) are left out."""
     backbone, heads = backbone_and_head_parameters(model)
@@ -82,7 +82,7 @@ def build_poly_scheduler(
     power: float = 0.9,
     warmup_start_factor: float = 1e-6,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The official schedule (SPEC §4) as a `LambdaLR`, every parameter group scaled by [`poly_schedule_factor`].
+    """The official schedule as a `LambdaLR`, every parameter group scaled by [`poly_schedule_factor`].
 
     The factor is a plain closure on purpose: `LambdaLR.state_dict` stores the attributes of callable objects,
     and a resumed run must keep the schedule of its own arguments.
