@@ -165,9 +165,7 @@ def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> to
     if labels.ndim == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 3:
-        raise ValueError(
-            f"`labels` must have shape (batch_size, height, width), got {tuple(labels.shape)}."
-        )
+        raise ValueError(f"`labels` must have shape (batch_size, height, width), got {tuple(labels.shape)}.")
     invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
     if bool(invalid.any()):
         bad_values = torch.unique(labels[invalid]).tolist()[:10]

@@ -259,8 +259,9 @@ class TokenPacking:
         `(batch, count)` in increasing order per image (capacity mode); no host sync: every size is known."""
         batch_size, count = token_index.shape
         device = token_index.device
-        active_mask = torch.zeros(batch_size, num_tokens, dtype=torch.bool, device=device)
-        active_mask = active_mask.scatter(1, token_index, True)
+        # Scattered as integers, then made boolean: torch.compile's CPU backend (inductor, torch 2.13) miscompiles a
+        # boolean scatter fused with the `where` that reads it (every token reads as inactive).
+        active_mask = token_index.new_zeros(batch_size, num_tokens).scatter(1, token_index, 1).bool()
         image_start = torch.arange(batch_size, device=device)[:, None] * num_tokens  # (batch, 1)
         flat_index = (token_index + image_start).reshape(-1)  # (batch * count,)
         packed_order = torch.arange(batch_size * count, device=device)

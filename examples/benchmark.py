@@ -166,12 +166,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"`python examples/benchmark.py {command}` on {setting['device_name']} (torch {setting['torch']}, "
         f"transformers {setting['transformers']}); exits: {settings.exits}."
     )
-    print(
-        f"device {setting['device_name']}, torch {setting['torch']}, transformers {setting['transformers']}, "
-        f"{setting['threads']} threads, fp32 matmul precision {setting['float32_matmul_precision']}, exits "
-        f"{settings.exits}",
-        flush=True,
-    )
 
     def write(records: list[dict], skipped: list[str]) -> None:  # after every case: a run cut short keeps its data
         write_reports(records, skipped, arguments.output_json, arguments.output_markdown, header)

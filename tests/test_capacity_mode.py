@@ -302,3 +302,26 @@ def test_compiles_whole_without_recompiles_and_equals_eager(model_tester, varied
         assert not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_exit_path_under_inductor_equals_eager(model_tester, varied_images):
+    # Inductor itself, on the capacity exit path of one stage: the dense packing's active mask, the head's float32
+    # confidence and the selection (torch 2.13's CPU inductor miscompiled a boolean scatter fused with its reader,
+    # which made every token read as inactive). The whole model takes minutes to compile on a 2-core CPU.
+    from dtop_hf.pruning import ActiveTokens
+
+    model = model_tester(keep_top_k=2).create_model()
+    with torch.no_grad():
+        outputs = model(varied_images(3), exit_capacity=1.0)
+    class_logits, canvas = outputs.stage_class_logits[0], outputs.stage_mask_logits[0].flatten(2)
+
+    def keep(class_logits: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+        tokens = ActiveTokens.all_active(canvas.shape[0], (8, 8), 0, 3, canvas.device)
+        return model.dtop.select_kept(model.dtop.heads[0], class_logits, canvas, tokens, CAPACITIES[0])
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(keep, fullgraph=True)  # the default backend, inductor
+        assert torch.equal(compiled(class_logits, canvas), keep(class_logits, canvas))
+    finally:
+        torch._dynamo.reset()

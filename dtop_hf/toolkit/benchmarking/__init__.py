@@ -15,7 +15,8 @@
 
 `cases` (what runs, the default suites, the targets), `exits` (where the tokens of random-weight models exit),
 `probes` (time, CUDA memory, syncs of one call), `memory` (CPU peak memory in a fresh process), `runner` (the
-models, the backends and the loop), `reports` (tables and JSON). `examples/benchmark.py` is their command line.
+models, the backends and the loop), `reports` (tables and JSON). `examples/benchmark.py` is their command line;
+another backend (an exported model in another runtime) joins through `runner.BACKENDS`.
 """
 
 from .cases import BenchmarkRun, BenchmarkSuite, Case, parse_case, resolve_suite
@@ -28,9 +29,9 @@ __all__ = [
     "BACKENDS",
     "BenchmarkRun",
     "BenchmarkSettings",
+    "BenchmarkSuite",
     "Case",
     "SimulatedExitsSegmenter",
-    "BenchmarkSuite",
     "build_benchmark_model",
     "make_images",
     "parse_case",

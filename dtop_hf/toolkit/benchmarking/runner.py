@@ -375,10 +375,16 @@ def run_benchmark(
         time_budget_s: start no run after this many seconds.
         on_record: called with (records, skipped) after every run, e.g. to write the reports so that a run cut
             short keeps what it measured.
-        progress: receives a line per model built and per run.
+        progress: receives a line on the machine, one per model built and one per run.
     """
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    setting = environment(settings.device)
+    progress(
+        f"device {setting['device_name']}, torch {setting['torch']}, transformers {setting['transformers']}, "
+        f"{setting['threads']} threads, fp32 matmul precision {setting['float32_matmul_precision']}, exits "
+        f"{settings.exits}"
+    )
     if any(run.mode == "compiled" for run in plan):
         allow_recompiles()
     models, records, skipped, start = BenchmarkModels(settings, progress), [], [], time.perf_counter()

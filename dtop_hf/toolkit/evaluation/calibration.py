@@ -470,9 +470,7 @@ def threshold_neighbours(
     return candidates
 
 
-def refine_grids(
-    grids: Sequence[Sequence[float]], current: tuple[float, ...], min_step: float
-) -> list[list[float]]:
+def refine_grids(grids: Sequence[Sequence[float]], current: tuple[float, ...], min_step: float) -> list[list[float]]:
     """Each head's grid with the midpoints between its current value and its two grid neighbours added (when
     they are at least `2 * min_step` apart): the next, finer level of the search around `current`."""
     refined = []

@@ -295,11 +295,14 @@ def diagnose_batch(
         label = label[None]
         truth = token_labels(label, config.patch_size, config.num_labels, ignore_index)
         if tuple(truth.shape[-2:]) != grid_size:
-            raise ValueError(f"Token grid {grid_size} of the model and {tuple(truth.shape[-2:])} of the labels differ.")
+            raise ValueError(
+                f"Token grid {grid_size} of the model and {tuple(truth.shape[-2:])} of the labels differ."
+            )
         diagnostics.update_exits(
             exit_stage=pruned.exit_stage[index : index + 1],
-            exit_label=exit_labels([logits[index : index + 1] for logits in pruned.stage_logits],
-                                   pruned.exit_stage[index : index + 1]),
+            exit_label=exit_labels(
+                [logits[index : index + 1] for logits in pruned.stage_logits], pruned.exit_stage[index : index + 1]
+            ),
             reference=unpruned.logits[index : index + 1].argmax(dim=1),
             token_label=truth,
             boundary=boundary_tokens(label, config.patch_size, config.num_labels, ignore_index),
