@@ -39,7 +39,8 @@ while [ $# -gt 0 ]; do
         --copy_to) COPY_TO="$2"; shift 2 ;;
         --budget_s) BUDGET_S="$2"; shift 2 ;;
         --dry_run) DRY_RUN=1; shift ;;
-        *) echo "unknown argument: $1 (expected --wheels DIR, --copy_to DIR, --budget_s SECONDS, --dry_run)" >&2; exit 2 ;;
+        *) echo "unknown argument: $1 (expected --wheels DIR, --copy_to DIR, --budget_s SECONDS, --dry_run)" >&2
+           exit 2 ;;
     esac
 done
 TESTS_LIMIT_S=150      # the CPU tests' share of the budget
@@ -62,13 +63,15 @@ installed="$("$PYTHON" -c 'import transformers; print(transformers.__version__)'
 if [ "$installed" != "$TRANSFORMERS_VERSION" ]; then
     echo "transformers $installed installed, $TRANSFORMERS_VERSION wanted"
     if [ -n "$WHEELS" ]; then
-        run "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" "transformers==$TRANSFORMERS_VERSION"
+        run "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" \
+            "transformers==$TRANSFORMERS_VERSION"
     else
         run "$PYTHON" -m pip install --quiet "transformers==$TRANSFORMERS_VERSION"  # its requirements hold no torch
     fi
 fi
 [ "$DRY_RUN" = 1 ] || "$PYTHON" -c 'import torch, transformers, dtop_hf
-print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name())
+gpu = torch.cuda.is_available() and torch.cuda.get_device_name()
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", gpu)
 print("transformers", transformers.__version__, "dtop_hf", dtop_hf.__version__, "from", dtop_hf.__file__)' \
     || { echo "the package does not import: stopping"; exit 1; }
 

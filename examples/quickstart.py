@@ -14,7 +14,9 @@
 """DToP from nothing, in one command and a few CPU minutes, offline: on the built-in synthetic scenes, train a
 small base model (no pruning), prune-finetune it (auxiliary exit thresholds on), sweep exit thresholds (mIoU and
 GFLOPs per image), calibrate one threshold per auxiliary head (at most `--max_miou_drop` mIoU points lost, chosen
-on calibration scenes the report never uses) and draw exit maps; print the table and where everything went.
+on calibration scenes the report never uses), and with the same budget capacity mode's capacities (the share of
+tokens still active after each head, the same for every image: static shapes, exports to ONNX), and draw exit maps;
+print the table and where everything went.
 
     python examples/quickstart.py                          # default size: a few minutes on a laptop CPU
     python examples/quickstart.py --tiny                   # seconds (CI smoke test); or DTOP_QUICKSTART_TINY=1
@@ -26,6 +28,7 @@ sweep and calibration) and `segment.py` (pictures) run, called as library functi
 
     base/         the base model          model/        the pruned model (exit threshold 0.9)
     calibrated/   the pruned model with its calibrated per-head thresholds: use this one
+    calibrated_capacity/   the pruned model in capacity mode with its calibrated capacities (for ONNX export)
     evaluation/   table.md, results.json, gflops_vs_miou.png, pictures/ (validation scenes, one row per threshold)
     pictures/     segment.py's PNGs for a photo and a validation scene, at the model's threshold, the calibrated
                   ones and the lowest swept
@@ -53,9 +56,20 @@ from dtop_hf.toolkit.arguments import (
     parse_arguments,
     require_positive,
 )
-from dtop_hf.toolkit.evaluation.calibration import format_threshold
-from dtop_hf.toolkit.evaluation.report import calibrated, compare_with_best_single, render_report
-from dtop_hf.toolkit.evaluation.sweep import CalibrationRequest, evaluate_model_on_data, write_evaluation_outputs
+from dtop_hf.toolkit.evaluation.calibration import format_threshold, speedup
+from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
+from dtop_hf.toolkit.evaluation.report import (
+    CALIBRATION_FIELDS,
+    calibrated,
+    compare_with_best_single,
+    render_report,
+)
+from dtop_hf.toolkit.evaluation.sweep import (
+    CALIBRATED_FOLDERS,
+    CalibrationRequest,
+    evaluate_model_on_data,
+    write_evaluation_outputs,
+)
 from dtop_hf.toolkit.inference.loading import load_model_and_processor
 from dtop_hf.toolkit.inference.pictures import write_pictures_per_threshold
 from dtop_hf.toolkit.quickstart import (
@@ -177,25 +191,29 @@ def train(stage: str, output_dir: Path, run: dict, runtime_args: RuntimeArgument
 
 
 def evaluate(model_dir: Path, run: dict, runtime_args: RuntimeArguments) -> tuple[dict, str, torch.nn.Module, object]:
-    """The threshold sweep on the validation scenes and per-head thresholds calibrated on calibration scenes, with
-    the evaluation's files. Returns the summary, the report without its per-class table, the model and its image
-    processor."""
+    """The threshold sweep on the validation scenes and per-head thresholds, then capacities, calibrated on
+    calibration scenes with the same budget, with the evaluation's files. Returns the summary, the report without
+    its per-class table, the model and its image processor."""
     output_dir = Path(run["output_dir"])
     data_args = DataArguments(
         synthetic_image_size=run["image_size"],
         synthetic_validation_samples=run["validation_samples"],
         cache_dir=str(run["data_dir"]),
     )
-    request = CalibrationRequest(max_miou_drop=run["max_miou_drop"], num_samples=run["validation_samples"])
+    requests = [
+        CalibrationRequest(method, max_miou_drop=run["max_miou_drop"], num_samples=run["validation_samples"])
+        for method in ("thresholds", "capacity")
+    ]
     with accelerator_session(**runtime_args.accelerator_kwargs()) as accelerator:
         model, image_processor = load_model_and_processor(str(model_dir), accelerator.device)
         summary, eval_dataset, id2label = evaluate_model_on_data(
             model, image_processor, accelerator, data_args, run["sweep_thresholds"], str(model_dir),
-            calibration=request, batch_size=run["per_device_eval_batch_size"],
+            calibration=requests, batch_size=run["per_device_eval_batch_size"],
         )  # fmt: skip
+        calibrated_dirs = {method: output_dir / folder for method, folder in CALIBRATED_FOLDERS.items()}
         sections = write_evaluation_outputs(
-            summary, model, image_processor, eval_dataset, id2label, output_dir / "evaluation",
-            output_dir / "calibrated", num_pictures=2,
+            summary, model, image_processor, eval_dataset, id2label, output_dir / "evaluation", calibrated_dirs,
+            num_pictures=2,
         )  # fmt: skip
     table = render_report([section for section in sections if section.name != "per_class"])
     return summary, table, model, image_processor
@@ -214,10 +232,29 @@ def lowest_first(threshold: float | tuple[float, ...]) -> float:
     return sum(threshold) / len(threshold) if isinstance(threshold, tuple) else threshold
 
 
+def describe_capacities(summary: dict, config, image_processor) -> str:
+    """The calibrated capacities' line: capacity mode's R is known before running, from the capacities and the input
+    size alone ([`flops.capacity_flops_ratio`]); the measured R on the validation scenes is the same number."""
+    calibration = summary[CALIBRATION_FIELDS["capacity"]]
+    if "chosen" not in calibration:
+        return calibration["error"]
+    measured, capacities = calibration["on_evaluation_split"], calibration["chosen"]["exit_capacity"]
+    image_size = (image_processor.size["height"], image_processor.size["width"])
+    change = 100 * (measured["chosen"]["mean_iou"] - measured["baseline"]["mean_iou"])
+    return (
+        f"Calibrated capacities {format_threshold(capacities)} (capacity mode, the same budget): R = "
+        f"{capacity_flops_ratio(config, image_size, capacities):.3f} from the capacities and the "
+        f"{image_size[0]}x{image_size[1]} input alone (flops_from_capacities), "
+        f"{speedup(measured['chosen'], measured['baseline']):.3f} measured on the validation scenes, at "
+        f"{change:+.2f} mIoU; every image costs the same (static shapes: exports to ONNX, docs/deploy.md)."
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     preset_args, exit_args, runtime_args, run = parse_args(argv)
     output_dir = Path(run["output_dir"])
     base_dir, model_dir, calibrated_dir = output_dir / "base", output_dir / "model", output_dir / "calibrated"
+    capacity_dir = output_dir / CALIBRATED_FOLDERS["capacity"]
     run["data_dir"] = output_dir / "data"
     print(
         f"DToP quick start ({'tiny' if run['tiny'] else 'default'} size): {run['train_samples']} training / "
@@ -245,12 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
     timings["pruning fine-tune"], start = time.perf_counter() - start, time.perf_counter()
 
     print(
-        f"\n[3/4] Threshold sweep on the validation scenes, per-head thresholds calibrated on "
+        f"\n[3/4] Threshold sweep on the validation scenes, per-head thresholds and capacities calibrated on "
         f"{run['validation_samples']} calibration scenes (at most {run['max_miou_drop']:g} mIoU points lost) -> "
-        f"{output_dir / 'evaluation'}, {calibrated_dir}",
+        f"{output_dir / 'evaluation'}, {calibrated_dir}, {capacity_dir}",
         flush=True,
     )
     summary, table, model, image_processor = evaluate(model_dir, run, runtime_args)
+    capacities = describe_capacities(summary, model.config, image_processor)
     timings["evaluation and calibration"], start = time.perf_counter() - start, time.perf_counter()
 
     thresholds, pictures_dir = picture_thresholds(summary, run), output_dir / "pictures"
@@ -259,32 +297,36 @@ def main(argv: list[str] | None = None) -> dict:
     images = sample_images(run["photo"], run["image_size"])
     print("\n".join(write_pictures_per_threshold(model, image_processor, images, thresholds, pictures_dir)))
     timings["pictures"] = time.perf_counter() - start
-    print_summary(summary, table, run, timings)
+    print_summary(summary, table, run, timings, capacities)
     return {
         "summary": summary,
         "timings": timings,
         "model_dir": model_dir,
         "calibrated_dir": calibrated_dir if calibrated(summary) else None,
+        "calibrated_capacity_dir": capacity_dir if calibrated(summary, "capacity") else None,
         "pictures_dir": pictures_dir,
     }
 
 
-def print_summary(summary: dict, table: str, run: dict, timings: dict) -> None:
-    """The run's last lines: time, the sweep and calibration tables, what was written, what to run next."""
+def print_summary(summary: dict, table: str, run: dict, timings: dict, capacities: str) -> None:
+    """The run's last lines: time, the sweep and calibration tables, the calibrated capacities (`capacities`: their
+    line), what was written, what to run next."""
     output_dir = Path(run["output_dir"])
     model_dir, calibrated_dir, pictures_dir = output_dir / "model", output_dir / "calibrated", output_dir / "pictures"
+    capacity_dir = output_dir / CALIBRATED_FOLDERS["capacity"]
     print("\n" + "=" * 100)
     times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     print(f"DToP quick start done in {sum(timings.values()):.0f} s ({times})")
     print(
         f"\nThreshold sweep of {model_dir} on {summary['num_images']} validation scenes (GFLOPs per image), one "
-        "threshold for every head, beside the thresholds calibrated for each head:\n"
+        "threshold for every head, beside the thresholds calibrated for each head (and capacity mode's):\n"
     )
     print(table)
     if calibrated(summary):
         print("\n" + compare_with_best_single(summary, run["max_miou_drop"], images="validation scenes"))
     else:
         print(f"\n{summary['calibration']['error']}")
+    print(f"\n{capacities}")
     use = calibrated_dir if calibrated(summary) else model_dir
     threshold = format_threshold(run["exit_threshold"])
     print(
@@ -292,6 +334,12 @@ def print_summary(summary: dict, table: str, run: dict, timings: dict) -> None:
         + (
             f"  {calibrated_dir}   the pruned model with its calibrated thresholds: use this one\n"
             if calibrated(summary)
+            else ""
+        )
+        + (
+            f"  {capacity_dir}   the pruned model in capacity mode with its calibrated capacities (static shapes, "
+            "for ONNX export)\n"
+            if calibrated(summary, "capacity")
             else ""
         )
         + f"  {model_dir}   the pruned model (exit threshold {threshold}); base model in {output_dir / 'base'}\n"

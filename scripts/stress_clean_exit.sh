@@ -22,8 +22,12 @@
 #
 # Every run is `accelerate launch --multi_gpu --num_processes 2 ... --cpu` with ACCELERATE_USE_CPU (two gloo ranks
 # on CPU), tiny models and data. The flags are the earlier releases' (`--model`, `--threshold`, `--cpu`, ...), which
-# today's scripts still accept: one command line for older checkouts and this one. The logs (and core dumps, where the system writes them to the crashed process's
-# folder) of failed runs stay in the printed work folder; the last line per script is "<script>: F of N failed".
+# today's scripts still accept: one command line for older checkouts and this one. The logs (and core dumps, where
+# the system writes them to the crashed process's folder) of failed runs stay in the printed work folder; the last
+# line per script is "<script>: F of N failed".
+#
+# ONE_BUSY_CORE=1 runs every launch on CPU 0 next to a busy loop: a thread that the ranks start (Gloo's workers)
+# then waits for the CPU as on a loaded machine, which is when shutdown races show (an idle machine hides them).
 set -uo pipefail
 
 RUNS=${1:-20}
@@ -82,6 +86,14 @@ job_command() {
     esac
 }
 
+PIN=()
+if [[ ${ONE_BUSY_CORE:-0} == 1 ]]; then
+    taskset -c 0 bash -c 'while :; do :; done' &
+    BUSY_LOOP=$!
+    trap 'kill "$BUSY_LOOP"' EXIT
+    PIN=(taskset -c 0)
+fi
+
 free_port() {
     python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -92,8 +104,8 @@ for JOB in "${JOBS[@]}"; do
         folder="$WORK/$JOB/$run"
         mkdir -p "$folder"
         # shellcheck disable=SC2046  # the command's words are split on purpose
-        (cd "$folder" && python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 \
-            --mixed_precision no --dynamo_backend no --main_process_port "$(free_port)" \
+        (cd "$folder" && "${PIN[@]}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 \
+            --num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port "$(free_port)" \
             $(job_command "$folder/out") --cpu >"$folder/log.txt" 2>&1)
         status=$?
         if (( status != 0 )); then

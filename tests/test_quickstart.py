@@ -28,6 +28,8 @@ from PIL import Image
 from transformers import pipeline
 
 from dtop_hf import DToPConfig
+from dtop_hf.toolkit.evaluation.calibration import format_threshold, per_head, speedup
+from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
 from dtop_hf.toolkit.quickstart import RUN_SIZES, run_size, tiny_from_environment
 
 
@@ -111,6 +113,40 @@ def test_quickstart_calibrates_per_head_thresholds_on_calibration_scenes(quickst
     )
     assert "On the validation scenes, within 0.3 mIoU points: calibrated thresholds" in final_part
     assert str(output_dir / "calibrated") in final_part
+
+
+def test_quickstart_calibrates_capacities_with_the_same_budget(quickstart_run):
+    output_dir, stdout = quickstart_run
+    summary = json.loads((output_dir / "evaluation" / "results.json").read_text())
+    calibration = summary["capacity_calibration"]
+    assert calibration["method"] == "capacity" and calibration["max_miou_drop_points"] == 0.3
+    assert calibration["data"] == summary["calibration"]["data"]  # the thresholds' calibration scenes
+    chosen = calibration["chosen"]
+    capacities = per_head(chosen["exit_capacity"], 2)
+    assert chosen["exit_mode"] == "capacity" and capacities[1] <= capacities[0] < 1.0
+    # The copy in capacity mode, its measurements beside it.
+    config = DToPConfig.from_pretrained(output_dir / "calibrated_capacity")
+    assert config.exit_mode == "capacity" and config.exit_capacities_per_head()[:-1] == capacities
+    assert (output_dir / "calibrated_capacity" / "calibration.json").is_file()
+    # One row of the final table, marked as the calibrated capacities.
+    final_part = stdout.split("DToP quick start done in")[1]
+    rows = [
+        line for line in final_part.splitlines() if line.startswith(f"| capacity {format_threshold(capacities)} |")
+    ]
+    assert len(rows) == 1 and rows[0].endswith("calibrated (saved) |")
+    # Capacity mode's R is known before running, and the measured R is that number.
+    measured = calibration["on_evaluation_split"]
+    known = capacity_flops_ratio(config, (32, 32), chosen["exit_capacity"])
+    assert known == pytest.approx(speedup(measured["chosen"], measured["baseline"]), rel=1e-9)
+    pattern = (
+        r"^Calibrated capacities (.+) \(capacity mode, the same budget\): R = ([\d.]+) from the capacities and the "
+        r"32x32 input alone .*, ([\d.]+) measured on the validation scenes"
+    )
+    line = re.search(pattern, final_part, re.M)
+    assert line and line.group(1) == format_threshold(capacities), final_part
+    assert line.group(2) == line.group(3) == f"{known:.3f}"
+    written = final_part.split("Written:")[1]
+    assert f"{output_dir / 'calibrated_capacity'}   the pruned model in capacity mode" in written
 
 
 def test_quickstart_writes_models_and_pictures(quickstart_run):

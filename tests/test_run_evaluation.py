@@ -12,8 +12,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Tests for examples/run_evaluation.py: the sweep as a subprocess (table, JSON, plot, pictures), one process against
-two, calibration through the script (per-head thresholds, on calibration images only, a model that never exits), and
-clear errors on bad input."""
+two, calibration through the script (per-head thresholds, on calibration images only, a model that never exits),
+capacity mode (capacity sweeps beside thresholds, `--calibrate capacity`), and clear errors on bad input."""
 
 import json
 import os
@@ -29,7 +29,8 @@ from dtop_hf import DToPConfig, DToPImageProcessor
 from dtop_hf.toolkit.arguments import ExitArguments
 from dtop_hf.toolkit.data.synthetic_scenes import SYNTHETIC_ID2LABEL, make_synthetic_scenes
 from dtop_hf.toolkit.evaluation import sweep as sweep_module
-from dtop_hf.toolkit.evaluation.calibration import per_head
+from dtop_hf.toolkit.evaluation.calibration import format_threshold, per_head, setting_of
+from dtop_hf.toolkit.evaluation.flops import flops_from_capacities
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -363,3 +364,81 @@ def test_a_model_that_never_exits_is_reported_plainly_and_not_saved(model_tester
     summary = json.loads((output_dir / "results.json").read_text())
     assert "Cannot calibrate" in summary["calibration"]["error"]
     assert [result["exit_threshold"] for result in summary["results"]] == [1.0, 0.7, 0.5]  # the report is written
+
+
+# --- capacity mode --------------------------------------------------------------------------------------------------
+
+
+def capacity_gflops(model_dir: Path, capacity) -> float:
+    """Capacity mode's GFLOPs per image (all heads) at the processor's 32 px, from the capacities alone."""
+    return flops_from_capacities(DToPConfig.from_pretrained(model_dir), (32, 32), capacity).total.item()
+
+
+def test_capacities_sweep_beside_thresholds(tiny_model_dir, tmp_path, capsys):
+    arguments = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--num_pictures", "1"]
+    arguments += SWEEP_ARGS[:-5] + ["1.0", "0.5", "--exit_capacity", "1.0", "0.7", "0.5,0.3"]
+    results = evaluate(arguments)["results"]
+    # Thresholds first, then capacities; capacity 1.0 is the unpruned model too, measured once.
+    assert [(result["exit_mode"], setting_of(result)) for result in results] == [
+        ("threshold", 1.0), ("threshold", 0.5), ("capacity", 0.7), ("capacity", (0.5, 0.3)),
+    ]  # fmt: skip
+    for result in results[2:]:  # every image keeps the same tokens: the GFLOPs follow from the capacities
+        assert result["gflops"] == pytest.approx(capacity_gflops(tiny_model_dir, result["exit_capacity"]), rel=1e-12)
+    assert results[3]["gflops"] < results[2]["gflops"] < results[0]["gflops"]
+    table = capsys.readouterr().out
+    assert "| capacity 0.7 |" in table and "| capacity 0.5 / 0.3 |" in table and "| 0.5 |" in table
+    assert "capacity a / b: capacity mode, the share of an image's tokens still active" in table
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert saved[3]["exit_mode"] == "capacity" and saved[3]["exit_capacity"] == [0.5, 0.3]
+    assert "| class | t=1 | t=0.5 | capacity 0.7 | capacity 0.5 / 0.3 |" in (tmp_path / "table.md").read_text()
+    with Image.open(tmp_path / "gflops_vs_miou.png") as plot:
+        assert plot.width > 300
+    # `--exit_mode capacity` sweeps capacities only; a knob of the other mode, or increasing capacities, is refused.
+    only = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "only"), "--num_pictures", "0"]
+    only += SWEEP_ARGS[:-6] + ["--exit_mode", "capacity", "--exit_capacity", "1.0", "0.6"]  # no --exit_threshold
+    assert [result["exit_mode"] for result in evaluate(only)["results"]] == ["capacity"] * 2
+    for bad, message in (
+        (["--exit_mode", "threshold", "--exit_capacity", "0.5"], "`--exit_capacity` applies in capacity mode"),
+        (["--exit_mode", "capacity", "--exit_threshold", "0.5"], "`--exit_threshold` applies in threshold mode"),
+        (["--exit_capacity", "0.3,0.5"], "must not increase"),
+    ):
+        with pytest.raises(SystemExit):
+            evaluate(["--model_name_or_path", "unused"] + bad)
+        assert message in capsys.readouterr().err
+
+
+def test_capacity_calibration_finds_non_increasing_capacities_within_the_budget(tiny_model_dir, tmp_path, capsys):
+    target = (capacity_gflops(tiny_model_dir, 1.0) + capacity_gflops(tiny_model_dir, 0.4)) / 2
+    arguments = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--num_pictures", "1"]
+    arguments += SWEEP_ARGS[:-2] + ["--calibrate", "capacity", "--target_gflops", str(target)]
+    arguments += ["--calibration_samples", "3", "--num_refinements", "1", "--num_grid_refinements", "1"]
+    summary = evaluate(arguments)
+    assert "calibration" not in summary  # thresholds were not asked for
+    calibration = summary["capacity_calibration"]
+    assert calibration["method"] == "capacity" and len(calibration["results"]) > 5
+    chosen = calibration["chosen"]
+    capacities = per_head(chosen["exit_capacity"], 2)
+    assert chosen["exit_mode"] == "capacity" and capacities[1] <= capacities[0] <= 1.0 and min(capacities) < 1.0
+    assert all(per_head(result["exit_capacity"], 2)[1] <= per_head(result["exit_capacity"], 2)[0]
+               for result in calibration["results"])  # fmt: skip
+    # Within the budget on both splits alike: capacity mode's GFLOPs depend on the capacities alone.
+    measured = calibration["on_evaluation_split"]["chosen"]
+    assert chosen["gflops"] == pytest.approx(measured["gflops"], rel=1e-12) and measured["gflops"] <= target
+    assert measured["gflops"] == pytest.approx(capacity_gflops(tiny_model_dir, chosen["exit_capacity"]), rel=1e-12)
+    assert [result["exit_threshold"] for result in summary["results"]] == [1.0, 0.7, 0.5]  # the sweep is unchanged
+    # The JSON, the tables and the saved model carry them.
+    saved = json.loads((tmp_path / "results.json").read_text())["capacity_calibration"]
+    assert per_head(saved["chosen"]["exit_capacity"], 2) == capacities
+    assert saved["saved_to"] == str(tmp_path / "calibrated_capacity")
+    table = (tmp_path / "table.md").read_text()
+    assert "| exit capacity | chosen as | calibration mIoU (%) |" in table
+    row = next(line for line in table.splitlines() if line.startswith(f"| capacity {format_threshold(capacities)} |"))
+    assert row.endswith("calibrated (saved) |")
+    assert f"Calibrated exit capacities {format_threshold(capacities)}" in capsys.readouterr().out
+    config = DToPConfig.from_pretrained(tmp_path / "calibrated_capacity")
+    assert config.exit_mode == "capacity" and config.exit_capacities_per_head()[:-1] == capacities
+    assert not (tmp_path / "calibrated").exists()
+    with Image.open(tmp_path / "gflops_vs_miou.png") as plot:  # the calibration images' panel beside the sweep's
+        assert plot.width > 2 * 640
+    with Image.open(tmp_path / "pictures" / "image_0.png") as picture:
+        assert picture.height > 2 * 150  # unpruned and calibrated capacities

@@ -100,8 +100,9 @@ class ExitArguments:
     exit_capacity: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Capacity mode: share of an image's tokens still active after each auxiliary head, '0.5' or one "
-            "per head '0.5,0.3' (not increasing)."
+            "help": "Capacity mode: fraction in (0, 1] of an image's patch tokens still active after each "
+            "auxiliary head (not the share that exits): '0.5', or one per head '0.5,0.3', non-increasing; 1.0 = no "
+            "exit. Default: the model's."
         },
     )
 

@@ -34,18 +34,24 @@ The same search serves capacity mode's knob (the fraction of tokens still active
 and whether the values must not increase from head to head (capacities must not). Lower capacities, like lower
 thresholds, save more, so every step of the search reads the same way for both.
 
+An exit rule is the mode and the knob's value, as the model's per-call arguments take them:
+`{"exit_mode": "capacity", "exit_capacity": (0.7, 0.5)}` ([`ExitKnob.rule`]). Each result carries its rule, so that
+threshold and capacity results can share one sweep, one report and one plot ([`knob_of`], [`setting_key`],
+[`format_exit_rule`]).
+
 Calibrate on data the final report does not use (a calibration split), and report the chosen thresholds on the
 evaluation split: the search picks the best of many noisy measurements, so its own numbers are optimistic.
 """
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
+from typing import Any
 
-from ...configuration_dtop import normalize_exit_capacity
+from ...configuration_dtop import normalize_exit_capacity, normalize_exit_threshold
 
 
 THRESHOLD_KEY = "exit_threshold"
@@ -60,6 +66,8 @@ DEFAULT_MIN_THRESHOLD = 0.01
 DEFAULT_MIN_CAPACITY = 0.05
 
 Threshold = float | tuple[float, ...]
+# `{"exit_mode": ..., "exit_threshold" or "exit_capacity": ...}`: the model's per-call arguments of one setting.
+ExitRule = Mapping[str, Any]
 
 
 class NothingToCalibrateError(ValueError):
@@ -74,33 +82,54 @@ class ExitKnob:
     Attributes:
         key: the result field (and the model's per-call argument) holding the setting.
         name: how messages name one value.
+        plural: how messages name several.
+        mode: the model's `exit_mode` the setting applies in.
         non_increasing: the values must not increase from one head to the next.
+        min_value: the lowest value a calibration tries when it extends its sweep downward.
         nothing_saved_hint: what to do when no value down to the lowest one saves any GFLOPs.
     """
 
     key: str
     name: str
+    plural: str
+    mode: str
     non_increasing: bool = False
+    min_value: float = DEFAULT_MIN_THRESHOLD
     nothing_saved_hint: str = ""
+
+    @property
+    def noun(self) -> str:
+        """`threshold` or `capacity`: the name without its `exit`."""
+        return self.name.removeprefix("exit ")
 
     def allows(self, setting: tuple[float, ...]) -> bool:
         """Whether a per-head setting is one the model accepts (capacities: non-increasing)."""
         return not self.non_increasing or all(later <= earlier for earlier, later in zip(setting, setting[1:]))
 
+    def rule(self, value: Threshold | Sequence[float]) -> dict[str, Any]:
+        """The exit rule of one value of this knob (one for every head, or one per head), in its compact form."""
+        return {"exit_mode": self.mode, self.key: compact_threshold(value)}
+
 
 THRESHOLD = ExitKnob(
     THRESHOLD_KEY,
     "exit threshold",
+    "exit thresholds",
+    "threshold",
     nothing_saved_hint="The model's auxiliary heads are never that confident, so no threshold saves anything: "
     "fine-tune it with pruning on (`examples/finetune.py --stage prune`) before calibrating.",
 )
 CAPACITY = ExitKnob(
     CAPACITY_KEY,
     "exit capacity",
+    "exit capacities",
+    "capacity",
     non_increasing=True,
+    min_value=DEFAULT_MIN_CAPACITY,
     nothing_saved_hint="The token grid is too small for these capacities to drop a token: calibrate at a larger "
     "input size.",
 )
+KNOBS = (THRESHOLD, CAPACITY)
 
 
 def per_head(
@@ -144,6 +173,41 @@ def format_threshold(threshold: Threshold | Sequence[float]) -> str:
     if isinstance(threshold, float):
         return f"{threshold:.4g}"
     return " / ".join(f"{value:.4g}" for value in threshold)
+
+
+def knob_of(rule: ExitRule) -> ExitKnob:
+    """The knob of a result or exit rule: capacity mode when it holds `exit_capacity`, threshold mode otherwise (also
+    for results recorded before results carried their `exit_mode`)."""
+    return CAPACITY if CAPACITY_KEY in rule else THRESHOLD
+
+
+def setting_of(rule: ExitRule) -> Threshold | Sequence[float]:
+    """The value of a result's or rule's knob: its threshold(s) or its capacity(ies)."""
+    return rule[knob_of(rule).key]
+
+
+def as_exit_rule(setting: ExitRule | Threshold | Sequence[float]) -> dict[str, Any]:
+    """An exit rule (a result, or a rule, read as its mode and compact value), or a bare threshold setting read as
+    threshold mode's rule: the sweep takes either."""
+    if isinstance(setting, Mapping):
+        return knob_of(setting).rule(setting_of(setting))
+    return THRESHOLD.rule(setting)
+
+
+def setting_key(rule: ExitRule, num_heads: int) -> tuple[str, tuple[float, ...]]:
+    """What identifies a result's setting: its mode and one value per auxiliary head. Every unpruned setting
+    (threshold or capacity 1.0) is the same computation, bit for bit, so they share one key and run once."""
+    knob = knob_of(rule)
+    if is_unpruned(setting_of(rule)):
+        return ("unpruned", ())
+    return (knob.mode, per_head(setting_of(rule), num_heads, knob.name))
+
+
+def format_exit_rule(rule: ExitRule, threshold_prefix: str = "") -> str:
+    """How tables and plots name a result's rule: thresholds as [`format_threshold`] gives them, after
+    `threshold_prefix` (`t=0.8`); capacities marked as such (`capacity 0.7 / 0.5`)."""
+    value = format_threshold(setting_of(rule))
+    return f"{threshold_prefix}{value}" if knob_of(rule) is THRESHOLD else f"capacity {value}"
 
 
 def speedup(result: dict, baseline: dict, gflops_key: str = GFLOPS_KEY) -> float:
@@ -276,7 +340,7 @@ class EvaluationCache:
         key = per_head(threshold, self.num_heads, self.knob.name)
         if key not in self.results:
             value = compact_threshold(key)
-            self.results[key] = {**self.evaluate(value), self.knob.key: value}
+            self.results[key] = {**self.evaluate(value), **self.knob.rule(value)}
         return self.results[key]
 
     def all_results(self) -> list[dict]:
@@ -406,10 +470,11 @@ def calibrate_threshold(
     num_refinements: int = 3,
     min_step: float = 1e-3,
     gflops_key: str = GFLOPS_KEY,
-    min_threshold: float = DEFAULT_MIN_THRESHOLD,
+    min_threshold: float | None = None,
+    knob: ExitKnob = THRESHOLD,
 ) -> tuple[dict, list[dict]]:
     """One threshold for every head: sweep `thresholds`, then bisect towards the boundary of the constraint, and
-    choose.
+    choose. With `knob=CAPACITY`, the same for one capacity for every head.
 
     The sweep is evaluated first (with 1.0 added for `max_miou_drop`, which needs the baseline). When no swept
     threshold saves GFLOPs (or, for a budget, none fits it), the sweep is extended downward by halving its lowest
@@ -427,7 +492,8 @@ def calibrate_threshold(
         num_refinements: bisection steps after the sweep.
         min_step: stop bisecting when the bracket is narrower than this.
         gflops_key: the result field that holds the cost, see [`choose_threshold`].
-        min_threshold: the lowest threshold the downward extension tries.
+        min_threshold: the lowest threshold the downward extension tries; default: the knob's `min_value`.
+        knob: [`THRESHOLD`] or [`CAPACITY`]: the setting searched (and the result field that holds it).
 
     Returns:
         The chosen result and every result evaluated, sorted by decreasing threshold.
@@ -436,12 +502,13 @@ def calibrate_threshold(
         NothingToCalibrateError: no threshold down to `min_threshold` lets a token exit.
     """
     check_constraint(target_gflops, max_miou_drop)
-    check_thresholds(thresholds)
-    cache = EvaluationCache(evaluate, num_heads=1)
+    check_knob_values(thresholds, knob)
+    min_threshold = knob.min_value if min_threshold is None else min_threshold
+    cache = EvaluationCache(evaluate, num_heads=1, knob=knob)
     sweep(cache, thresholds, target_gflops, max_miou_drop, gflops_key, min_threshold)
     extend_below_choice(cache, max_miou_drop, gflops_key, min_threshold)
     chosen = bisect(cache, target_gflops, max_miou_drop, num_refinements, min_step, gflops_key)
-    return chosen, sorted(cache.all_results(), key=lambda result: -result[THRESHOLD_KEY])
+    return chosen, sorted(cache.all_results(), key=lambda result: -result[knob.key])
 
 
 def threshold_neighbours(
@@ -519,7 +586,7 @@ def calibrate_per_head(
     num_grid_refinements: int = 2,
     min_step: float = 1e-3,
     gflops_key: str = GFLOPS_KEY,
-    min_value: float = DEFAULT_MIN_THRESHOLD,
+    min_value: float | None = None,
     max_rounds: int = 20,
 ) -> CalibrationOutcome:
     """One value of the knob per auxiliary head (exit thresholds, or capacities), by local search on per-head grids.
@@ -549,7 +616,7 @@ def calibrate_per_head(
         num_grid_refinements: levels of finer per-head grids after the search on the sweep's grid.
         min_step: smallest step of the bisection and of the grid refinement.
         gflops_key: the result field that holds the cost.
-        min_value: the lowest value the downward extension tries.
+        min_value: the lowest value the downward extension tries; default: the knob's `min_value`.
         max_rounds: safety cap on the rounds of moves per grid level.
 
     Raises:
@@ -557,6 +624,7 @@ def calibrate_per_head(
     """
     check_constraint(target_gflops, max_miou_drop)
     check_knob_values(values, knob)
+    min_value = knob.min_value if min_value is None else min_value
     if num_heads < 1:
         raise ValueError(f"`num_heads` must be >= 1 (a model with auxiliary heads), got {num_heads}.")
     cache = EvaluationCache(evaluate, num_heads, knob=knob)
@@ -665,21 +733,12 @@ def calibrate_per_head_capacities(
 
 
 def check_thresholds(thresholds: Sequence[Threshold]) -> None:
-    """Thresholds must lie in (0, 1]: a token's top class score lies in [0, 1] and exits when strictly above.
-    Each entry is one threshold for every head, or a sequence with one per auxiliary head."""
+    """Thresholds must lie in (0, 1]: a token's top class score lies in [0, 1] and exits when strictly above (the
+    config's rule, applied to each entry: one threshold for every head, or a sequence with one per auxiliary head)."""
     if not thresholds:
         raise ValueError("`thresholds` is empty: give at least one exit threshold in (0, 1], e.g. 1.0 0.95 0.9.")
-    values = [
-        value
-        for threshold in thresholds
-        for value in ((threshold,) if isinstance(threshold, (int, float)) else tuple(threshold))
-    ]
-    outside = [value for value in values if not 0.0 < value <= 1.0]
-    if outside:
-        raise ValueError(
-            f"Exit thresholds must lie in (0, 1] (1.0 = no pruning), got {outside}. A token exits when its top "
-            "class score is strictly above the threshold."
-        )
+    for threshold in thresholds:
+        normalize_exit_threshold(threshold if isinstance(threshold, (int, float)) else tuple(threshold))
 
 
 def check_capacities(capacities: Sequence[Threshold]) -> None:
@@ -749,11 +808,14 @@ def save_calibrated_model(
 
 __all__ = [
     "CAPACITY",
+    "KNOBS",
     "THRESHOLD",
     "CalibrationOutcome",
     "EvaluationCache",
     "ExitKnob",
+    "ExitRule",
     "NothingToCalibrateError",
+    "as_exit_rule",
     "calibrate_per_head",
     "calibrate_per_head_capacities",
     "calibrate_per_head_thresholds",
@@ -764,14 +826,18 @@ __all__ = [
     "choose_threshold",
     "compact_threshold",
     "extend_sweep_downward",
+    "format_exit_rule",
     "format_threshold",
     "is_uniform",
     "is_unpruned",
     "json_ready",
+    "knob_of",
     "per_head",
     "refine_grids",
     "refinement_bracket",
     "save_calibrated_model",
+    "setting_key",
+    "setting_of",
     "speedup",
     "threshold_neighbours",
 ]

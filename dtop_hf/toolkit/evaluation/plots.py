@@ -11,82 +11,117 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The trade-off plot of an evaluation: GFLOPs per image against mIoU, one point per exit setting."""
+"""The trade-off plot of an evaluation: GFLOPs per image against mIoU, one point per exit setting; threshold mode's
+points and capacity mode's in their own colours and markers."""
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from .calibration import format_threshold, is_uniform
+from .calibration import KNOBS, ExitKnob, format_exit_rule, is_uniform, is_unpruned, knob_of, setting_of
 from .report import GFLOPS_KEYS, convention_name, sweep_order
+
+
+@dataclass(frozen=True)
+class ModeStyle:
+    """How one exit mode's points look.
+
+    Attributes:
+        label: what legend entries of the mode start with.
+        colours: of the shared-value curve, per GFLOPs convention (backbone + final head, all heads).
+        lines: matplotlib formats of those curves.
+        per_head_marker: settings with one value per auxiliary head.
+        searched_colour: the calibration panel's searched per-head settings.
+        best_single_colour, chosen_colour: the calibration panel's best shared value and calibrated setting.
+        chosen_label: the legend entry of the calibrated setting there.
+    """
+
+    label: str
+    colours: tuple[str, str]
+    lines: tuple[str, str]
+    per_head_marker: str
+    searched_colour: str
+    best_single_colour: str
+    chosen_colour: str
+    chosen_label: str
+
+
+# Threshold mode keeps the colours the plot always had; capacity mode is set apart by its own colours and triangles.
+MODE_STYLES = {
+    "threshold": ModeStyle("", ("C0", "C1"), ("o-", "s--"), "x", "0.6", "tab:green", "tab:red", "calibrated"),
+    "capacity": ModeStyle(
+        "capacity mode, ", ("tab:purple", "tab:pink"), ("^:", "v:"), "+", "plum", "tab:olive", "tab:purple",
+        "calibrated capacities",
+    ),
+}  # fmt: skip
+CONVENTIONS = (("gflops_backbone_and_final_head", "backbone + final head"), ("gflops", "all heads"))
+
+
+def split_by_shape(results: Sequence[dict], knob: ExitKnob) -> tuple[list[dict], list[dict]]:
+    """`knob`'s results as (one value for every head, sorted, with the unpruned point every curve starts from;
+    one value per head)."""
+    mine = [result for result in results if knob_of(result) is knob or is_unpruned(setting_of(result))]
+    shared = sorted((result for result in mine if is_uniform(setting_of(result))), key=sweep_order)
+    return shared, [result for result in mine if not is_uniform(setting_of(result))]
 
 
 def plot_tradeoff(
     results: list[dict],
     path: Path,
     title: str,
-    calibration: dict | None = None,
+    calibrations: Sequence[dict] = (),
     gflops_key: str = GFLOPS_KEYS["all_heads"],
 ) -> None:
-    """GFLOPs per image against mIoU, points labelled with their thresholds.
+    """GFLOPs per image against mIoU, points labelled with their exit rules.
 
-    Left: the evaluated split, the shared-threshold sweep in both GFLOPs conventions, per-head settings as crosses
-    and the calibrated thresholds as stars. Right (after a calibration): the calibration images, every setting the
-    search evaluated (one threshold per head: dots; one for all: the curve), the calibrated one marked.
+    Left: the evaluated split, per exit mode present (threshold, capacity), the shared-value curve in both GFLOPs
+    conventions, per-head settings as crosses and the calibrated settings as stars. Right (after calibrations): the
+    calibration images, every setting each search evaluated (one value per head: dots; one for all: the curve), the
+    calibrated one marked.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    num_panels = 2 if calibration is not None else 1
+    num_panels = 2 if calibrations else 1
     figure, panels = plt.subplots(1, num_panels, figsize=(6.4 * num_panels, 4.4), dpi=120, squeeze=False)
     axes = panels[0][0]
-    shared = sorted((result for result in results if is_uniform(result["exit_threshold"])), key=sweep_order)
-    per_head_results = [result for result in results if not is_uniform(result["exit_threshold"])]
-    for key, label, style in (
-        ("gflops_backbone_and_final_head", "backbone + final head", "o-"),
-        ("gflops", "all heads", "s--"),
-    ):
-        (line,) = axes.plot(
-            [result[key] for result in shared], [100 * result["mean_iou"] for result in shared], style, label=label
-        )
-        annotate_thresholds(axes, shared + per_head_results, key)
-        if per_head_results:
+    chosen = {
+        knob_of(calibration["chosen"]).mode: calibration["on_evaluation_split"]["chosen"]
+        for calibration in calibrations
+    }
+    for knob in KNOBS:
+        if not any(knob_of(result) is knob for result in results):
+            continue
+        style, (shared, per_head_results) = MODE_STYLES[knob.mode], split_by_shape(results, knob)
+        for (key, label), colour, line in zip(CONVENTIONS, style.colours, style.lines, strict=True):
+            label = f"{style.label}{label}"
             axes.plot(
-                [result[key] for result in per_head_results],
-                [100 * result["mean_iou"] for result in per_head_results],
-                "x",
-                color=line.get_color(),
-                label=f"{label}, one threshold per head",
-            )
-        if calibration is not None:
-            chosen = calibration["on_evaluation_split"]["chosen"]
-            axes.plot(
-                chosen[key], 100 * chosen["mean_iou"], "*", markersize=14, color=line.get_color(),
-                markeredgecolor="black", label=f"{label}, calibrated",
+                [result[key] for result in shared], [100 * result["mean_iou"] for result in shared], line,
+                color=colour, label=label,
             )  # fmt: skip
-            annotate_thresholds(axes, [chosen], key)
+            if per_head_results:
+                axes.plot(
+                    [result[key] for result in per_head_results],
+                    [100 * result["mean_iou"] for result in per_head_results], style.per_head_marker, color=colour,
+                    label=f"{label}, one {knob.noun} per head",
+                )  # fmt: skip
+            if knob.mode in chosen:
+                point = chosen[knob.mode]
+                axes.plot(
+                    point[key], 100 * point["mean_iou"], "*", markersize=14, color=colour, markeredgecolor="black",
+                    label=f"{label}, calibrated",
+                )  # fmt: skip
+    for key, _ in CONVENTIONS:
+        annotate_settings(axes, results, key)
     axes.set_title(f"{title}\nevaluated split", fontsize=9)
-    if calibration is not None:
+    if calibrations:
         axes = panels[0][1]
-        searched = calibration["results"]
-        shared = sorted((result for result in searched if is_uniform(result["exit_threshold"])), key=sweep_order)
-        others = [result for result in searched if not is_uniform(result["exit_threshold"])]
-        axes.plot(
-            [result[gflops_key] for result in others], [100 * result["mean_iou"] for result in others], ".",
-            color="0.6", label="one threshold per head (searched)",
-        )  # fmt: skip
-        axes.plot(
-            [result[gflops_key] for result in shared], [100 * result["mean_iou"] for result in shared], "o-",
-            label="one threshold for every head",
-        )  # fmt: skip
-        for key, marker, label in (("best_single", "D", "best single threshold"), ("chosen", "*", "calibrated")):
-            result = calibration[key]
-            axes.plot(
-                result[gflops_key], 100 * result["mean_iou"], marker, markersize=14 if marker == "*" else 8,
-                color="tab:red" if marker == "*" else "tab:green", markeredgecolor="black", label=label,
-            )  # fmt: skip
-            annotate_thresholds(axes, [result], gflops_key)
-        axes.set_title(f"calibration images ({calibration['num_evaluations']} settings evaluated)", fontsize=9)
+        for calibration in calibrations:
+            plot_calibration(axes, calibration, gflops_key)
+        evaluated = sum(calibration["num_evaluations"] for calibration in calibrations)
+        axes.set_title(f"calibration images ({evaluated} settings evaluated)", fontsize=9)
     for index, axes in enumerate(panels[0]):
         axes.set_xlabel("GFLOPs per image" + (f" ({convention_name(gflops_key)})" if index else ""))
         axes.set_ylabel("mIoU (%)")
@@ -97,10 +132,35 @@ def plot_tradeoff(
     plt.close(figure)
 
 
-def annotate_thresholds(axes, results: list[dict], gflops_key: str) -> None:
+def plot_calibration(axes, calibration: dict, gflops_key: str) -> None:
+    """One calibration on the calibration images: the settings it searched, its best shared value, its choice."""
+    knob = knob_of(calibration["chosen"])
+    style = MODE_STYLES[knob.mode]
+    shared, others = split_by_shape(calibration["results"], knob)
+    axes.plot(
+        [result[gflops_key] for result in others], [100 * result["mean_iou"] for result in others], ".",
+        color=style.searched_colour, label=f"one {knob.noun} per head (searched)",
+    )  # fmt: skip
+    axes.plot(
+        [result[gflops_key] for result in shared], [100 * result["mean_iou"] for result in shared], style.lines[0],
+        color=style.colours[0], label=f"one {knob.noun} for every head",
+    )  # fmt: skip
+    for role, marker, colour, label in (
+        ("best_single", "D", style.best_single_colour, f"best single {knob.noun}"),
+        ("chosen", "*", style.chosen_colour, style.chosen_label),
+    ):
+        result = calibration[role]
+        axes.plot(
+            result[gflops_key], 100 * result["mean_iou"], marker, markersize=14 if marker == "*" else 8,
+            color=colour, markeredgecolor="black", label=label,
+        )  # fmt: skip
+        annotate_settings(axes, [result], gflops_key)
+
+
+def annotate_settings(axes, results: list[dict], gflops_key: str) -> None:
     for result in results:
         axes.annotate(
-            format_threshold(result["exit_threshold"]),
+            format_exit_rule(result),
             (result[gflops_key], 100 * result["mean_iou"]),
             textcoords="offset points",
             xytext=(4, 4),
@@ -108,4 +168,4 @@ def annotate_thresholds(axes, results: list[dict], gflops_key: str) -> None:
         )
 
 
-__all__ = ["plot_tradeoff"]
+__all__ = ["MODE_STYLES", "ModeStyle", "plot_tradeoff"]

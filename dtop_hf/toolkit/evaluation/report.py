@@ -15,28 +15,40 @@
 [`~toolkit.evaluation.sweep.evaluate_exit_settings`]) and the files it is written to.
 
 The report is a list of [`ReportSection`]s, built by the functions of `SECTION_BUILDERS` in order: the sweep table,
-the calibration table, the per-class IoU table. A new part of the report is one more builder; a caller picks the
-sections it shows (the quick start leaves the per-class table out), then [`render_report`] joins them.
+the calibration tables (thresholds, capacities), the per-class IoU table. A new part of the report is one more
+builder; a caller picks the sections it shows (the quick start leaves the per-class table out), then
+[`render_report`] joins them. Every result names its exit rule (threshold or capacity mode, and the values), so
+capacity settings are rows of the same tables, after the thresholds.
 """
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from .calibration import (
+    CAPACITY,
+    KNOBS,
+    THRESHOLD,
     choose_threshold,
     compact_threshold,
+    format_exit_rule,
     format_threshold,
     is_unpruned,
     json_ready,
-    per_head,
+    knob_of,
+    setting_key,
+    setting_of,
     speedup,
 )
 
 
 # `--gflops_convention` -> the result field it reads.
 GFLOPS_KEYS = {"all_heads": "gflops", "paper": "gflops_backbone_and_final_head"}
+# `--calibrate` method -> the summary field of its calibration (the thresholds' keeps the name it always had).
+CALIBRATION_FIELDS = {"thresholds": "calibration", "capacity": "capacity_calibration"}
 # The per-class table is shown up to this many classes (ADE20K's 150 go to the JSON only).
 MAX_REPORTED_CLASSES = 30
 
@@ -72,10 +84,11 @@ def convention_name(gflops_key: str) -> str:
     return next(name for name, key in GFLOPS_KEYS.items() if key == gflops_key).replace("_", " ")
 
 
-def sweep_order(result: dict) -> tuple[int, float]:
-    """Shared thresholds first, highest first; then per-head settings, in the order given."""
-    threshold = compact_threshold(result["exit_threshold"])
-    return (0, -threshold) if isinstance(threshold, float) else (1, 0.0)
+def sweep_order(result: dict) -> tuple[int, int, float]:
+    """Thresholds, then capacities; of each, the values shared by every head first, highest first, then per-head
+    settings, in the order given."""
+    mode, value = KNOBS.index(knob_of(result)), compact_threshold(setting_of(result))
+    return (mode, 0, -value) if isinstance(value, float) else (mode, 1, 0.0)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -87,12 +100,14 @@ def sweep_table(
     results: list[dict],
     stage_names: list[str],
     gflops_key: str = GFLOPS_KEYS["all_heads"],
-    notes: dict[tuple[float, ...], str] | None = None,
+    notes: dict[tuple, str] | None = None,
 ) -> str:
-    """One row per threshold setting (shared thresholds decreasing, then per-head settings), as the paper's Table 2
-    plus R, exits and time; `notes` (per-head tuple -> text) adds a last column, e.g. "calibrated"."""
-    baseline = next((result for result in results if is_unpruned(result["exit_threshold"])), None)
+    """One row per exit setting (thresholds: shared ones decreasing, then per-head settings; then capacities alike),
+    as the paper's Table 2 plus R, exits and time; `notes` ([`setting_key`] -> text) adds a last column, e.g.
+    "calibrated". Capacity settings read `capacity 0.7 / 0.5` in the first column, explained under the table."""
+    baseline = next((result for result in results if is_unpruned(setting_of(result))), None)
     num_heads = len(stage_names) - 1
+    capacities = any(knob_of(result) is CAPACITY for result in results)
     header = ["threshold", "mIoU (%)", "pixel acc. (%)", "GFLOPs", "GFLOPs all heads", "saved", "R"]
     header += ["exits per head (%)", "ms / image"] + (["calibration"] if notes else [])
     rows = []
@@ -100,7 +115,7 @@ def sweep_table(
         gflops = result["gflops_backbone_and_final_head"]
         saved = f"{100 * (1 - gflops / baseline['gflops_backbone_and_final_head']):.1f}%" if baseline else "n/a"
         row = [
-            format_threshold(result["exit_threshold"]),
+            format_exit_rule(result),
             format_percent(result["mean_iou"]),
             format_percent(result["overall_accuracy"]),
             format_gflops(gflops),
@@ -110,24 +125,30 @@ def sweep_table(
             " / ".join(f"{100 * share:.1f}" for share in result["exit_share"]),
             f"{1000 * result['seconds_per_image']:.1f}",
         ]
-        rows.append(row + ([notes.get(per_head(result["exit_threshold"], num_heads), "")] if notes else []))
+        rows.append(row + ([notes.get(setting_key(result, num_heads), "")] if notes else []))
     legend = (
         f"\nthreshold a / b: one per auxiliary head; exits per head: {' / '.join(stage_names)}; GFLOPs = "
         "multiply-accumulates / 1e9 per image (docs/flops.md); saved: backbone + decode head GFLOPs; R = GFLOPs "
         f"unpruned / pruned ({convention_name(gflops_key)})."
     )
+    if capacities:
+        legend += (
+            " capacity a / b: capacity mode, the share of an image's tokens still active after each auxiliary head, "
+            "the same for every image (static shapes: exports to ONNX, docs/deploy.md)."
+        )
     return markdown_table(header, rows) + "\n" + legend
 
 
 def calibration_table(calibration: dict, gflops_key: str) -> str:
-    """The calibrated thresholds next to the unpruned model and the best shared threshold, measured on the
-    calibration images (where they were chosen) and on the evaluated split (which the choice never saw)."""
-    header = ["exit threshold", "chosen as"]
+    """The calibrated thresholds (or capacities) next to the unpruned model and the best shared value, measured on
+    the calibration images (where they were chosen) and on the evaluated split (which the choice never saw)."""
+    knob = knob_of(calibration["chosen"])
+    header = [knob.name, "chosen as"]
     for split in ("calibration", "evaluation"):
         header += [f"{split} mIoU (%)", "Δ mIoU", "GFLOPs", "R"]
-    roles = {}  # threshold setting -> (result key, what it was chosen as); one row per setting
-    for key, role in (("baseline", "unpruned"), ("best_single", "best single threshold"), ("chosen", "calibrated")):
-        setting = format_threshold(calibration[key]["exit_threshold"])
+    roles = {}  # setting -> (result key, what it was chosen as); one row per setting
+    for key, role in (("baseline", "unpruned"), ("best_single", f"best single {knob.noun}"), ("chosen", "calibrated")):
+        setting = format_threshold(setting_of(calibration[key]))
         roles[setting] = (key, f"{roles[setting][1]}, {role}" if setting in roles else role)
     rows = []
     for setting, (key, role) in roles.items():
@@ -145,9 +166,9 @@ def calibration_table(calibration: dict, gflops_key: str) -> str:
 
 
 def class_table(results: list[dict]) -> str:
-    """Per-class IoU (%), one column per threshold."""
+    """Per-class IoU (%), one column per exit setting."""
     ordered = sorted(results, key=sweep_order)
-    header = ["class"] + [f"t={format_threshold(result['exit_threshold'])}" for result in ordered]
+    header = ["class"] + [format_exit_rule(result, threshold_prefix="t=") for result in ordered]
     rows = [
         [name] + [format_percent(result["per_category_iou"][name]) for result in ordered]
         for name in ordered[0]["per_category_iou"]
@@ -155,45 +176,59 @@ def class_table(results: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
-def calibration_notes(calibration: dict, num_heads: int) -> dict[tuple[float, ...], str]:
-    """The last column of the sweep table: which rows the calibration chose."""
-    notes = {per_head(calibration["best_single"]["exit_threshold"], num_heads): "best single threshold"}
-    chosen = per_head(calibration["chosen"]["exit_threshold"], num_heads)
-    notes[chosen] = ", ".join(filter(None, [notes.get(chosen), "calibrated (saved)"]))
+def calibration_notes(calibrations: Sequence[dict], num_heads: int) -> dict[tuple, str]:
+    """The last column of the sweep table: which rows each calibration chose, by [`setting_key`]."""
+    notes = {}
+    for calibration in calibrations:
+        best_single = f"best single {knob_of(calibration['chosen']).noun}"
+        for role, note in (("best_single", best_single), ("chosen", "calibrated (saved)")):
+            key = setting_key(calibration[role], num_heads)
+            notes[key] = ", ".join(filter(None, [notes.get(key), note]))
     return notes
 
 
-def calibrated(summary: dict) -> bool:
-    """Whether the summary holds a finished calibration (asked for, and something found to calibrate)."""
-    calibration = summary.get("calibration")
+def calibrated(summary: dict, method: str = "thresholds") -> bool:
+    """Whether the summary holds a finished calibration of `method` (a key of `CALIBRATION_FIELDS`: asked for, and
+    something found to calibrate)."""
+    calibration = summary.get(CALIBRATION_FIELDS[method])
     return calibration is not None and "chosen" in calibration
 
 
+def finished_calibrations(summary: dict) -> list[dict]:
+    """The summary's finished calibrations, thresholds first."""
+    return [summary[field] for method, field in CALIBRATION_FIELDS.items() if calibrated(summary, method)]
+
+
 def evaluated_settings(summary: dict, num_heads: int) -> list[dict]:
-    """Every setting measured on the evaluated split, once: the sweep's, then the calibration's."""
+    """Every setting measured on the evaluated split, once: the sweep's, then the calibrations'."""
     results = list(summary["results"])
-    if calibrated(summary):
-        results += summary["calibration"]["on_evaluation_split"].values()
-    return list({per_head(result["exit_threshold"], num_heads): result for result in results}.values())
+    for calibration in finished_calibrations(summary):
+        results += calibration["on_evaluation_split"].values()
+    return list({setting_key(result, num_heads): result for result in results}.values())
 
 
 def sweep_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection:
-    """Every setting measured on the evaluated split, the calibration's choices marked."""
-    rows = evaluated_settings(summary, len(stage_names) - 1)
-    notes = calibration_notes(summary["calibration"], len(stage_names) - 1) if calibrated(summary) else None
+    """Every setting measured on the evaluated split, the calibrations' choices marked."""
+    rows, num_heads = evaluated_settings(summary, len(stage_names) - 1), len(stage_names) - 1
+    notes = calibration_notes(finished_calibrations(summary), num_heads) or None
     return ReportSection("sweep", sweep_table(rows, stage_names, gflops_key, notes))
 
 
-def calibration_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection | None:
-    """The calibrated settings on both splits, when a calibration was made."""
-    if not calibrated(summary):
+def calibration_section(
+    summary: dict, stage_names: list[str], gflops_key: str, method: str = "thresholds"
+) -> ReportSection | None:
+    """The settings a calibration of `method` chose, on both splits, when it was made (named as its summary
+    field: `calibration`, `capacity_calibration`)."""
+    if not calibrated(summary, method):
         return None
-    calibration = summary["calibration"]
+    field = CALIBRATION_FIELDS[method]
+    calibration = summary[field]
+    noun = knob_of(calibration["chosen"]).noun
     heading = (
-        f"Calibration: {calibration['num_evaluations']} threshold settings evaluated on {calibration['data']}; "
+        f"Calibration: {calibration['num_evaluations']} {noun} settings evaluated on {calibration['data']}; "
         f"the chosen ones measured on the {summary['split']!r} split too:"
     )
-    return ReportSection("calibration", calibration_table(calibration, gflops_key), heading)
+    return ReportSection(field, calibration_table(calibration, gflops_key), heading)
 
 
 def per_class_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection | None:
@@ -206,7 +241,11 @@ def per_class_section(summary: dict, stage_names: list[str], gflops_key: str) ->
 
 # The report's sections in order: each builds one from (summary, stage names, GFLOPs key), or None to leave it out.
 # A new part of the report (e.g. diagnostics kept in the summary) is one more entry.
-SECTION_BUILDERS = [sweep_section, calibration_section, per_class_section]
+SECTION_BUILDERS = [
+    sweep_section,
+    *(partial(calibration_section, method=method) for method in CALIBRATION_FIELDS),
+    per_class_section,
+]
 
 
 def report_sections(summary: dict, stage_names: list[str], gflops_key: str) -> list[ReportSection]:
@@ -216,7 +255,8 @@ def report_sections(summary: dict, stage_names: list[str], gflops_key: str) -> l
 
 
 def describe_calibrated(calibration: dict, gflops_key: str) -> str:
-    """One line per split for the calibrated thresholds: mIoU, change against the unpruned model, GFLOPs, R."""
+    """One line per split for the calibrated thresholds (or capacities): mIoU, change against the unpruned model,
+    GFLOPs, R."""
     lines = []
     for name, measured in (
         ("calibration images", calibration),
@@ -237,13 +277,12 @@ def compare_with_best_single(summary: dict, max_miou_drop: float, images: str = 
     evaluated images themselves)."""
     calibrated = summary["calibration"]["on_evaluation_split"]
     baseline = calibrated["baseline"]
-    single = choose_threshold(summary["results"] + [baseline], max_miou_drop=max_miou_drop / 100)
+    thresholds = [result for result in summary["results"] if knob_of(result) is THRESHOLD]
+    single = choose_threshold(thresholds + [baseline], max_miou_drop=max_miou_drop / 100)
 
     def describe_point(result: dict) -> str:
         change = 100 * (result["mean_iou"] - baseline["mean_iou"])
-        return (
-            f"{format_threshold(result['exit_threshold'])}: R = {speedup(result, baseline):.2f} at {change:+.2f} mIoU"
-        )
+        return f"{format_exit_rule(result)}: R = {speedup(result, baseline):.2f} at {change:+.2f} mIoU"
 
     return (
         f"On the {images}, within {max_miou_drop:g} mIoU points: calibrated thresholds "
@@ -262,6 +301,7 @@ def write_report_files(summary: dict, report: str, output_dir: Path) -> dict[str
 
 
 __all__ = [
+    "CALIBRATION_FIELDS",
     "GFLOPS_KEYS",
     "MAX_REPORTED_CLASSES",
     "ReportSection",
@@ -272,6 +312,7 @@ __all__ = [
     "compare_with_best_single",
     "describe_calibrated",
     "evaluated_settings",
+    "finished_calibrations",
     "format_gflops",
     "format_percent",
     "render_report",

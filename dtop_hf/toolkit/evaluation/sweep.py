@@ -11,22 +11,26 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Measure exit settings on a data set: each setting's mIoU, GFLOPs, exits and model time, an optional calibration
+"""Measure exit settings on a data set: each setting's mIoU, GFLOPs, exits and model time, optional calibrations
 of the settings to a budget on separate images, and the files of the result.
 
     summary, eval_dataset, id2label = evaluate_model_on_data(
-        model, image_processor, accelerator, data_args, thresholds=[1.0, 0.9, 0.8], model_name="outputs/model"
+        model, image_processor, accelerator, data_args, [1.0, 0.9, 0.8], model_name="outputs/model"
     )
     write_evaluation_outputs(summary, model, image_processor, eval_dataset, id2label, "outputs/evaluation")
 
-A calibration method is a function `(evaluate, request, thresholds, num_heads) -> CalibrationOutcome` registered in
-`CALIBRATORS` under the name `--calibrate` gives it; `evaluate` measures one exit setting on the calibration
-images only.
+A setting is an exit rule, `{"exit_mode": "capacity", "exit_capacity": 0.6}` (a bare number or tuple is a threshold),
+and every result carries its rule, so threshold and capacity settings share one sweep, report and plot.
+
+A calibration method is a function `(evaluate, request, sweep, num_heads) -> CalibrationOutcome` registered in
+`CALIBRATORS` under the name `--calibrate` gives it; `evaluate` measures one exit rule on the calibration images
+only, and `sweep` holds the rules of the sweep (where a search finds its starting values).
 """
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,31 +43,52 @@ from ..inference.pictures import write_comparison_pictures
 from ..inference.segmentation import ExitThreshold, predict_batch
 from ..inference.visualization import head_names
 from .calibration import (
+    CAPACITY,
+    THRESHOLD,
     CalibrationOutcome,
+    ExitKnob,
+    ExitRule,
     NothingToCalibrateError,
-    calibrate_per_head_thresholds,
+    Threshold,
+    as_exit_rule,
+    calibrate_per_head,
     calibrate_threshold,
     compact_threshold,
-    format_threshold,
+    format_exit_rule,
+    is_uniform,
     is_unpruned,
     json_ready,
-    per_head,
+    knob_of,
     save_calibrated_model,
+    setting_key,
+    setting_of,
 )
 from .data import evaluation_dataloader, load_calibration_split, load_evaluation_split
 from .loop import evaluate_model
 from .plots import plot_tradeoff
 from .report import (
+    CALIBRATION_FIELDS,
     GFLOPS_KEYS,
     ReportSection,
     calibrated,
     evaluated_settings,
+    finished_calibrations,
     format_gflops,
     render_report,
     report_sections,
     sweep_order,
     write_report_files,
 )
+
+
+# Per exit mode: the sweep when none is given, and a calibration's starting grid when the sweep has no value of its
+# knob (capacities reach lower: in capacity mode a share of the tokens always exits, whatever the image).
+DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
+    THRESHOLD.mode: (1.0, 0.98, 0.95, 0.9, 0.8),
+    CAPACITY.mode: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
+}
+# `--calibrate` method -> the folder its calibrated model goes to, under the output folder, by default.
+CALIBRATED_FOLDERS = {"thresholds": "calibrated", "capacity": "calibrated_capacity"}
 
 
 class ForwardTimer:
@@ -90,12 +115,12 @@ class ForwardTimer:
 
 
 class SettingEvaluator:
-    """Measures one exit setting on a data loader: [`evaluate_model`] plus model time per image and per-class IoU
-    by class name; prints one line per setting.
+    """Measures one exit rule on a data loader: [`evaluate_model`] plus model time per image and per-class IoU by
+    class name; prints one line per setting. Each result carries its rule (`exit_mode` and `exit_threshold` or
+    `exit_capacity`).
 
     Args:
         id2label: class names of the data set (the keys of `per_category_iou`).
-        exit_settings: per-call settings passed with every threshold (`exit_mode`, `exit_capacity`).
     """
 
     def __init__(
@@ -104,7 +129,6 @@ class SettingEvaluator:
         image_processor: DToPImageProcessor,
         accelerator: Accelerator,
         id2label: dict[int, str],
-        **exit_settings,
     ):
         self.model, self.image_processor, self.accelerator, self.id2label = (
             model,
@@ -112,7 +136,6 @@ class SettingEvaluator:
             accelerator,
             id2label,
         )
-        self.exit_settings = exit_settings
         self.timer = None
 
     def warm_up(self, dataset: SegmentationDataset) -> None:
@@ -123,27 +146,23 @@ class SettingEvaluator:
         predict_batch(self.model, self.image_processor, pixel_values, [tuple(sample["labels"].shape)])
         self.timer = ForwardTimer(self.model)
 
-    def __call__(self, dataloader, exit_threshold: ExitThreshold, split_name: str = "evaluation") -> dict:
+    def __call__(self, dataloader, exit_rule: ExitRule | ExitThreshold, split_name: str = "evaluation") -> dict:
+        """The result of one exit rule (or bare threshold setting) on `dataloader`."""
         if self.timer is None:
             self.warm_up(dataloader.dataset)
         self.timer.seconds = 0.0
-        result = evaluate_model(
-            self.model,
-            dataloader,
-            self.accelerator,
-            exit_threshold=exit_threshold,
-            image_processor=self.image_processor,
-            **self.exit_settings,
-        )
+        rule = as_exit_rule(exit_rule)
+        result = evaluate_model(self.model, dataloader, self.accelerator, image_processor=self.image_processor, **rule)
         # Every process timed its own shard: the sum over processes, per image, is the time one image takes.
         seconds = torch.tensor([self.timer.seconds], dtype=torch.float64, device=self.accelerator.device)
         result["seconds_per_image"] = float(self.accelerator.gather(seconds).sum()) / max(result["num_images"], 1)
-        result["exit_threshold"] = exit_threshold
+        result.update(rule)
         result["per_category_iou"] = {
             self.id2label[index]: iou for index, iou in enumerate(result["per_category_iou"])
         }
         self.accelerator.print(
-            f"[{split_name}] threshold {format_threshold(exit_threshold)}: mIoU {100 * result['mean_iou']:.2f}, "
+            f"[{split_name}] {format_exit_rule(rule, threshold_prefix='threshold ')}: "
+            f"mIoU {100 * result['mean_iou']:.2f}, "
             f"{format_gflops(result['gflops_backbone_and_final_head'])} GFLOPs "
             f"(all heads {format_gflops(result['gflops'])}), {1000 * result['seconds_per_image']:.1f} ms/image"
         )
@@ -160,11 +179,11 @@ class CalibrationRequest:
     losing at most `max_miou_drop` mIoU points against the unpruned model (one of the two).
 
     Attributes:
-        method: the `CALIBRATORS` entry that searches.
+        method: the `CALIBRATORS` entry that searches (`"thresholds"` or `"capacity"`).
         gflops_convention: the cost `target_gflops` limits, a key of `GFLOPS_KEYS`.
-        search: `"per_head"` (one threshold per auxiliary head) or `"single"` (one for every head).
-        num_refinements: bisection steps between sweep thresholds.
-        num_grid_refinements: per-head search: levels of finer grids around the best thresholds found.
+        search: `"per_head"` (one value per auxiliary head) or `"single"` (one for every head).
+        num_refinements: bisection steps between sweep values.
+        num_grid_refinements: per-head search: levels of finer grids around the best values found.
         split: the split calibrated on (`None`: the built-in calibration scenes, or images drawn from `train`).
         num_samples: images calibrated on.
     """
@@ -193,36 +212,49 @@ class CalibrationRequest:
         }
 
 
-def calibrate_thresholds(
-    evaluate: Callable[[ExitThreshold], dict],
+def calibrate_exit_setting(
+    evaluate: Callable[[ExitRule], dict],
     request: CalibrationRequest,
-    thresholds: Sequence[ExitThreshold],
+    sweep: Sequence[ExitRule],
     num_heads: int,
+    knob: ExitKnob = THRESHOLD,
 ) -> CalibrationOutcome:
-    """Search the exit thresholds with `evaluate`, from the sweep's `thresholds` (1.0 always added: the mIoU change
-    and R are measured against the unpruned model)."""
-    thresholds = [1.0] + list(thresholds)
+    """Search `knob`'s setting (exit thresholds or capacities) with `evaluate`, from the sweep's values of that knob,
+    or `DEFAULT_SWEEPS` of its mode when the sweep has none (1.0 always added: the mIoU change and R are measured
+    against the unpruned model). `request.search == "single"` searches one value for every head, from the sweep's
+    values shared by every head."""
+    values = [setting_of(rule) for rule in sweep if knob_of(rule) is knob] or list(DEFAULT_SWEEPS[knob.mode])
+    values = [1.0] + values
+
+    def measure(value: Threshold) -> dict:
+        return evaluate(knob.rule(value))
+
     if request.search == "single" or num_heads == 1:
-        chosen, results = calibrate_threshold(evaluate, thresholds, **request.constraint())
-        baseline = next(result for result in results if is_unpruned(result["exit_threshold"]))
+        shared = [compact_threshold(value) for value in values if is_uniform(value)]
+        chosen, results = calibrate_threshold(measure, shared, knob=knob, **request.constraint())
+        baseline = next(result for result in results if is_unpruned(result[knob.key]))
         return CalibrationOutcome(chosen=chosen, best_single=chosen, baseline=baseline, results=results)
-    return calibrate_per_head_thresholds(
-        evaluate, thresholds, num_heads, num_grid_refinements=request.num_grid_refinements, **request.constraint()
+    return calibrate_per_head(
+        measure, values, num_heads, knob, num_grid_refinements=request.num_grid_refinements, **request.constraint()
     )
 
 
-Calibrator = Callable[
-    [Callable[[ExitThreshold], dict], CalibrationRequest, Sequence[ExitThreshold], int], CalibrationOutcome
-]
-# `--calibrate` name -> the search it runs.
-CALIBRATORS: dict[str, Calibrator] = {"thresholds": calibrate_thresholds}
+Calibrator = Callable[[Callable[[ExitRule], dict], CalibrationRequest, Sequence[ExitRule], int], CalibrationOutcome]
+# `--calibrate` name -> the search it runs; each is the one search above, on its own knob.
+CALIBRATORS: dict[str, Calibrator] = {
+    "thresholds": partial(calibrate_exit_setting, knob=THRESHOLD),
+    "capacity": partial(calibrate_exit_setting, knob=CAPACITY),
+}
 
 
 def calibration_summary(
     request: CalibrationRequest, data: str, outcome: CalibrationOutcome | None, error: str | None, on_eval: dict
 ) -> dict:
-    """The `calibration` entry of an evaluation summary: the request, then what was found (or why nothing was)."""
+    """The calibration entry of an evaluation summary (`calibration` for thresholds, `capacity_calibration` for
+    capacities: [`~toolkit.evaluation.report.CALIBRATION_FIELDS`]): the request, then what was found (or why
+    nothing was)."""
     summary = {
+        "method": request.method,
         "target_gflops": request.target_gflops,
         "max_miou_drop_points": request.max_miou_drop,
         "gflops_convention": request.gflops_convention,
@@ -243,56 +275,71 @@ def calibration_summary(
     }
 
 
+def calibration_requests(
+    calibration: CalibrationRequest | Sequence[CalibrationRequest] | None,
+) -> list[CalibrationRequest]:
+    """The calibrations asked for, one per method (of a method asked for twice, the last request counts)."""
+    if calibration is None:
+        return []
+    requests = [calibration] if isinstance(calibration, CalibrationRequest) else calibration
+    return list({request.method: request for request in requests}.values())
+
+
+def run_calibration(
+    evaluate: SettingEvaluator, request: CalibrationRequest, sweep: Sequence[ExitRule], num_heads: int, loader
+) -> tuple[CalibrationOutcome | None, str | None]:
+    """One calibration on `loader`'s images: its outcome, or why there was nothing to calibrate."""
+    try:
+        measure = partial(evaluate, loader, split_name="calibration")
+        return CALIBRATORS[request.method](measure, request, sweep, num_heads), None
+    except NothingToCalibrateError as caught:
+        evaluate.accelerator.print(f"\n{caught}\n")
+        return None, str(caught)
+
+
 def evaluate_exit_settings(
     evaluate: SettingEvaluator,
     eval_loader,
-    thresholds: Sequence[ExitThreshold],
+    sweep: Sequence[ExitRule | ExitThreshold],
     split_name: str,
-    calibration: CalibrationRequest | None = None,
+    calibration: CalibrationRequest | Sequence[CalibrationRequest] | None = None,
     calibration_loader=None,
     calibration_data: str = "",
 ) -> dict:
-    """The sweep of `thresholds` on the evaluated split and, with a `calibration`, the calibrated settings.
+    """The sweep on the evaluated split and, with calibrations, the calibrated settings.
 
-    The calibration runs first, on `calibration_loader` only: the evaluated split plays no part in the choice. Its
-    chosen settings (and the baseline and best single threshold) are then measured on the evaluated split too.
-    Each setting runs once per split.
+    Args:
+        sweep: exit rules (a bare threshold setting is threshold mode's rule), thresholds and capacities alike.
+        calibration: one request, or several (e.g. thresholds and capacities with the same budget).
+
+    The calibrations run first, on `calibration_loader` only: the evaluated split plays no part in the choice. Their
+    chosen settings (and the baseline and best single value) are then measured on the evaluated split too. Each
+    setting runs once per split (every unpruned one is the same computation, and runs once).
 
     Returns:
-        `num_images`, `num_processes`, `results` (the sweep, each setting once) and, with a calibration,
-        `calibration` (see [`calibration_summary`]; `error` when there was nothing to calibrate).
+        `num_images`, `num_processes`, `results` (the sweep, each setting once) and, per calibration, the entry
+        `CALIBRATION_FIELDS[method]` (see [`calibration_summary`]; `error` when there was nothing to calibrate).
     """
     num_heads = len(evaluate.model.config.out_indices) - 1
-    outcome, error = None, None
-    if calibration is not None:
-        try:
-            outcome = CALIBRATORS[calibration.method](
-                lambda setting: evaluate(calibration_loader, setting, "calibration"),
-                calibration,
-                thresholds,
-                num_heads,
-            )
-        except NothingToCalibrateError as caught:
-            error = str(caught)
-            evaluate.accelerator.print(f"\n{error}\n")
-    measured = {}  # per-head setting -> its result on the evaluated split
+    sweep = [as_exit_rule(setting) for setting in sweep]
+    requests = calibration_requests(calibration)
+    outcomes = [run_calibration(evaluate, request, sweep, num_heads, calibration_loader) for request in requests]
+    measured = {}  # setting key -> its result on the evaluated split
 
-    def on_evaluated_split(threshold: ExitThreshold) -> dict:
-        key = per_head(threshold, num_heads)
+    def on_evaluated_split(rule: ExitRule) -> dict:
+        key = setting_key(rule, num_heads)
         if key not in measured:
-            measured[key] = evaluate(eval_loader, compact_threshold(key), split_name)
+            measured[key] = evaluate(eval_loader, rule, split_name)
         return measured[key]
 
-    ordered = sorted(thresholds, key=lambda threshold: sweep_order({"exit_threshold": threshold}))
-    results = list({id(result): result for result in map(on_evaluated_split, ordered)}.values())
+    results = list({id(result): result for result in map(on_evaluated_split, sorted(sweep, key=sweep_order))}.values())
     study = {"num_images": results[0]["num_images"], "num_processes": evaluate.accelerator.num_processes}
     study["results"] = results
-    if calibration is not None:
-        roles = ("baseline", "best_single", "chosen")
-        on_eval = (
-            {role: on_evaluated_split(getattr(outcome, role)["exit_threshold"]) for role in roles} if outcome else {}
-        )
-        study["calibration"] = calibration_summary(calibration, calibration_data, outcome, error, on_eval)
+    roles = ("baseline", "best_single", "chosen")
+    for request, (outcome, error) in zip(requests, outcomes, strict=True):
+        on_eval = {role: on_evaluated_split(getattr(outcome, role)) for role in roles} if outcome else {}
+        field = CALIBRATION_FIELDS[request.method]
+        study[field] = calibration_summary(request, calibration_data, outcome, error, on_eval)
     evaluate.close()
     return study
 
@@ -302,20 +349,20 @@ def evaluate_model_on_data(
     image_processor: DToPImageProcessor,
     accelerator: Accelerator,
     data_args: DataArguments,
-    thresholds: Sequence[ExitThreshold],
+    sweep: Sequence[ExitRule | ExitThreshold],
     model_name: str,
     split_name: str = "validation",
-    calibration: CalibrationRequest | None = None,
+    calibration: CalibrationRequest | Sequence[CalibrationRequest] | None = None,
     batch_size: int = 8,
     num_workers: int = 0,
-    **exit_settings,
 ) -> tuple[dict, SegmentationDataset, dict[int, str]]:
     """The evaluation job: load and check the evaluated split (and, with a `calibration`, the calibration images),
     then [`evaluate_exit_settings`]. Slide mode when the processor is in it.
 
     Args:
+        sweep: the exit rules measured (bare threshold settings, or `{"exit_mode": ..., "exit_capacity": ...}`).
         model_name: how the summary names the model (its folder or Hub id).
-        exit_settings: `exit_mode` / `exit_capacity` passed with every threshold (see [`SettingEvaluator`]).
+        calibration: one calibration request or several, all on the same calibration images.
 
     Returns:
         The summary (`model`, `dataset`, `split`, `mode`, then the study's fields), the evaluated data set (for
@@ -329,29 +376,31 @@ def evaluate_model_on_data(
         f"{len(eval_dataset)} images of {data_args.dataset_name!r} ({split_name}), {accelerator.num_processes} "
         "process(es)"
     )
+    requests = calibration_requests(calibration)
     calibration_loader, calibration_data = None, ""
-    if calibration is not None:
+    if requests:  # the calibration images are the same for every method: their settings come from the first
         calibration_split, calibration_data = load_calibration_split(
-            data_args, calibration.split, calibration.num_samples, config.num_labels, do_reduce_labels, accelerator
+            data_args, requests[0].split, requests[0].num_samples, config.num_labels, do_reduce_labels, accelerator
         )
         _, calibration_loader = evaluation_dataloader(
             calibration_split, image_processor, config, accelerator, split_name="calibration", **loader_kwargs
         )
         accelerator.print(f"Calibrating on {calibration_data}")
-    evaluator = SettingEvaluator(model, image_processor, accelerator, id2label, **exit_settings)
+    evaluator = SettingEvaluator(model, image_processor, accelerator, id2label)
     study = evaluate_exit_settings(
-        evaluator, eval_loader, thresholds, split_name, calibration, calibration_loader, calibration_data
+        evaluator, eval_loader, sweep, split_name, requests, calibration_loader, calibration_data
     )
     summary = {"model": model_name, "dataset": data_args.dataset_name, "split": split_name}
     summary["mode"] = "sliding_window" if image_processor.do_split_image else "whole_image"
     return {**summary, **study}, eval_dataset, id2label
 
 
-def pictured_thresholds(summary: dict) -> list[ExitThreshold]:
-    """The settings drawn: after a calibration the unpruned and the chosen one; otherwise every one of the sweep."""
-    if calibrated(summary):
-        return list(dict.fromkeys([1.0, compact_threshold(summary["calibration"]["chosen"]["exit_threshold"])]))
-    return [result["exit_threshold"] for result in sorted(summary["results"], key=sweep_order)]
+def pictured_exit_rules(summary: dict, num_heads: int) -> list[dict]:
+    """The settings drawn: after calibrations the unpruned one and each chosen one; otherwise every one of the
+    sweep."""
+    chosen = [calibration["chosen"] for calibration in finished_calibrations(summary)]
+    rules = [THRESHOLD.rule(1.0), *chosen] if chosen else sorted(summary["results"], key=sweep_order)
+    return list({setting_key(rule, num_heads): as_exit_rule(rule) for rule in rules}.values())
 
 
 def write_evaluation_outputs(
@@ -361,48 +410,54 @@ def write_evaluation_outputs(
     eval_dataset: SegmentationDataset,
     id2label: dict[int, str],
     output_dir: str | Path,
-    calibrated_dir: str | Path | None = None,
+    calibrated_dirs: Mapping[str, str | Path] | None = None,
     gflops_key: str = GFLOPS_KEYS["all_heads"],
     num_pictures: int = 4,
 ) -> list[ReportSection]:
     """Write an evaluation's files to `output_dir`: `table.md` and `results.json` (see
     [`~toolkit.evaluation.report.write_report_files`]), `gflops_vs_miou.png`, `pictures/image_N.png` (image |
-    prediction | ground truth | exit map, one row per setting drawn) and, after a calibration, a copy of the model
-    with the chosen settings in `calibrated_dir` (default `<output_dir>/calibrated`). Returns the report's sections.
+    prediction | ground truth | exit map, one row per setting drawn) and, after each calibration, a copy of the model
+    with the chosen settings in `calibrated_dirs[method]` (default: the method's `CALIBRATED_FOLDERS` entry in
+    `output_dir`, `calibrated` or `calibrated_capacity`). Returns the report's sections.
     """
     output_dir = Path(output_dir)
-    calibrated_dir = Path(calibrated_dir or output_dir / "calibrated")
-    if calibrated(summary):
-        summary["calibration"]["saved_to"] = str(calibrated_dir)
+    folders = {method: output_dir / folder for method, folder in CALIBRATED_FOLDERS.items()}
+    folders.update({method: Path(folder) for method, folder in (calibrated_dirs or {}).items()})
+    finished = {method: summary[field] for method, field in CALIBRATION_FIELDS.items() if calibrated(summary, method)}
+    for method, calibration in finished.items():
+        calibration["saved_to"] = str(folders[method])
     config = model.config
+    num_heads = len(config.out_indices) - 1
     sections = report_sections(summary, head_names(config.out_indices), gflops_key)
     write_report_files(summary, render_report(sections), output_dir)
     title = f"{summary['model']} on {summary['dataset']} ({summary['mode']})"
-    rows = evaluated_settings(summary, len(config.out_indices) - 1)
-    calibration = summary["calibration"] if calibrated(summary) else None
-    plot_tradeoff(rows, output_dir / "gflops_vs_miou.png", title, calibration=calibration, gflops_key=gflops_key)
-    if calibration is not None:
-        report = json_ready(summary["calibration"])
-        save_calibrated_model(model, image_processor, calibrated_dir, calibration["chosen"], report)
+    rows = evaluated_settings(summary, num_heads)
+    plot_tradeoff(rows, output_dir / "gflops_vs_miou.png", title, list(finished.values()), gflops_key)
+    for method, calibration in finished.items():
+        save_calibrated_model(model, image_processor, folders[method], calibration["chosen"], json_ready(calibration))
     samples = [
         (eval_dataset.dataset[index]["image"], eval_dataset[index]["labels"])  # original size, as the labels
         for index in range(min(num_pictures, len(eval_dataset)))
     ]
     write_comparison_pictures(
-        model, image_processor, samples, pictured_thresholds(summary), id2label, output_dir / "pictures"
+        model, image_processor, samples, pictured_exit_rules(summary, num_heads), id2label, output_dir / "pictures"
     )
     return sections
 
 
 __all__ = [
+    "CALIBRATED_FOLDERS",
     "CALIBRATORS",
+    "DEFAULT_SWEEPS",
     "CalibrationRequest",
     "ForwardTimer",
     "SettingEvaluator",
-    "calibrate_thresholds",
+    "calibrate_exit_setting",
+    "calibration_requests",
     "calibration_summary",
     "evaluate_exit_settings",
     "evaluate_model_on_data",
-    "pictured_thresholds",
+    "pictured_exit_rules",
+    "run_calibration",
     "write_evaluation_outputs",
 ]

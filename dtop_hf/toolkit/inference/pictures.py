@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ...image_processing_dtop import DToPImageProcessor
-from ..evaluation.calibration import format_threshold
+from ..evaluation.calibration import ExitRule, as_exit_rule, format_exit_rule, format_threshold
 from .segmentation import DToPSegmentationResult, ExitThreshold, segment_images
 from .visualization import (
     colorize_exit_map,
@@ -187,12 +187,13 @@ def write_comparison_pictures(
     model: torch.nn.Module,
     image_processor: DToPImageProcessor,
     samples: Sequence[tuple[Image.Image, np.ndarray | torch.Tensor]],
-    thresholds: Sequence[ExitThreshold],
+    exit_rules: Sequence[ExitRule | ExitThreshold],
     id2label: dict[int, str],
     folder: Path,
 ) -> list[Path]:
-    """One PNG per `(image, ground truth)` sample, one row per exit threshold: image | prediction | ground truth |
-    exit map. The ground truth is at the image's size (ids after label reduction, 255 = unlabelled)."""
+    """One PNG per `(image, ground truth)` sample, one row per exit rule (a bare threshold setting is threshold
+    mode's): image | prediction | ground truth | exit map. The ground truth is at the image's size (ids after label
+    reduction, 255 = unlabelled)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     num_stages = len(config.out_indices)
@@ -200,10 +201,10 @@ def write_comparison_pictures(
     paths = []
     for index, (image, ground_truth) in enumerate(samples):
         rows = []
-        for exit_threshold in thresholds:
-            result = segment_images(model, image_processor, image, exit_threshold=exit_threshold)[0]
+        for rule in map(as_exit_rule, exit_rules):
+            result = segment_images(model, image_processor, image, **rule)[0]
             titles = {
-                "prediction": f"prediction (t={format_threshold(exit_threshold)})",
+                "prediction": f"prediction ({format_exit_rule(rule, threshold_prefix='t=')})",
                 "exit_map": f"exit map ({100 * float((result.exit_map < num_stages - 1).mean()):.0f}% early)",
             }
             rows.append(
