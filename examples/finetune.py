@@ -45,7 +45,7 @@ optimiser step) and a model card end up in `--output_dir`. Flags of earlier rele
 `--no-sliding_window`) still work, with a warning.
 """
 
-import argparse
+import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -182,6 +182,9 @@ class OutputArguments:
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository; default: the folder name."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the cached login)."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Print the settings as JSON (a paper preset's values applied); train nothing."}
+    )
 
     def __post_init__(self):
         steps = self.checkpointing_steps
@@ -220,17 +223,6 @@ def parse_finetune_arguments(argv: list[str] | None = None) -> tuple:
     if first_pass.paper_preset is not None:
         parser.set_defaults(**preset_defaults(first_pass.paper_preset, first_pass.stage))
     return parse_arguments(parser, argv, deprecated={}, check=check_stage)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Every setting in one namespace under its flag's name, the exit threshold as one value: the form earlier
-    releases returned, kept for callers that read the settings without running (`main` reads the dataclasses)."""
-    parsed = parse_finetune_arguments(argv)
-    settings = argparse.Namespace(**{key: value for item in parsed for key, value in vars(item).items()})
-    settings.exit_threshold = (
-        next(item for item in parsed if isinstance(item, ExitArguments)).model_kwargs().get("exit_threshold")
-    )
-    return settings
 
 
 def check_stage(*parsed) -> None:
@@ -276,12 +268,16 @@ def tracker_config(*arguments) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train one stage; returns what `all_results.json` holds."""
-    model_args, preset_args, exit_args, data_args, runtime_args, stage_args, data_extra, optimization, output = (
-        parse_finetune_arguments(argv)
-    )
+    """Train one stage; returns what `all_results.json` holds (the settings with `--dry_run`)."""
+    parsed = parse_finetune_arguments(argv)
+    model_args, preset_args, exit_args, data_args, runtime_args, stage_args, data_extra, optimization, output = parsed
     stage, train_scope = stage_args.stage, stage_args.train_scope
     exit_threshold, overrides = stage_settings(exit_args, preset_args.config_overrides)
+    if output.dry_run:
+        settings = {key: value for item in parsed for key, value in asdict(item).items() if key != "hub_token"}
+        settings.update(exit_threshold=exit_threshold, config_overrides=overrides)
+        print(json.dumps(settings, indent=1))
+        return settings
     with accelerator_session(**accelerator_kwargs(runtime_args, optimization, output)) as accelerator:
         # 1. Logging, seed, output folder.
         configure_logging(accelerator)

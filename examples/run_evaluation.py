@@ -67,6 +67,7 @@ from dtop_hf.toolkit.arguments import (
 )
 from dtop_hf.toolkit.evaluation.calibration import (
     CAPACITY,
+    KNOBS,
     THRESHOLD,
     ExitRule,
     format_threshold,
@@ -187,14 +188,14 @@ class EvaluationArguments:
         return [CalibrationRequest(method, *settings) for method in self.methods]
 
 
-def sweep_rules(exit_args: ExitArguments) -> list[ExitRule]:
+def sweep_rules(exit_args: ExitArguments, model_mode: str = THRESHOLD.mode) -> list[ExitRule]:
     """The exit rules swept: the `--exit_threshold` values, then the `--exit_capacity` ones (capacity mode); with
-    neither, the default sweep of `--exit_mode` (threshold mode when unset).
+    neither, the default sweep of `--exit_mode`, or when unset of the model's own mode (`model_mode`).
 
     Raises:
         ValueError: a knob given for the other mode than `--exit_mode`.
     """
-    given = {THRESHOLD: exit_args.exit_threshold or [], CAPACITY: exit_args.exit_capacity or []}
+    given = {knob: getattr(exit_args, knob.key) or [] for knob in KNOBS}
     for knob, values in given.items():
         if values and exit_args.exit_mode not in (None, knob.mode):
             raise ValueError(
@@ -202,14 +203,14 @@ def sweep_rules(exit_args: ExitArguments) -> list[ExitRule]:
                 "sweep the other knob, or give both knobs without `--exit_mode` to sweep both."
             )
     if not any(given.values()):
-        knob = CAPACITY if exit_args.exit_mode == CAPACITY.mode else THRESHOLD
+        knob = CAPACITY if (exit_args.exit_mode or model_mode) == CAPACITY.mode else THRESHOLD
         given[knob] = list(DEFAULT_SWEEPS[knob.mode])
     return [knob.rule(value) for knob, values in given.items() for value in values]
 
 
 def check_arguments(model_args, exit_args, data_args, runtime_args, eval_args) -> None:
     """Flags that only go wrong together."""
-    rules = sweep_rules(exit_args)
+    rules = sweep_rules(exit_args)  # the model's mode is not known yet: the knobs given are what is checked
     if eval_args.calibration_search == "single" and not all(is_uniform(setting_of(rule)) for rule in rules):
         raise ValueError(
             "`--calibration_search single` calibrates one value for every head: give `--exit_threshold` and "
@@ -275,12 +276,12 @@ def failed_calibrations(summary: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     model_args, exit_args, data_args, runtime_args, eval_args = parse_args(argv)
     set_seed(runtime_args.seed)
-    rules = sweep_rules(exit_args)
     calibrated_dirs = {}
     if eval_args.calibrated_output_dir is not None and eval_args.methods:
         calibrated_dirs = {eval_args.methods[0]: eval_args.calibrated_output_dir}
     with accelerator_session(**runtime_args.accelerator_kwargs()) as accelerator:
         model, image_processor = load_model(model_args, data_args, eval_args, accelerator.device)
+        rules = sweep_rules(exit_args, model.config.exit_mode)
         check_setting_lengths(rules, len(model.config.out_indices) - 1)
         # The calibrations (on their own images), then the sweep and the calibrated settings on the evaluated split.
         summary, eval_dataset, id2label = evaluate_model_on_data(

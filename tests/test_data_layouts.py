@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from conftest import load_example
+from conftest import run_example
 from PIL import Image
 
 from dtop_hf import DToPForSemanticSegmentation
@@ -173,8 +173,8 @@ def test_unknown_folder_names_the_accepted_layouts(tmp_path):
 def test_finetune_trains_two_steps_on_each_layout(layout, tmp_path):
     dataset_name = "builtin" if layout == "builtin" else str(LAYOUTS[layout][0](tmp_path / "data"))
     output_dir = tmp_path / "run"
-    load_example("finetune").main([
-        "--cpu", "--dataset_name", dataset_name, "--preset", "tiny", "--crop_size", "32",
+    run_example("finetune", [
+        "--device", "cpu", "--dataset_name", dataset_name, "--model_size", "tiny", "--crop_size", "32",
         "--output_dir", str(output_dir), "--synthetic_image_size", "32", "--synthetic_train_samples", "4",
         "--synthetic_validation_samples", "2", "--validation_split_percentage", "20",
         "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",

@@ -24,7 +24,7 @@ from PIL import Image
 pytest.importorskip("onnxruntime", reason="the `onnx` extra is not installed")
 pytest.importorskip("onnxscript", reason="the `onnx` extra is not installed")
 
-from conftest import load_example  # noqa: E402
+from conftest import run_example  # noqa: E402
 
 from dtop_hf import DToPImageProcessor  # noqa: E402
 from dtop_hf.toolkit.deploy.onnx_export import (  # noqa: E402
@@ -66,7 +66,7 @@ def atm_export(tmp_path_factory):
     processor = DToPImageProcessor(size={"height": 32, "width": 32})
     model.save_pretrained(folder / "model")
     processor.save_pretrained(folder / "model")
-    model_file = load_example("export_onnx").main(
+    model_file = run_example("export_onnx", 
         [
             "--model_name_or_path", str(folder / "model"), "--output", str(folder / "model.onnx"),
             "--image_size", *map(str, IMAGE_SIZE), "--exit_mode", "capacity",
@@ -153,7 +153,7 @@ def test_threshold_mode_is_refused_in_one_line_naming_capacity_mode(atm_export, 
     # The script: the same line as a usage error, no traceback.
     folder = atm_export[1].parent / "model"
     with pytest.raises(SystemExit) as exit_info:
-        load_example("export_onnx").main(["--model_name_or_path", str(folder), "--exit_threshold", "0.9"])
+        run_example("export_onnx", ["--model_name_or_path", str(folder), "--exit_threshold", "0.9"])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err.strip()
     assert len(stderr.splitlines()) == 1 and "capacity mode" in stderr and "Traceback" not in stderr

@@ -16,10 +16,11 @@ from the page itself, so that the documentation and the code cannot drift apart.
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import run_example
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
 from dtop_hf.toolkit.data.label_maps import DATASET_LABELS
@@ -189,9 +190,8 @@ def test_loss_defaults_match_the_loss_table():
 
 @pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
 def test_finetune_preset_sets_every_value_and_flags_override(name):
-    finetune = load_example("finetune")
     preset = PAPER_PRESETS[name]
-    args = finetune.parse_args(["--preset", name, "--stage", "prune"])
+    args = SimpleNamespace(**run_example("finetune", ["--paper_preset", name, "--stage", "prune", "--dry_run"]))
     dataset, schedule = preset.dataset, preset.prune_schedule
     assert (args.crop_size, tuple(args.train_scale), tuple(args.resize_ratio_range)) == (
         dataset.crop_size, dataset.scale, dataset.ratio_range,
@@ -200,12 +200,15 @@ def test_finetune_preset_sets_every_value_and_flags_override(name):
     assert (args.learning_rate, args.head_lr_multiplier, args.weight_decay) == (2e-5, 10.0, 0.01)
     assert (args.num_warmup_steps, args.max_train_steps) == (1500, schedule.max_steps)
     assert args.per_device_train_batch_size == 4 and args.exit_threshold == preset.exit_threshold
-    base = finetune.parse_args(["--preset", name, "--stage", "base"])
+    base = SimpleNamespace(**run_example("finetune", ["--paper_preset", name, "--stage", "base", "--dry_run"]))
     assert base.exit_threshold is None and base.max_train_steps == preset.base_schedule.max_steps
     assert base.lr_decay_steps == preset.base_schedule.decay_steps
-    explicit = finetune.parse_args(
-        ["--preset", name, "--learning_rate", "1e-4", "--crop_size", "64", "--max_train_steps", "7"]
-    )
+    explicit = SimpleNamespace(
+        **run_example(
+            "finetune",
+            ["--preset", name, "--learning_rate", "1e-4", "--crop_size", "64", "--max_train_steps", "7", "--dry_run"],
+        )
+    )  # the flag of earlier releases still works
     assert (explicit.learning_rate, explicit.crop_size, explicit.max_train_steps) == (1e-4, 64, 7)
     assert explicit.weight_decay == 0.01  # the rest still from the preset
 

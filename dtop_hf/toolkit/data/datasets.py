@@ -212,11 +212,13 @@ def builtin_dataset(
     num_train_samples: int, num_validation_samples: int, image_size: int, seed: int, cache_dir: str | Path | None
 ) -> tuple[datasets.DatasetDict, dict[int, str]]:
     """The synthetic scenes; generated once per size and seed, then read back from `cache_dir` when given."""
-    from .synthetic_scenes import SYNTHETIC_ID2LABEL, synthetic_dataset_dict
+    from .synthetic_scenes import SYNTHETIC_ID2LABEL, SYNTHETIC_SCENES_VERSION, synthetic_dataset_dict
 
     cached = None
     if cache_dir is not None:
-        cached = Path(cache_dir) / f"synthetic_scenes_{num_train_samples}_{num_validation_samples}_{image_size}_{seed}"
+        # The generator version is part of the key: scenes cached by an older generator are not reused.
+        name = f"synthetic_scenes_v{SYNTHETIC_SCENES_VERSION}_{num_train_samples}_{num_validation_samples}_{image_size}_{seed}"
+        cached = Path(cache_dir) / name
         if (cached / "dataset_dict.json").is_file():
             return datasets.load_from_disk(str(cached)), dict(SYNTHETIC_ID2LABEL)
     dataset = synthetic_dataset_dict(num_train_samples, num_validation_samples, image_size, seed)

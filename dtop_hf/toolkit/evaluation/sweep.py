@@ -82,7 +82,8 @@ from .report import (
 
 
 # Per exit mode: the sweep when none is given, and a calibration's starting grid when the sweep has no value of its
-# knob (capacities reach lower: in capacity mode a share of the tokens always exits, whatever the image).
+# knob. Thresholds: the confident end, where the paper's models work; capacities: the share of tokens kept, which
+# saves in proportion, so the grid spans it evenly.
 DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
     THRESHOLD.mode: (1.0, 0.98, 0.95, 0.9, 0.8),
     CAPACITY.mode: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
