@@ -39,6 +39,17 @@ Random-weight models' heads mean nothing, so by default (`--exits paper`) which 
 distribution fitted to the paper's GFLOPs reductions and handed to the model's exit decision (see
 `dtop_hf/toolkit/benchmarking/exits.py`); `--exits rate` sets each head's threshold so that `--exit_rate` of the
 active tokens exit; `--model_name_or_path FOLDER` benchmarks a trained model at its own thresholds.
+
+Capacity mode, exported: `--backend onnxruntime` (CPU) exports each case's model to ONNX twice, in capacity mode and
+unpruned (threshold 1.0), times both files in ONNX Runtime (`--threads` intra-op threads; files in a temporary
+folder or `--onnx_dir`), and runs PyTorch eager and compiled in capacity mode on the same cases, so that one table
+holds them side by side. Its default cases are ViT-B/16 at 512 and the quick-start size at 96, batch 1 and 8
+(compiled: batch 8), its exits `--exits capacity`: the capacities at which every auxiliary head keeps the same
+share of the active tokens and R (all heads) is the paper's 1.27 (`--target_flops_ratio`), or `--exit_capacity
+0.74,0.54`. Targets: speed-up >= 0.9 R in ONNX Runtime at every batch size, >= 0.95 R in eager PyTorch capacity
+mode at batch 8. `--repeat_budget_s` lets the quick cases repeat many times and the slow ones three.
+
+    python examples/benchmark.py --backend onnxruntime --threads 1 --repeats 21 --repeat_budget_s 60
 """
 
 import json
@@ -47,6 +58,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from dtop_hf.configuration_dtop import normalize_exit_capacity
 from dtop_hf.toolkit.arguments import ModelArguments, build_parser, parse_arguments
 from dtop_hf.toolkit.benchmarking import (
     BACKENDS,
@@ -83,15 +95,30 @@ class BenchmarkArguments:
         default=None,
         metadata={
             "help": "Where exits come from (see above); default: model for a trained model, rate with --exit_rate, "
-            "else paper.",
+            "capacity with --exit_capacity, --target_flops_ratio or --backend onnxruntime, else paper.",
             "choices": EXIT_SOURCES,
         },
     )
     exit_rate: float | None = field(default=None, metadata={"help": "--exits rate: share exiting per head (0.4)."})
+    exit_capacity: str | None = field(
+        default=None,
+        metadata={
+            "help": "--exits capacity: fraction of an image's patch tokens still active after each auxiliary head, "
+            "'0.5' or one per head '0.74,0.54'; default: solved for --target_flops_ratio."
+        },
+    )
+    target_flops_ratio: float | None = field(
+        default=None,
+        metadata={"help": "--exits capacity: the R (all heads) the solved capacities reach; default: the paper's."},
+    )
     seed: int = field(default=0, metadata={"help": "The run's randomness: random weights, images, drawn exits."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)."})
     backend: list[str] = field(
-        default_factory=lambda: ["torch"], metadata={"help": "What runs the model.", "choices": sorted(BACKENDS)}
+        default_factory=lambda: ["torch"],
+        metadata={
+            "help": "What runs the model; onnxruntime (CPU, capacity exits) runs torch on the same cases too.",
+            "choices": sorted(BACKENDS),
+        },
     )
     dtypes: list[str] | None = field(
         default=None,
@@ -102,18 +129,30 @@ class BenchmarkArguments:
     )
     modes: list[str] = field(
         default_factory=lambda: list(MODES),
-        metadata={"help": "Plain eager PyTorch and/or torch.compile.", "choices": list(MODES)},
+        metadata={
+            "help": "Plain eager PyTorch and/or torch.compile; session: ONNX Runtime (--backend onnxruntime).",
+            "choices": list(MODES),
+        },
     )
     compiled_cases: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Cases also run compiled, in this order; default: 256x8 on cpu (compiling takes minutes), all "
-            "on cuda."
+            "help": "Cases also run compiled, in this order; default: 256x8 on cpu (compiling takes minutes), the "
+            "batch-8 cases with --backend onnxruntime, all on cuda."
         },
     )
     repeats: int = field(default=3, metadata={"help": "Timed runs per variant (alternating)."})
+    repeat_budget_s: float | None = field(
+        default=None,
+        metadata={"help": "Per run, stop repeating once the timed calls took this long (at least 3 rounds)."},
+    )
     warmup: int = field(default=1, metadata={"help": "Untimed runs per variant first."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads and ONNX Runtime intra-op threads (default: theirs)."}
+    )
+    onnx_dir: str | None = field(
+        default=None, metadata={"help": "--backend onnxruntime: where the exports go (default: a temporary folder)."}
+    )
     time_budget_s: float | None = field(default=None, metadata={"help": "Start no case after this; list the rest."})
     no_memory: bool = field(default=False, metadata={"help": "Skip the peak-memory probes (CPU: subprocesses)."})
     no_vit_reference: bool = field(default=False, metadata={"help": "Skip the transformers ViTModel comparison."})
@@ -128,14 +167,22 @@ class BenchmarkArguments:
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"`--time_budget_s` must be > 0, got {self.time_budget_s}.")
         if self.output_json is None:
-            self.output_json = f"docs/benchmark_{torch.device(self.device).type}.json"
+            exported = "" if self.backend == ["torch"] else "_".join(sorted(set(self.backend) - {"torch"})) + "_"
+            self.output_json = f"docs/benchmark_{exported}{torch.device(self.device).type}.json"
+        if self.exit_capacity is not None:
+            capacity = normalize_exit_capacity(self.exit_capacity)
+            self.exit_capacity = list(capacity) if isinstance(capacity, tuple) else [capacity]
 
     def settings(self, model_name_or_path: str | None) -> BenchmarkSettings:
+        # A backend that only runs capacity mode (an export) makes it the default exits of the whole suite.
+        capacity_only = any(BACKENDS[name].exit_sources == ("capacity",) for name in self.backend)
         return BenchmarkSettings(
             device=self.device, seed=self.seed, model_name_or_path=model_name_or_path, num_labels=self.num_labels,
-            exits=self.exits, exit_rate=self.exit_rate, repeats=self.repeats, warmup=self.warmup,
-            measure_memory=not self.no_memory, vit_reference=not self.no_vit_reference, sync_debug=self.sync_debug,
-            threads=self.threads,
+            exits=self.exits or ("capacity" if capacity_only else None), exit_rate=self.exit_rate,
+            exit_capacity=self.exit_capacity, target_flops_ratio=self.target_flops_ratio, repeats=self.repeats,
+            warmup=self.warmup, repeat_budget_s=self.repeat_budget_s, measure_memory=not self.no_memory,
+            vit_reference=not self.no_vit_reference, sync_debug=self.sync_debug, threads=self.threads,
+            onnx_dir=self.onnx_dir,
         )  # fmt: skip
 
     def suite(self, model_name_or_path: str | None) -> BenchmarkSuite:

@@ -39,6 +39,7 @@ from dtop_hf.toolkit.deploy.onnx_export import (
 )
 from dtop_hf.toolkit.deploy.onnx_runtime import compare_with_pytorch, create_session
 from dtop_hf.toolkit.evaluation.flops import flops_from_capacities
+from dtop_hf.toolkit.evaluation.report import format_gflops
 from dtop_hf.toolkit.inference.loading import load_dtop_config, load_model_and_processor
 
 
@@ -78,7 +79,11 @@ def describe_export(model_file: Path, config) -> str:
     if metadata["exit_mode"] == "capacity":
         pruned = flops_from_capacities(config, (height, width), metadata["exit_capacity"]).total.item()
         unpruned = flops_from_capacities(config, (height, width), 1.0).total.item()
-        line += f"; {pruned:.2f} GFLOPs per image, unpruned {unpruned:.2f} (R = {unpruned / pruned:.3f})"
+        # The report's formatter: a tiny model's 0.0018 GFLOPs would print as 0.00 with a fixed two decimals.
+        line += (
+            f"; {format_gflops(pruned)} GFLOPs per image, unpruned {format_gflops(unpruned)} "
+            f"(R = {unpruned / pruned:.3f})"
+        )
     return line + "."
 
 

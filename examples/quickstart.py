@@ -22,14 +22,17 @@ print the table and where everything went.
     python examples/quickstart.py --tiny                   # seconds (CI smoke test); or DTOP_QUICKSTART_TINY=1
     python examples/quickstart.py --base_steps 3000 --train_samples 3000   # longer, better
 
-The steps are the ones `finetune.py` (twice: `--stage base`, then `--stage prune`), `run_evaluation.py` (threshold
-sweep and calibration) and `segment.py` (pictures) run, called as library functions in one process. Written to
+The steps are the ones `finetune.py` (twice: `--stage base`, then `--stage prune`: the toolkit's
+`run_training_stage`), `run_evaluation.py` (threshold sweep, calibration, exit diagnostics) and `segment.py`
+(pictures) run, called as library functions in one process; the final table ends with where exits land (boundary
+tokens per head) and the depth profiles of the base and the pruned model. Written to
 `--output_dir`:
 
     base/         the base model          model/        the pruned model (exit threshold 0.9)
     calibrated/   the pruned model with its calibrated per-head thresholds: use this one
     calibrated_capacity/   the pruned model in capacity mode with its calibrated capacities (for ONNX export)
-    evaluation/   table.md, results.json, gflops_vs_miou.png, pictures/ (validation scenes, one row per threshold)
+    evaluation/   table.md (with the exit diagnostics), results.json, gflops_vs_miou.png, depth_profile.png,
+                  pictures/ (validation scenes, one row per threshold)
     pictures/     segment.py's PNGs for a photo and a validation scene, at the model's threshold, the calibrated
                   ones and the lowest swept
     data/         the generated data set (reused by later runs)
@@ -38,9 +41,8 @@ The model folder loads in `pipeline("image-segmentation", model=..., trust_remot
 `examples/segment.py --model_name_or_path <output_dir>/model`.
 """
 
-import runpy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +52,7 @@ from dtop_hf.toolkit.arguments import (
     DEPRECATED_FLAGS,
     DataArguments,
     ExitArguments,
+    ModelArguments,
     PresetArguments,
     RuntimeArguments,
     build_parser,
@@ -60,6 +63,7 @@ from dtop_hf.toolkit.evaluation.calibration import format_threshold, speedup
 from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
 from dtop_hf.toolkit.evaluation.report import (
     CALIBRATION_FIELDS,
+    DIAGNOSTICS_SECTIONS,
     calibrated,
     compare_with_best_single,
     render_report,
@@ -75,11 +79,20 @@ from dtop_hf.toolkit.inference.pictures import write_pictures_per_threshold
 from dtop_hf.toolkit.quickstart import (
     RUN_SIZES,
     TINY_ENVIRONMENT_VARIABLE,
+    format_exit_landing,
     run_size,
     sample_images,
     tiny_from_environment,
+    where_exits_land,
 )
 from dtop_hf.toolkit.runtime import accelerator_session
+from dtop_hf.toolkit.training.stage import (
+    OptimizationArguments,
+    OutputArguments,
+    StageArguments,
+    TrainingDataArguments,
+    run_training_stage,
+)
 
 
 # This script's `--thresholds` was the sweep, and its `--batch_size` the training batch.
@@ -172,28 +185,47 @@ def parse_args(argv: list[str] | None = None) -> tuple[PresetArguments, ExitArgu
     return preset_args, exit_args, runtime_args, run
 
 
-def train(stage: str, output_dir: Path, run: dict, runtime_args: RuntimeArguments, *model_flags: str) -> None:
-    """One training stage: a short run from scratch, hence a higher learning rate than the official 2e-5 (which
-    fine-tunes an ImageNet backbone for 40k steps). It runs finetune.py's `main` until that loop is a toolkit
-    function; the same scenes, generated once and cached in `<output_dir>/../data`, for both stages."""
+def train(
+    stage: str,
+    output_dir: Path,
+    run: dict,
+    runtime_args: RuntimeArguments,
+    preset_args: PresetArguments,
+    model_name_or_path: Path | None = None,
+) -> None:
+    """One training stage, the run finetune.py's `main` makes of the same flags: a short run from scratch, hence a
+    higher learning rate than the official 2e-5 (which fine-tunes an ImageNet backbone for 40k steps); the same
+    scenes, generated once and cached in `run["data_dir"]`, for both stages."""
     num_steps = run["base_steps" if stage == "base" else "prune_steps"]
-    argv = [
-        "--stage", stage, "--output_dir", str(output_dir), *model_flags,
-        "--synthetic_image_size", str(run["image_size"]), "--synthetic_train_samples", str(run["train_samples"]),
-        "--synthetic_validation_samples", str(run["validation_samples"]), "--cache_dir", str(run["data_dir"]),
-        "--max_train_steps", str(num_steps), "--num_warmup_steps", str(max(1, num_steps // 20)),
-        "--per_device_train_batch_size", str(run["per_device_train_batch_size"]),
-        "--per_device_eval_batch_size", str(run["per_device_eval_batch_size"]),
-        "--learning_rate", str(run["learning_rate"]), "--head_lr_multiplier", str(run["head_lr_multiplier"]),
-        "--seed", str(runtime_args.seed), "--device", runtime_args.device,
-    ]  # fmt: skip
-    runpy.run_path(str(Path(__file__).with_name("finetune.py")), run_name="finetune")["main"](argv)
+    data_args = DataArguments(
+        synthetic_image_size=run["image_size"], synthetic_validation_samples=run["validation_samples"],
+        cache_dir=str(run["data_dir"]), do_reduce_labels=True,  # finetune.py's default: label 0 is unlabelled
+    )  # fmt: skip
+    optimization = OptimizationArguments(
+        per_device_train_batch_size=run["per_device_train_batch_size"], learning_rate=run["learning_rate"],
+        head_lr_multiplier=run["head_lr_multiplier"], max_train_steps=num_steps,
+        num_warmup_steps=max(1, num_steps // 20),
+    )  # fmt: skip
+    run_training_stage(
+        ModelArguments(None if model_name_or_path is None else str(model_name_or_path)),
+        preset_args,
+        ExitArguments(exit_threshold=None if stage == "base" else [run["exit_threshold"]]),
+        data_args,
+        replace(runtime_args, per_device_eval_batch_size=run["per_device_eval_batch_size"]),
+        StageArguments(stage=stage),
+        TrainingDataArguments(synthetic_train_samples=run["train_samples"]),
+        optimization,
+        OutputArguments(output_dir=str(output_dir)),
+    )
 
 
-def evaluate(model_dir: Path, run: dict, runtime_args: RuntimeArguments) -> tuple[dict, str, torch.nn.Module, object]:
+def evaluate(
+    model_dir: Path, run: dict, runtime_args: RuntimeArguments
+) -> tuple[dict, str, torch.nn.Module, object, dict]:
     """The threshold sweep on the validation scenes and per-head thresholds, then capacities, calibrated on
-    calibration scenes with the same budget, with the evaluation's files. Returns the summary, the report without
-    its per-class table, the model and its image processor."""
+    calibration scenes with the same budget, with the evaluation's files (its exit diagnostics included). Returns
+    the summary, the report without its per-class and diagnostics tables, the model, its image processor and where
+    exits land ([`~toolkit.quickstart.where_exits_land`])."""
     output_dir = Path(run["output_dir"])
     data_args = DataArguments(
         synthetic_image_size=run["image_size"],
@@ -215,8 +247,12 @@ def evaluate(model_dir: Path, run: dict, runtime_args: RuntimeArguments) -> tupl
             summary, model, image_processor, eval_dataset, id2label, output_dir / "evaluation", calibrated_dirs,
             num_pictures=2,
         )  # fmt: skip
-    table = render_report([section for section in sections if section.name != "per_class"])
-    return summary, table, model, image_processor
+        landing = where_exits_land(summary, model, image_processor, accelerator, data_args, run)
+    # The full diagnostics and per-class tables are in evaluation/table.md; the summary shows where exits land.
+    table = render_report(
+        [section for section in sections if section.name not in ("per_class", *DIAGNOSTICS_SECTIONS)]
+    )
+    return summary, table, model, image_processor, landing
 
 
 def picture_thresholds(summary: dict, run: dict) -> list[float | tuple[float, ...]]:
@@ -265,20 +301,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     timings, start = {}, time.perf_counter()
     print(f"\n[1/4] Base model (no pruning) -> {base_dir}", flush=True)
-    overrides = ["--config_overrides", preset_args.config_overrides] if preset_args.config_overrides else []
-    train("base", base_dir, run, runtime_args, "--model_size", run["model_size"], *overrides)
+    base_preset = PresetArguments(model_size=run["model_size"], config_overrides=preset_args.config_overrides)
+    train("base", base_dir, run, runtime_args, base_preset)
     timings["base training"], start = time.perf_counter() - start, time.perf_counter()
 
     print(
         f"\n[2/4] Pruning fine-tune (exit threshold {format_threshold(run['exit_threshold'])}) -> {model_dir}",
         flush=True,
     )
-    exit_flag = (
-        ",".join(map(str, run["exit_threshold"]))
-        if isinstance(run["exit_threshold"], tuple)
-        else str(run["exit_threshold"])
-    )
-    train("prune", model_dir, run, runtime_args, "--model_name_or_path", str(base_dir), "--exit_threshold", exit_flag)
+    train("prune", model_dir, run, runtime_args, PresetArguments(), model_name_or_path=base_dir)
     timings["pruning fine-tune"], start = time.perf_counter() - start, time.perf_counter()
 
     print(
@@ -287,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{output_dir / 'evaluation'}, {calibrated_dir}, {capacity_dir}",
         flush=True,
     )
-    summary, table, model, image_processor = evaluate(model_dir, run, runtime_args)
+    summary, table, model, image_processor, landing = evaluate(model_dir, run, runtime_args)
     capacities = describe_capacities(summary, model.config, image_processor)
     timings["evaluation and calibration"], start = time.perf_counter() - start, time.perf_counter()
 
@@ -297,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = sample_images(run["photo"], run["image_size"])
     print("\n".join(write_pictures_per_threshold(model, image_processor, images, thresholds, pictures_dir)))
     timings["pictures"] = time.perf_counter() - start
-    print_summary(summary, table, run, timings, capacities)
+    print_summary(summary, table, run, timings, capacities, landing)
     return {
         "summary": summary,
         "timings": timings,
@@ -308,9 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
 
-def print_summary(summary: dict, table: str, run: dict, timings: dict, capacities: str) -> None:
+def print_summary(summary: dict, table: str, run: dict, timings: dict, capacities: str, landing: dict) -> None:
     """The run's last lines: time, the sweep and calibration tables, the calibrated capacities (`capacities`: their
-    line), what was written, what to run next."""
+    line), where exits land ([`where_exits_land`]), what was written, what to run next."""
     output_dir = Path(run["output_dir"])
     model_dir, calibrated_dir, pictures_dir = output_dir / "model", output_dir / "calibrated", output_dir / "pictures"
     capacity_dir = output_dir / CALIBRATED_FOLDERS["capacity"]
@@ -327,6 +358,7 @@ def print_summary(summary: dict, table: str, run: dict, timings: dict, capacitie
     else:
         print(f"\n{summary['calibration']['error']}")
     print(f"\n{capacities}")
+    print(f"\n{format_exit_landing(landing)}")
     use = calibrated_dir if calibrated(summary) else model_dir
     threshold = format_threshold(run["exit_threshold"])
     print(
@@ -343,7 +375,7 @@ def print_summary(summary: dict, table: str, run: dict, timings: dict, capacitie
             else ""
         )
         + f"  {model_dir}   the pruned model (exit threshold {threshold}); base model in {output_dir / 'base'}\n"
-        f"  {output_dir / 'evaluation'}   table.md, results.json, gflops_vs_miou.png, pictures/\n"
+        f"  {output_dir / 'evaluation'}   table.md, results.json, gflops_vs_miou.png, depth_profile.png, pictures/\n"
         f"  {pictures_dir}   <image>_t<threshold>_segmentation.png, _exit_map.png, _overlay.png\n"
         f"\nNext: python examples/segment.py your_photo.jpg --model_name_or_path {use}\n"
         f"      python examples/run_evaluation.py --model_name_or_path {model_dir} --synthetic_image_size "

@@ -17,7 +17,8 @@ GFLOPs unpruned / pruned, the share of tokens finalised by each head and the mod
 calibrate the thresholds, or capacity mode's capacities, one per auxiliary head, to a budget.
 
 Writes to `--output_dir`: `results.json`, `table.md` (the table printed, like the paper's Table 2),
-`gflops_vs_miou.png`, `pictures/image_N.png` (image | prediction | ground truth | exit map, one row per
+`gflops_vs_miou.png`, `depth_profile.png` (the exit diagnostics below), `pictures/image_N.png` (image | prediction |
+ground truth | exit map, one row per
 setting) and, with `--target_gflops` or `--max_miou_drop`, `calibrated/` (or `--calibrated_output_dir`): a copy
 of the model whose config carries the chosen `exit_threshold` (`calibrated_capacity/` with `--calibrate capacity`:
 the model in capacity mode, with the chosen `exit_capacity`).
@@ -42,6 +43,12 @@ the calibration images. When no swept threshold lets a token exit, lower ones ar
 reported as such, and no calibrated copy is written (exit code 1). Capacity mode always drops its share of the
 tokens, whatever the image: its GFLOPs follow from the capacities and the input size alone, and the same search
 trades them against mIoU (it starts from the swept capacities, or 1.0 0.9 ... 0.3 when none are swept).
+
+The exit diagnostics (whole-image mode; `--no_diagnostics` skips them) come from the sweep's own forward passes: the
+depth profile (each head's own mIoU over all tokens at threshold 1.0: does depth pay on this data set?), per setting
+and head the exit precision (of the tokens that exited there, the share keeping the unpruned model's final label, and
+the share right against the ground truth) and the share of boundary tokens among them against among all tokens; in
+the report, `results.json` (`diagnostics`, and `exit_diagnostics` in each result) and `depth_profile.png`.
 
 Several processes split the data; the results are the same as with one (model time per image aside):
 
@@ -75,7 +82,13 @@ from dtop_hf.toolkit.evaluation.calibration import (
     knob_of,
     setting_of,
 )
-from dtop_hf.toolkit.evaluation.report import CALIBRATION_FIELDS, GFLOPS_KEYS, describe_calibrated, render_report
+from dtop_hf.toolkit.evaluation.report import (
+    CALIBRATION_FIELDS,
+    GFLOPS_KEYS,
+    describe_calibrated,
+    has_depth_profile,
+    render_report,
+)
 from dtop_hf.toolkit.evaluation.sweep import (
     CALIBRATORS,
     DEFAULT_SWEEPS,
@@ -144,6 +157,10 @@ class EvaluationArguments:
     )
     output_dir: str = field(default="dtop-evaluation", metadata={"help": "Results, plot, pictures, calibrated model."})
     num_pictures: int = field(default=4, metadata={"help": "Images drawn with their prediction and exit map."})
+    no_diagnostics: bool = field(
+        default=False,
+        metadata={"help": "Skip the exit diagnostics (depth profile, exit precision, boundary shares; whole images)."},
+    )
 
     def __post_init__(self):
         require_positive(self, ("calibration_samples", "crop_size", "stride"))
@@ -265,7 +282,11 @@ def print_outcome(summary: dict, sections, eval_args: EvaluationArguments, outpu
             print(describe_calibrated(calibration, GFLOPS_KEYS[eval_args.gflops_convention]))
         else:
             print(f"\nNo calibrated model written ({method}): {calibration['error']}")
-    print(f"\nWrote {output_dir / 'results.json'}, table.md, gflops_vs_miou.png and pictures/.")
+    diagnostics = summary.get("diagnostics", {})
+    if "skipped" in diagnostics:
+        print(f"\nNo exit diagnostics: {diagnostics['skipped']}.")
+    plots = "gflops_vs_miou.png" + (", depth_profile.png" if has_depth_profile(summary) else "")
+    print(f"\nWrote {output_dir / 'results.json'}, table.md, {plots} and pictures/.")
 
 
 def failed_calibrations(summary: dict) -> list[str]:
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary, eval_dataset, id2label = evaluate_model_on_data(
             model, image_processor, accelerator, data_args, rules, model_args.model_name_or_path, eval_args.split,
             eval_args.calibration_requests(), runtime_args.per_device_eval_batch_size,
-            runtime_args.dataloader_num_workers,
+            runtime_args.dataloader_num_workers, diagnostics=not eval_args.no_diagnostics,
         )  # fmt: skip
         if accelerator.is_main_process:  # the report, plot, pictures and calibrated models
             output_dir = Path(eval_args.output_dir)

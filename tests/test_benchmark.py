@@ -28,7 +28,9 @@ import torch
 from dtop_hf import DToPConfig
 from dtop_hf.toolkit.benchmarking import (
     BenchmarkSettings,
+    Case,
     build_benchmark_model,
+    capacities_for_flops_ratio,
     make_images,
     parse_case,
     prepare_exits,
@@ -40,8 +42,11 @@ from dtop_hf.toolkit.benchmarking.exits import (
     exit_rate_weights,
     gflops_at_exit_rates,
     paper_exit_rate_mean,
+    paper_flops_ratio,
 )
-from dtop_hf.toolkit.benchmarking.probes import count_device_syncs
+from dtop_hf.toolkit.benchmarking.memory import cpu_peak_memory_mb
+from dtop_hf.toolkit.benchmarking.probes import count_device_syncs, time_rounds
+from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
 from dtop_hf.toolkit.presets import model_size_kwargs
 
 
@@ -208,7 +213,9 @@ def test_paper_exits_take_the_drawn_share_of_each_image():
     heads = list(model.dtop.heads)
     model.config.keep_top_k = 0
     pixel_values = make_images(4, 32, 0, "cpu")
-    threshold, exit_record = prepare_exits(model, pixel_values, "paper", seed=0)
+    exit_rule, exit_record = prepare_exits(model, pixel_values, "paper", seed=0)
+    assert exit_rule == {"exit_threshold": None}  # the model's own thresholds, reading the drawn scores
+    threshold = exit_rule["exit_threshold"]
     assert list(model.dtop.heads) == heads and all(type(head) is type(heads[-1]) for head in heads)
     with torch.no_grad():
         outputs = model(pixel_values, exit_threshold=threshold)
@@ -258,3 +265,106 @@ def test_sync_counter_counts_the_sync_warnings(monkeypatch):
     assert counted["count"] == 2 and sum(counted["where"].values()) == 2
     assert all(where.startswith("test_benchmark.py:") for where in counted["where"])
     assert modes == ["warn", "default"]  # switched back off after the call
+
+
+# --- capacity mode, exported: the onnxruntime backend ------------------------------------------------------------
+
+
+def test_onnxruntime_backend_runs_beside_pytorch_in_capacity_mode(tmp_path, monkeypatch):
+    """`--backend onnxruntime` end to end on the tiny model: PyTorch runs beside it (torch.compile replaced by the
+    eager model: compiling takes minutes on a CPU), all in capacity mode at the solved capacities; the two exports
+    are made once for both batch sizes and match the PyTorch model; R comes from the capacities alone."""
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    output_json, output_markdown, onnx_dir = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "onnx"
+    records = benchmark_main([
+        "--backend", "onnxruntime", "--model_size", "tiny", "--cases", "32x1", "32x2", "--compiled_cases", "32x2",
+        "--repeats", "2", "--warmup", "0", "--threads", "1", "--no_memory", "--no_vit_reference",
+        "--onnx_dir", str(onnx_dir), "--output_json", str(output_json), "--output_markdown", str(output_markdown),
+    ])  # fmt: skip
+    assert records == json.loads(output_json.read_text())
+    runs = [(record["backend"], record["mode"], record["batch_size"]) for record in records]
+    assert runs == [("torch", "eager", 1), ("torch", "eager", 2), ("onnxruntime", "session", 1),
+                    ("onnxruntime", "session", 2), ("torch", "compiled", 2)]  # fmt: skip
+    config = build_benchmark_model(BenchmarkSettings(), "tiny").config
+    capacities = records[0]["exit_capacity"]
+    assert capacities == list(capacities_for_flops_ratio(config, (32, 32), paper_flops_ratio(config)))
+    for record in records:
+        assert record["exits"] == "capacity" and record["exit_capacity"] == capacities
+        assert record["flops_ratio"] == capacity_flops_ratio(config, (32, 32), capacities)
+        assert record["flops_ratio"] == pytest.approx(paper_flops_ratio(config), abs=0.03)
+        assert record["speedup"] == pytest.approx(record["baseline_seconds"] / record["pruned_seconds"])
+        assert record["speedup_over_flops_ratio"] == pytest.approx(record["speedup"] / record["flops_ratio"])
+        assert all(len(times) == 2 for times in record["times_seconds"].values())
+    exported = [record for record in records if record["backend"] == "onnxruntime"]
+    assert [record["speedup_target"] for record in records] == [0.8, 0.95, 0.9, 0.9, 0.9]
+    assert sorted(path.name for path in onnx_dir.iterdir()) == sorted(exported[0]["onnx_files"].values())
+    for record in exported:
+        assert record["intra_op_num_threads"] == 1 and "peak_memory_mb" not in record
+        for parity in record["onnx_parity"].values():  # baseline and pruned export against the PyTorch model
+            assert parity["max_abs_logits_difference"] < 1e-4 and parity["exit_stage_agreement"] == 1.0
+    markdown = output_markdown.read_text()
+    assert "Side by side" in markdown and "| onnxruntime session speed-up | onnxruntime session /R |" in markdown
+    assert markdown.count("| tiny 32x2 |") == 3 + 1  # eager, session and compiled rows, then one side by side
+
+
+def test_onnxruntime_suite_defaults_and_refusals(capsys):
+    planned = dry_run(["--backend", "onnxruntime"], capsys)
+    assert planned["settings"]["exits"] == "capacity"
+    assert planned["output_json"] == "docs/benchmark_onnxruntime_cpu.json"
+    labels = [(run["case"]["model_size"], run["case"]["image_size"], run["case"]["batch_size"], run["backend"],
+               run["mode"]) for run in planned["runs"]]  # fmt: skip
+    cases = [("vit-base", 512, 1), ("vit-base", 512, 8), ("quickstart", 96, 1), ("quickstart", 96, 8)]
+    assert labels == (
+        [(*case, "torch", "eager") for case in cases]
+        + [(*case, "onnxruntime", "session") for case in cases]
+        + [(*case, "torch", "compiled") for case in cases if case[2] == 8]  # compiles last
+    )
+    # The torch suite is unchanged by the new backend.
+    assert dry_run([], capsys)["settings"]["exits"] == "paper"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        dry_run(["--backend", "onnxruntime", "--device", "cuda"], capsys)
+    with pytest.raises(ValueError, match="cannot run 'paper' exits.*--exits capacity"):
+        benchmark_main(["--backend", "onnxruntime", "--exits", "paper", "--model_size", "tiny", "--cases", "32x1"])
+    with pytest.raises(ValueError, match="not both"):  # capacities are given or solved for a target R
+        dry_run(["--exit_capacity", "0.5", "--target_flops_ratio", "1.3"], capsys)
+
+
+@pytest.mark.parametrize("model_size, image_size", [("vit-base", 512), ("quickstart", 96), ("tiny", 32)])
+def test_capacity_solver_hits_its_target_ratio(model_size, image_size):
+    config = DToPConfig(**model_size_kwargs(model_size), num_labels=150)
+    size = (image_size, image_size)
+    for target in (paper_flops_ratio(config), 1.35):
+        capacities = capacities_for_flops_ratio(config, size, target)
+        # At least the target and at most a token's step above it (whole tokens: R moves in steps).
+        assert target <= capacity_flops_ratio(config, size, capacities) <= target + 0.01
+        assert capacities[1] == pytest.approx(capacities[0] ** 2)  # every head keeps the same share of the active
+        # The paper's convention is counted too.
+        paper = capacities_for_flops_ratio(config, size, target, figure="backbone_and_final_head")
+        assert target <= capacity_flops_ratio(config, size, paper, "backbone_and_final_head") <= target + 0.01
+    assert paper_flops_ratio(config) == pytest.approx(109.9 / 86.8)
+    assert capacities_for_flops_ratio(config, size, 1.0) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="out of reach"):
+        capacities_for_flops_ratio(config, size, 1000.0)
+
+
+def test_capacity_exits_given_and_measured_in_a_fresh_process():
+    """Given capacities are validated and used as they are; the CPU memory probe runs capacity mode too."""
+    model = tiny_model()
+    pixel_values = make_images(2, 32, 0, "cpu")
+    exit_rule, record = prepare_exits(model, pixel_values, "capacity", exit_capacity=[0.5, 0.25])
+    assert exit_rule == {"exit_mode": "capacity", "exit_capacity": [0.5, 0.25]}
+    assert record == {"exits": "capacity", "target_flops_ratio": None}
+    with torch.no_grad():
+        tokens = model(pixel_values, **exit_rule).tokens_per_layer
+    assert (tokens[:, -1] == 64 // 4 + model.config.num_prefix_tokens).all()  # a quarter of the 8x8 patches
+    with pytest.raises(ValueError, match="must not increase"):
+        prepare_exits(model, pixel_values, "capacity", exit_capacity=[0.25, 0.5])
+    settings = BenchmarkSettings(exit_capacity=[0.5, 0.25], threads=1)
+    assert settings.exits == "capacity"
+    assert cpu_peak_memory_mb(settings, Case("tiny", 32, 2), "fp32", unpruned=False) >= 0
+
+
+def test_time_budget_per_run_stops_after_three_rounds():
+    calls = {"slow": lambda: sum(range(20000)), "other": lambda: None}
+    assert [len(times) for times in time_rounds(calls, 50, 0, "cpu", time_budget_s=1e-9).values()] == [3, 3]
+    assert [len(times) for times in time_rounds(calls, 5, 1, "cpu").values()] == [5, 5]

@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import pipeline
 
 from dtop_hf import DToPConfig
-from dtop_hf.toolkit.evaluation.calibration import format_threshold, per_head, speedup
+from dtop_hf.toolkit.evaluation.calibration import format_threshold, per_head, setting_of, speedup
 from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
 from dtop_hf.toolkit.quickstart import RUN_SIZES, run_size, tiny_from_environment
 
@@ -147,6 +147,37 @@ def test_quickstart_calibrates_capacities_with_the_same_budget(quickstart_run):
     assert line.group(2) == line.group(3) == f"{known:.3f}"
     written = final_part.split("Written:")[1]
     assert f"{output_dir / 'calibrated_capacity'}   the pruned model in capacity mode" in written
+
+
+def test_quickstart_shows_where_exits_land_and_the_depth_profiles(quickstart_run):
+    output_dir, stdout = quickstart_run
+    summary = json.loads((output_dir / "evaluation" / "results.json").read_text())
+    diagnostics = summary["diagnostics"]
+    final_part = stdout.split("DToP quick start done in")[1]
+    boundary = f"{100 * diagnostics['boundary_share']:.2f}% among all tokens"
+    assert "Where exits land on the validation scenes: the share of boundary tokens" in final_part
+    assert boundary in final_part
+    # One row at the model's threshold (0.9: not in the tiny sweep, measured for this table) and one at the
+    # calibrated thresholds, whose numbers are the evaluation's.
+    rows = {line.split(" | ")[0][2:]: line for line in final_part.splitlines() if " exited) |" in line}
+    chosen = summary["calibration"]["on_evaluation_split"]["chosen"]
+    calibrated_label = f"{format_threshold(setting_of(chosen))} (calibrated)"
+    assert set(rows) == {"0.9 (the model's)", calibrated_label}, rows
+    cells = rows[calibrated_label].strip("| ").split(" | ")[1:]
+    for cell, share, exited in zip(cells, chosen["exit_diagnostics"]["exit_boundary_share"], chosen["exit_share"]):
+        expected_share = "n/a" if share is None else f"{100 * share:.2f}"
+        assert cell == f"{expected_share} ({100 * exited:.1f}% exited)"
+    # The depth profiles: the base model's (its own pass) and the pruned model's (the evaluation's), head by head.
+    line = next(line for line in final_part.splitlines() if line.startswith("Depth profile, each head's own mIoU"))
+    match = re.search(r"base model ([\d. /]+); pruned model ([\d. /]+) \(head 1", line)
+    assert match, line
+    pruned = [float(value) for value in match.group(2).split(" / ")]
+    assert pruned == pytest.approx([100 * value for value in diagnostics["depth_mean_iou"]], abs=0.006)
+    assert len(match.group(1).split(" / ")) == 3
+    # The report's full diagnostics are in table.md, not in the printed summary.
+    assert "Exit precision per head" in (output_dir / "evaluation" / "table.md").read_text()
+    assert "Exit precision per head" not in final_part
+    assert (output_dir / "evaluation" / "depth_profile.png").is_file()
 
 
 def test_quickstart_writes_models_and_pictures(quickstart_run):

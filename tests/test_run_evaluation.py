@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from dtop_hf import DToPConfig, DToPImageProcessor
@@ -162,6 +163,93 @@ def test_sweep_writes_table_json_plot_and_pictures(one_process_run):
         assert picture.width > 4 * 256 > picture.height / 3  # 4 panels side by side, 3 threshold rows
 
 
+def per_head_miou_at_threshold_one(model_dir: Path, **data_settings) -> list[float]:
+    """Each head's own pixel mIoU over the evaluated images at threshold 1.0, computed here from the model's
+    `stage_logits` with the processor's post-processing (what the depth profile must equal)."""
+    from accelerate import Accelerator
+
+    from dtop_hf.toolkit.arguments import DataArguments
+    from dtop_hf.toolkit.evaluation.data import evaluation_dataloader, load_evaluation_split
+    from dtop_hf.toolkit.evaluation.metrics import StreamingMeanIoU
+    from dtop_hf.toolkit.inference.loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(str(model_dir), "cpu")
+    data_args = DataArguments(**data_settings)
+    accelerator = Accelerator(cpu=True)
+    split, _ = load_evaluation_split(data_args, "validation", model.config, processor.do_reduce_labels, accelerator)
+    _, loader = evaluation_dataloader(split, processor, model.config, accelerator, batch_size=2)
+    metrics = [StreamingMeanIoU(model.config.num_labels) for _ in model.config.out_indices]
+    for batch in loader:
+        sizes = [tuple(size) for size in batch["label_sizes"].tolist()]
+        with torch.no_grad():
+            outputs = model(batch["pixel_values"], exit_threshold=1.0)
+        for metric, logits in zip(metrics, outputs.stage_logits, strict=True):
+            maps = processor.post_process_semantic_segmentation({"logits": logits}, target_sizes=sizes)
+            for prediction, labels, (height, width) in zip(maps, batch["labels"], sizes, strict=True):
+                metric.update(prediction, labels[:height, :width])
+    return [metric.compute()["mean_iou"] for metric in metrics]
+
+
+def test_diagnostics_in_the_json_the_report_and_a_plot(one_process_run, tiny_model_dir):
+    completed, output_dir = one_process_run
+    summary = json.loads((output_dir / "results.json").read_text())
+    diagnostics = summary["diagnostics"]
+    # The depth profile: each head's own mIoU at threshold 1.0, scored here on SWEEP_ARGS' images; the decode head's
+    # is the unpruned row.
+    expected = per_head_miou_at_threshold_one(
+        tiny_model_dir, synthetic_image_size=48, max_eval_samples=5
+    )  # SWEEP_ARGS
+    assert diagnostics["depth_mean_iou"] == pytest.approx(expected)
+    assert diagnostics["depth_mean_iou"][-1] == pytest.approx(summary["results"][0]["mean_iou"])
+    assert len(diagnostics["depth_per_category_iou"]) == 3
+    assert set(diagnostics["depth_per_category_iou"][0]) == set(SYNTHETIC_ID2LABEL.values())
+    assert 0.0 < diagnostics["boundary_share"] < 1.0 and diagnostics["num_tokens"] == 5 * 8 * 8
+    # Exit precision per setting and head: shares in [0, 1], null where nothing exited.
+    for result in summary["results"]:
+        exits = result["exit_diagnostics"]
+        assert set(exits) == {"exit_agreement", "exit_accuracy", "reference_accuracy", "exit_boundary_share"}
+        for key, values in exits.items():
+            assert len(values) == 3
+            for stage, value in enumerate(values):
+                assert (value is None) == (result["exit_share"][stage] == 0.0), (key, result)
+                assert value is None or 0.0 <= value <= 1.0
+    # Threshold 1.0: every token stays to the decode head, whose label is the unpruned one by definition.
+    unpruned = summary["results"][0]["exit_diagnostics"]
+    assert unpruned["exit_agreement"] == [None, None, 1.0]
+    assert unpruned["exit_accuracy"][-1] == unpruned["reference_accuracy"][-1]
+    assert unpruned["exit_boundary_share"][-1] == pytest.approx(diagnostics["boundary_share"])
+    # At 0.5 tokens exit at head 1; whether they agree is the model's business, but the decode head's keep theirs.
+    assert summary["results"][2]["exit_diagnostics"]["exit_agreement"][0] is not None
+    report = (output_dir / "table.md").read_text()
+    assert "Depth profile: each head's own mIoU" in report and "| own mIoU (%) |" in report
+    assert "Exit precision per head (evaluated split):" in report
+    assert "| 0.5 | head 1 (layer 2) |" in report and "among all tokens" in report
+    assert report.index("Depth profile") < report.index("Exit precision") < report.index("IoU per class")
+    assert "Exit precision per head" in completed.stdout and "depth_profile.png" in completed.stdout
+    with Image.open(output_dir / "depth_profile.png") as plot:
+        assert plot.width > 600 and plot.height > 200
+
+
+def test_diagnostics_can_be_skipped_and_are_skipped_in_slide_mode(tiny_model_dir, tmp_path):
+    common = ["--model_name_or_path", str(tiny_model_dir), "--num_pictures", "0"] + SWEEP_ARGS[:-2]
+    skipped = evaluate(common + ["--output_dir", str(tmp_path / "off"), "--no_diagnostics"])
+    assert "diagnostics" not in skipped and all("exit_diagnostics" not in result for result in skipped["results"])
+    assert not (tmp_path / "off" / "depth_profile.png").exists()
+    assert "Depth profile" not in (tmp_path / "off" / "table.md").read_text()
+    slide = evaluate(common + ["--output_dir", str(tmp_path / "slide"), "--sliding_window"])
+    assert "sliding-window" in slide["diagnostics"]["skipped"]
+    assert "Exit precision" not in (tmp_path / "slide" / "table.md").read_text()
+
+
+def test_a_sweep_without_the_unpruned_setting_still_gets_its_diagnostics(tiny_model_dir, tmp_path):
+    arguments = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--num_pictures", "0"]
+    summary = evaluate(arguments + SWEEP_ARGS[:-5] + ["0.5"])
+    # One more unpruned pass gives the reference and the depth profile; the results stay the sweep's.
+    assert [result["exit_threshold"] for result in summary["results"]] == [0.5]
+    assert len(summary["diagnostics"]["depth_mean_iou"]) == 3
+    assert summary["results"][0]["exit_diagnostics"]["exit_agreement"][0] is not None
+
+
 def test_two_processes_give_the_same_results(one_process_run, tiny_model_dir, tmp_path):
     _, one_process_dir = one_process_run
     run_script(
@@ -175,6 +263,8 @@ def test_two_processes_give_the_same_results(one_process_run, tiny_model_dir, tm
             assert one_result[field] == two_result[field], (field, one, two)
         for field in ("gflops", "gflops_backbone_and_final_head"):  # float sums in another order
             assert one_result[field] == pytest.approx(two_result[field], rel=1e-12)
+        assert one_result["exit_diagnostics"] == two_result["exit_diagnostics"]  # integer counts, gathered
+    assert one["diagnostics"] == two["diagnostics"]
 
 
 def test_calibration_writes_a_model_tuned_to_the_budget(tiny_model_dir, tmp_path):

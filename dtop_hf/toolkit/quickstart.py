@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The quick start's run sizes and sample pictures: `examples/quickstart.py` trains, prunes, evaluates and draws a
+"""The quick start's run sizes (`RUN_SIZES`: every default of a run, in one place), sample pictures and what its
+final table shows of the exit diagnostics: `examples/quickstart.py` trains, prunes, evaluates and draws a
 small DToP on the built-in scenes at one of these sizes.
 
 "default": the "quickstart" model size of [`~toolkit.presets.MODEL_SIZES`] (a 6-layer width-128 ViT, patch 8, ATM
@@ -21,13 +22,29 @@ training step on two CPU cores. "tiny": the "tiny" size (a 4-layer width-32 ViT)
 
 import os
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
 from PIL import Image
 
+from ..image_processing_dtop import DToPImageProcessor
+from .arguments import DataArguments
 from .data.synthetic_scenes import make_synthetic_scenes
+from .evaluation.calibration import THRESHOLD, format_threshold, setting_key, setting_of
+from .evaluation.report import (
+    boundary_table,
+    calibrated,
+    evaluated_settings,
+    format_depth_profiles,
+    format_percent,
+)
+from .evaluation.sweep import evaluate_model_on_data
 from .inference.images import open_image
+from .inference.loading import load_model_and_processor
+from .inference.visualization import head_names
 
 
 TINY_ENVIRONMENT_VARIABLE = "DTOP_QUICKSTART_TINY"
@@ -89,4 +106,70 @@ def sample_images(photo: str | None, image_size: int) -> dict[str, Image.Image]:
     return images
 
 
-__all__ = ["RUN_SIZES", "TINY_ENVIRONMENT_VARIABLE", "run_size", "sample_images", "tiny_from_environment"]
+def where_exits_land(
+    summary: dict,
+    model: torch.nn.Module,
+    image_processor: DToPImageProcessor,
+    accelerator: Accelerator,
+    data_args: DataArguments,
+    run: Mapping[str, Any],
+) -> dict:
+    """What the quick start's final table shows of the exit diagnostics: the results at the model's threshold and
+    the calibrated ones (measured again only when the sweep has not: the tiny sweep has no 0.9), the share of
+    boundary tokens among all tokens, and the depth profiles of the pruned model and of the base model (one
+    unpruned pass of `<output_dir>/base`).
+
+    Args:
+        summary: the pruned model's evaluation ([`~toolkit.evaluation.sweep.evaluate_model_on_data`], with its
+            diagnostics) on `data_args`' validation scenes.
+        run: the run's settings (`exit_threshold`, `output_dir`, `per_device_eval_batch_size`).
+    """
+    num_heads = len(model.config.out_indices) - 1
+    shown = {f"{format_threshold(run['exit_threshold'])} (the model's)": THRESHOLD.rule(run["exit_threshold"])}
+    if calibrated(summary):
+        chosen = setting_of(summary["calibration"]["chosen"])
+        shown[f"{format_threshold(chosen)} (calibrated)"] = THRESHOLD.rule(chosen)
+    measured = {setting_key(result, num_heads): result for result in evaluated_settings(summary, num_heads)}
+    evaluate = partial(
+        evaluate_model_on_data, accelerator=accelerator, data_args=data_args,
+        batch_size=run["per_device_eval_batch_size"],
+    )  # fmt: skip
+    missing = [rule for rule in shown.values() if setting_key(rule, num_heads) not in measured]
+    if missing:
+        extra = evaluate(model, image_processor, sweep=missing, model_name=summary["model"])[0]
+        measured.update((setting_key(result, num_heads), result) for result in extra["results"])
+    base_dir = Path(run["output_dir"]) / "base"
+    base_model, base_processor = load_model_and_processor(str(base_dir), accelerator.device)
+    base = evaluate(base_model, base_processor, sweep=[1.0], model_name=str(base_dir))[0]
+    depth = {"base model": base["diagnostics"]["depth_mean_iou"]}
+    depth["pruned model"] = summary["diagnostics"]["depth_mean_iou"]
+    return {
+        "rows": [(label, measured[setting_key(rule, num_heads)]) for label, rule in shown.items()],
+        "depth_profiles": depth,
+        "boundary_share": summary["diagnostics"]["boundary_share"],
+        "stage_names": head_names(model.config.out_indices),
+    }
+
+
+def format_exit_landing(landing: dict) -> str:
+    """[`where_exits_land`] as the final table's lines: boundary tokens per head, then the depth profiles."""
+    names = landing["stage_names"]
+    return (
+        "Where exits land on the validation scenes: the share of boundary tokens (%) among the tokens each head "
+        f"finalised, against {format_percent(landing['boundary_share'])}% among all tokens (easy tokens should "
+        "exit early, boundary tokens late):\n\n"
+        f"{boundary_table(landing['rows'], names)}\n\n"
+        f"Depth profile, each head's own mIoU (%) over all tokens, unpruned: "
+        f"{format_depth_profiles(landing['depth_profiles'], names)}"
+    )
+
+
+__all__ = [
+    "RUN_SIZES",
+    "TINY_ENVIRONMENT_VARIABLE",
+    "format_exit_landing",
+    "run_size",
+    "sample_images",
+    "tiny_from_environment",
+    "where_exits_land",
+]

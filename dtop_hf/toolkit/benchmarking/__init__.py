@@ -15,12 +15,14 @@
 
 `cases` (what runs, the default suites, the targets), `exits` (where the tokens of random-weight models exit),
 `probes` (time, CUDA memory, syncs of one call), `memory` (CPU peak memory in a fresh process), `runner` (the
-models, the backends and the loop), `reports` (tables and JSON). `examples/benchmark.py` is their command line;
-another backend (an exported model in another runtime) joins through `runner.BACKENDS`.
+models, the PyTorch backend and the loop), `onnx_backend` (exports in ONNX Runtime), `reports` (tables and JSON).
+`examples/benchmark.py` is their command line; another backend (an exported model in another runtime) joins through
+`runner.BACKENDS`, as `onnx_backend` does.
 """
 
 from .cases import BenchmarkRun, BenchmarkSuite, Case, parse_case, resolve_suite
-from .exits import SimulatedExitsSegmenter, prepare_exits, seeded_thresholds
+from .exits import SimulatedExitsSegmenter, capacities_for_flops_ratio, prepare_exits, seeded_thresholds
+from .onnx_backend import OnnxRuntimeBackend  # registers the `onnxruntime` backend in BACKENDS
 from .reports import report_sections, write_reports
 from .runner import BACKENDS, BenchmarkSettings, build_benchmark_model, make_images, run_benchmark
 
@@ -31,8 +33,10 @@ __all__ = [
     "BenchmarkSettings",
     "BenchmarkSuite",
     "Case",
+    "OnnxRuntimeBackend",
     "SimulatedExitsSegmenter",
     "build_benchmark_model",
+    "capacities_for_flops_ratio",
     "make_images",
     "parse_case",
     "prepare_exits",

@@ -24,10 +24,18 @@ from ..presets import MODEL_SIZES
 CPU_CASES, CPU_COMPILED_CASES = ("512x1", "256x1", "256x8"), ("256x8",)
 # The GPU suite: ViT-B/16 at 512 (batch 1, 8, 32) and ViT-L/16 at 640 (batch 1, 8).
 CUDA_CASES = ("vit-base:512x1", "vit-base:512x8", "vit-base:512x32", "vit-large:640x1", "vit-large:640x8")
+# The ONNX Runtime suite (capacity exits, CPU): ViT-B/16 at 512 and the quick-start size at 96, batch 1 and 8, each
+# case also in eager PyTorch, the batched ones compiled too (on a 2-core CPU every model, batch size and variant
+# compiles for one to three minutes).
+ONNX_RUNTIME_CASES = ("vit-base:512x1", "vit-base:512x8", "quickstart:96x1", "quickstart:96x8")
+ONNX_RUNTIME_COMPILED_CASES = ("vit-base:512x8", "quickstart:96x8")
 # Speed-up / R, where R = GFLOPs unpruned / pruned, must reach 0.8 at batch 1 and 0.9 at larger batches, where the
 # pruned model's repacking is amortised over more images; the unpruned model must stay within 5% of a plain
 # transformers ViTModel carrying the same heads.
 BATCH_ONE_SPEEDUP_TARGET, BATCH_SPEEDUP_TARGET, VIT_REFERENCE_TARGET = 0.8, 0.9, 1.05
+# Capacity mode keeps the same tokens in every image (no padding, nothing read back from the tokens' scores), so more
+# of R must survive: an exported graph in ONNX Runtime 0.9 R at every batch size, eager PyTorch 0.95 R in batches.
+ONNX_RUNTIME_SPEEDUP_TARGET, CAPACITY_EAGER_BATCH_SPEEDUP_TARGET = 0.9, 0.95
 # Allowed device-to-host syncs per eager forward: none unpruned, one per auxiliary head pruned (the token counts).
 ALLOWED_UNPRUNED_SYNCS = 0
 
@@ -87,7 +95,9 @@ def parse_case(case: str, default_model_size: str | None = None, trained_model: 
     return Case(model_size or default_model_size, image_size, batch_size)
 
 
-MODES = ("eager", "compiled")
+TORCH_MODES = ("eager", "compiled")
+ONNX_RUNTIME_MODES = ("session",)  # one ONNX Runtime session per exported file, all graph optimisations
+MODES = TORCH_MODES + ONNX_RUNTIME_MODES
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,8 @@ class BenchmarkSuite:
     def plan(self) -> list[BenchmarkRun]:
         """The runs in order: every eager run first (cheap; the ViTModel comparison and the sync counts), then the
         compiled ones in `compiled_cases` order, dtype by dtype, so that a time budget cuts compiles last. Each
-        backend runs those of `modes` it has, in its own order (`BACKENDS[name].modes`), backend after backend."""
+        backend runs those of `modes` it has, in its own order (`BACKENDS[name].modes`), backend after backend,
+        every compiled run after all the others."""
         from .runner import BACKENDS
 
         plan = []
@@ -114,7 +125,7 @@ class BenchmarkSuite:
                     plan += [BenchmarkRun(case, backend, mode, dtype) for dtype in self.dtypes for case in compiled]
                 else:
                     plan += [BenchmarkRun(case, backend, mode, dtype) for case in self.cases for dtype in self.dtypes]
-        return plan
+        return sorted(plan, key=lambda run: run.mode == "compiled")  # stable: the order above otherwise
 
 
 def resolve_suite(
@@ -131,29 +142,48 @@ def resolve_suite(
 
     CUDA: the GPU suite (`CUDA_CASES`), fp32 and bf16, every case also compiled. CPU: `CPU_CASES` of `model_size`,
     fp32, only `CPU_COMPILED_CASES` compiled (compiling takes minutes there). A trained model (`trained_model`)
-    runs the suite's image and batch sizes without the model sizes.
+    runs the suite's image and batch sizes without the model sizes. A backend that runs an export (`onnxruntime`)
+    brings the backends it is compared with (`BACKENDS[name].compared_with`: PyTorch) into the suite, and on a CPU
+    its own cases (`ONNX_RUNTIME_CASES`, `ONNX_RUNTIME_COMPILED_CASES` also compiled).
     """
+    from .runner import BACKENDS
+
     device_type = torch.device(device).type
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"A benchmark runs on cpu or cuda[:N], got device {device!r}.")
     on_cuda = device_type == "cuda"
+    backends = tuple(
+        dict.fromkeys(name for backend in backends for name in (*BACKENDS[backend].compared_with, backend))
+    )
+    exported = "onnxruntime" in backends
+    if exported and on_cuda:
+        raise ValueError("The onnxruntime backend runs on the CPU (CPUExecutionProvider): use `--device cpu`.")
     default_size = None if trained_model else model_size
     if cases is None:
-        cases = CUDA_CASES if on_cuda else CPU_CASES
+        cases = CUDA_CASES if on_cuda else ONNX_RUNTIME_CASES if exported else CPU_CASES
         if trained_model:
             cases = tuple(dict.fromkeys(case.rpartition(":")[2] for case in cases))
     parsed = tuple(parse_case(case, default_size, trained_model) for case in cases)
     if compiled_cases is None:
-        compiled_cases = [case.label for case in parsed] if on_cuda else CPU_COMPILED_CASES
+        if on_cuda:
+            compiled_cases = [case.label for case in parsed]
+        else:
+            compiled_cases = ONNX_RUNTIME_COMPILED_CASES if exported else CPU_COMPILED_CASES
     return BenchmarkSuite(
         cases=parsed,
         dtypes=tuple(dict.fromkeys(dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"]))),
         modes=tuple(modes),
         compiled_cases=tuple(parse_case(case, default_size, trained_model) for case in compiled_cases),
-        backends=tuple(backends),
+        backends=backends,
     )
 
 
-def speedup_target(batch_size: int) -> float:
-    """Speed-up / R to reach: `BATCH_ONE_SPEEDUP_TARGET` at batch 1, `BATCH_SPEEDUP_TARGET` at larger batches."""
-    return BATCH_ONE_SPEEDUP_TARGET if batch_size == 1 else BATCH_SPEEDUP_TARGET
+def speedup_target(batch_size: int, backend: str = "torch", mode: str = "eager", exits: str | None = None) -> float:
+    """Speed-up / R to reach: `BATCH_ONE_SPEEDUP_TARGET` at batch 1, `BATCH_SPEEDUP_TARGET` at larger batches;
+    ONNX Runtime `ONNX_RUNTIME_SPEEDUP_TARGET` at every batch size, eager PyTorch in capacity mode
+    `CAPACITY_EAGER_BATCH_SPEEDUP_TARGET` at larger batches."""
+    if backend == "onnxruntime":
+        return ONNX_RUNTIME_SPEEDUP_TARGET
+    if batch_size == 1:
+        return BATCH_ONE_SPEEDUP_TARGET
+    return CAPACITY_EAGER_BATCH_SPEEDUP_TARGET if exits == "capacity" and mode == "eager" else BATCH_SPEEDUP_TARGET

@@ -35,6 +35,11 @@ fewer tokens, is the path a trained model takes.
 
 `rate` exits instead set each head's threshold to the confidence quantile at which a given share of the active
 tokens exits; `model` exits are a trained model's own thresholds.
+
+`capacity` exits run the model in capacity mode: after auxiliary head i, `ceil(exit_capacity[i] * num_patches)`
+tokens of every image go on, whatever the heads' scores, so the cost is fixed by the capacities and the input size
+(the only rule an exported graph can run). Without given capacities, [`capacities_for_flops_ratio`] solves for the
+ones at which every auxiliary head keeps the same share of the active tokens and R (all heads) is the paper's.
 """
 
 import math
@@ -46,12 +51,14 @@ from torch import nn
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
 from dtop_hf.modeling_dtop import DToPModel
 
-from ..evaluation.flops import flops_from_token_counts
+from ..evaluation.flops import capacity_flops_ratio, flops_from_token_counts
 from ..presets import DEEP_BACKBONE_LAYERS
 
 
-ExitSource = Literal["paper", "rate", "model"]
-EXIT_SOURCES: tuple[ExitSource, ...] = ("paper", "rate", "model")
+ExitSource = Literal["paper", "rate", "model", "capacity"]
+EXIT_SOURCES: tuple[ExitSource, ...] = ("paper", "rate", "model", "capacity")
+# The unpruned baseline's exit rule: threshold 1.0, no token exits (whatever mode the config holds).
+UNPRUNED: dict[str, float] = {"exit_threshold": 1.0}
 # SegViT + DToP@Finetune on ADE20K, GFLOPs unpruned -> pruned (backbone + decode head): the paper's Table 1
 # (ViT-B/16, 512 crop, 160k + finetune) and Table 7 (ViT-L/16, 640 crop, threshold 0.95).
 PAPER_GFLOPS = {"vit-base": (109.9, 86.8), "vit-large": (617.0, 412.8)}
@@ -59,6 +66,9 @@ PAPER_GFLOPS = {"vit-base": (109.9, 86.8), "vit-large": (617.0, 412.8)}
 EXIT_RATE_CONCENTRATION = 4.0
 EXIT_RATE_GRID_POINTS = 2000  # midpoint grid over (0, 1) for the Beta's expectation and quantiles
 REGIONS_PER_IMAGE = 6
+# The capacity solver's bisection: 40 halvings of (0, 1] resolve the shared share far below one token's step, and
+# its lowest share leaves one token after the first head.
+CAPACITY_SOLVER_STEPS, CAPACITY_SOLVER_LOWEST_SHARE = 40, 1e-9
 
 
 class DrawnScores:
@@ -225,32 +235,103 @@ def seeded_thresholds(model: DToPForSemanticSegmentation, pixel_values: torch.Te
     return thresholds
 
 
+def paper_flops_ratio(config: DToPConfig) -> float:
+    """The paper's R = GFLOPs unpruned / pruned of the official model closest to `config` (ViT-B/16: 1.27)."""
+    unpruned, pruned = paper_gflops(config)
+    return unpruned / pruned
+
+
+def shared_share_capacities(config: DToPConfig, keep: float) -> tuple[float, ...]:
+    """Capacities at which every auxiliary head keeps the same share `keep` of the tokens still active:
+    `keep ** (i + 1)` after head i."""
+    return tuple(keep ** (index + 1) for index in range(len(config.out_indices) - 1))
+
+
+def capacities_for_flops_ratio(
+    config: DToPConfig, image_size: tuple[int, int], flops_ratio: float, figure: str = "total"
+) -> tuple[float, ...]:
+    """Capacities, one per auxiliary head, at which capacity mode reaches R = GFLOPs unpruned / pruned of
+    `flops_ratio` at this input size, counted by [`capacity_flops_ratio`] (`figure`: all heads, or the paper's
+    backbone and decode head).
+
+    Every head keeps the same share k of the tokens still active ([`shared_share_capacities`]; at ViT-B 512 and
+    R 1.27, about (0.734, 0.539)), and k is the largest share whose R is at least `flops_ratio`, found by bisection:
+    R only falls as k grows. Token counts are whole numbers, so R moves in steps of about one token's cost: the
+    result lies within one step above the target (a few thousandths at 1024 patches, about 0.02 at 64).
+
+    Raises:
+        ValueError: `flops_ratio` is out of reach, even with one token left after the first head.
+    """
+
+    def ratio(keep: float) -> float:
+        return capacity_flops_ratio(config, image_size, shared_share_capacities(config, keep), figure)
+
+    if flops_ratio <= 1.0:
+        return shared_share_capacities(config, 1.0)
+    low, high = CAPACITY_SOLVER_LOWEST_SHARE, 1.0  # invariant: ratio(low) >= flops_ratio > ratio(high)
+    if ratio(low) < flops_ratio:
+        raise ValueError(
+            f"R = {flops_ratio} is out of reach at {image_size[0]}x{image_size[1]}: capacity mode saves at most "
+            f"R = {ratio(low):.3f} there (one token left after the first auxiliary head)."
+        )
+    for _ in range(CAPACITY_SOLVER_STEPS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if ratio(middle) >= flops_ratio else (low, middle)
+    return shared_share_capacities(config, low)
+
+
+def capacity_exits(
+    config: DToPConfig,
+    image_size: tuple[int, int],
+    exit_capacity: float | list[float] | tuple[float, ...] | None = None,
+    flops_ratio: float | None = None,
+) -> tuple[dict, dict]:
+    """The exit rule of `capacity` exits: the given capacities, or those solved for `flops_ratio` (default: the
+    paper's R, [`paper_flops_ratio`]) at this input size; and what to record of them."""
+    if exit_capacity is None:
+        flops_ratio = paper_flops_ratio(config) if flops_ratio is None else flops_ratio
+        exit_capacity = capacities_for_flops_ratio(config, image_size, flops_ratio)
+    capacities = list(config.exit_capacities_per_head(exit_capacity)[:-1])  # validated, one per auxiliary head
+    return {"exit_mode": "capacity", "exit_capacity": capacities}, {
+        "exits": "capacity",
+        "target_flops_ratio": flops_ratio,
+    }
+
+
 def prepare_exits(
     model: DToPForSemanticSegmentation,
     pixel_values: torch.Tensor,
     exits: ExitSource,
     exit_rate: float | None = None,
     seed: int = 0,
-) -> tuple[list[float] | None, dict]:
+    exit_capacity: float | list[float] | tuple[float, ...] | None = None,
+    flops_ratio: float | None = None,
+) -> tuple[dict, dict]:
     """Set up the pruned runs' exits for these images.
 
     Args:
         model: the benchmarked model; `paper` exits need a [`SimulatedExitsSegmenter`].
         pixel_values: the images `(batch, channels, height, width)`.
-        exits: `paper`, `rate` (thresholds at which `exit_rate` of the active tokens exit) or `model` (its own).
+        exits: `paper`, `rate` (thresholds at which `exit_rate` of the active tokens exit), `model` (its own) or
+            `capacity` (capacity mode at `exit_capacity`, or at the capacities that reach `flops_ratio`).
         exit_rate: the share of `rate` exits.
         seed: seed of the drawn exits.
+        exit_capacity, flops_ratio: see [`capacity_exits`].
 
     Returns:
-        The `exit_threshold` to run the pruned model at (`None`: the model's own) and what to record of the exits.
+        The pruned calls' exit rule, as keyword arguments of the model's forward (`exit_threshold`, `None` for the
+        model's own; or `exit_mode` and `exit_capacity`), and what to record of the exits.
     """
     simulated = model.dtop if isinstance(model.dtop, SimulatedExitsModel) else None
     if exits != "paper":
         if simulated is not None:
             simulated.use_drawn_scores(None)
+        if exits == "capacity":
+            return capacity_exits(model.config, tuple(pixel_values.shape[-2:]), exit_capacity, flops_ratio)
         if exits == "rate":
-            return seeded_thresholds(model, pixel_values, exit_rate), {"exits": "rate", "exit_rate": exit_rate}
-        return None, {"exits": "model"}
+            threshold = seeded_thresholds(model, pixel_values, exit_rate)
+            return {"exit_threshold": threshold}, {"exits": "rate", "exit_rate": exit_rate}
+        return {"exit_threshold": None}, {"exits": "model"}
     if simulated is None:
         raise ValueError("`paper` exits need a random-weight `SimulatedExitsSegmenter` (see `build_benchmark_model`).")
     config, generator = model.config, torch.Generator().manual_seed(seed)
@@ -258,7 +339,7 @@ def prepare_exits(
     rates, mean = paper_exit_rates(config, grid_size[0] * grid_size[1], pixel_values.shape[0], generator)
     scores = paper_exit_scores(config, rates, grid_size, generator)
     simulated.use_drawn_scores([score.to(pixel_values.device) for score in scores])
-    return None, {
+    return {"exit_threshold": None}, {
         "exits": "paper",
         "paper_gflops_unpruned_pruned": list(paper_gflops(config)),
         "exit_rate_mean": mean,

@@ -70,7 +70,7 @@ def measure_forward_memory(spec: dict) -> float:
     forward pass's growth is measured, not hidden in reused pages.
     """
     from .cases import Case
-    from .exits import prepare_exits
+    from .exits import UNPRUNED, prepare_exits
     from .probes import inference_call
     from .runner import BenchmarkSettings, build_benchmark_model, make_images
 
@@ -79,9 +79,12 @@ def measure_forward_memory(spec: dict) -> float:
         torch.set_num_threads(settings.threads)
     model = build_benchmark_model(settings, case.model_size)
     pixel_values = make_images(case.batch_size, case.image_size, settings.seed, settings.device)
-    threshold, _ = prepare_exits(model, pixel_values, settings.exits, settings.exit_rate, settings.seed)
-    threshold = 1.0 if spec["unpruned"] else threshold
-    forward = inference_call(lambda: model(pixel_values, exit_threshold=threshold), settings.device, spec["dtype"])
+    exit_rule, _ = prepare_exits(
+        model, pixel_values, settings.exits, settings.exit_rate, settings.seed, settings.exit_capacity,
+        settings.target_flops_ratio,
+    )  # fmt: skip
+    exit_rule = UNPRUNED if spec["unpruned"] else exit_rule
+    forward = inference_call(lambda: model(pixel_values, **exit_rule), settings.device, spec["dtype"])
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     start_rss, peak_rss, running = current_rss_bytes(), [0], [True]

@@ -27,6 +27,8 @@ import torch
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # torch's sync debug mode warns "called a synchronizing CUDA operation" at every device-to-host sync.
 SYNC_WARNING_TEXT = "synchronizing"
+# A median of fewer timed rounds is hardly a median: a time budget never cuts a run below this.
+MIN_BUDGET_REPEATS = 3
 
 
 def synchronize(device: str) -> None:
@@ -67,17 +69,38 @@ def time_call(function: Callable[[], object], device: str) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def time_alternating(
-    functions: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str
-) -> dict[str, float]:
-    """Median seconds per call of each function, run in turn so that machine noise hits all of them alike."""
+def time_rounds(
+    functions: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: str,
+    time_budget_s: float | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of every timed call of each function, run in turn so that machine noise hits all of them alike:
+    `warmup` untimed rounds, then `repeats` timed ones, or fewer once the timed rounds took `time_budget_s` in all
+    (never fewer than `MIN_BUDGET_REPEATS`), so that one setting serves calls of milliseconds and of seconds."""
     for _ in range(warmup):
         for function in functions.values():
             function()
     times = {name: [] for name in functions}
-    for _ in range(repeats):
+    for done in range(1, repeats + 1):
         for name, function in functions.items():
             times[name].append(time_call(function, device))
+        spent = sum(sum(values) for values in times.values())
+        if time_budget_s is not None and done >= MIN_BUDGET_REPEATS and spent >= time_budget_s:
+            break
+    return times
+
+
+def time_alternating(
+    functions: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: str,
+    time_budget_s: float | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed by [`time_rounds`]."""
+    times = time_rounds(functions, repeats, warmup, device, time_budget_s)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -11,14 +11,20 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The benchmark's reports: a result table (and a sync table when syncs were counted) as text or Markdown, and the
-JSON of every record."""
+"""The benchmark's reports: a result table (a sync table when syncs were counted, and a side-by-side table when
+several backends ran) as text or Markdown, and the JSON of every record."""
 
 import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .cases import BATCH_ONE_SPEEDUP_TARGET, BATCH_SPEEDUP_TARGET, VIT_REFERENCE_TARGET
+from .cases import (
+    BATCH_ONE_SPEEDUP_TARGET,
+    BATCH_SPEEDUP_TARGET,
+    CAPACITY_EAGER_BATCH_SPEEDUP_TARGET,
+    ONNX_RUNTIME_SPEEDUP_TARGET,
+    VIT_REFERENCE_TARGET,
+)
 
 
 Table = Callable[[tuple[str, ...], list[tuple[str, ...]]], str]
@@ -33,6 +39,14 @@ NOTES = (
     f"{VIT_REFERENCE_TARGET}); peak MB = memory one forward adds (CUDA: max_memory_allocated over the resident "
     "weights and inputs; CPU: resident-memory growth in a fresh process)."
 )
+CAPACITY_NOTES = (
+    "Capacity mode: after auxiliary head i, ceil(capacity_i x patches) tokens of every image go on, so R follows from "
+    "the capacities and the input size alone (`capacity_flops_ratio`, all heads). Its targets: speed-up >= "
+    f"{ONNX_RUNTIME_SPEEDUP_TARGET} R in ONNX Runtime at every batch size, >= {CAPACITY_EAGER_BATCH_SPEEDUP_TARGET} R "
+    "in eager PyTorch at batch > 1. onnxruntime session: the capacity-mode ONNX export against the unpruned export "
+    "(threshold 1.0) of the same model, CPUExecutionProvider, all graph optimisations; export parity: the largest "
+    "|logits difference| against the PyTorch model and the share of exit stages on which they agree."
+)
 
 
 def format_number(value: float | None, digits: int = 2) -> str:
@@ -45,13 +59,17 @@ def run_label(record: dict) -> str:
     return record["mode"] if backend == "torch" else f"{backend} {record['mode']}"
 
 
+def case_label(record: dict) -> str:
+    return f"{record['model']} {record['image_size']}x{record['batch_size']}"
+
+
 def result_row(record: dict) -> tuple[str, ...]:
     memory = record.get("peak_memory_mb", {})
     images = record["images_per_second"]
     checks = (("/R", "meets_speedup_target"), ("ViT", "meets_vit_reference_target"), ("syncs", "meets_sync_target"))
     missed = [name for name, key in checks if record.get(key) is False]
     return (
-        f"{record['model']} {record['image_size']}x{record['batch_size']}",
+        case_label(record),
         run_label(record),
         record["dtype"],
         f"{record['gflops_baseline_per_image']:.4g}->{record['gflops_pruned_per_image']:.4g}",
@@ -72,12 +90,51 @@ def sync_row(record: dict) -> tuple[str, ...]:
     syncs = record["device_syncs_per_forward"]
     where = ", ".join(f"{line} x{count}" for line, count in syncs["pruned"]["where"].items())
     return (
-        f"{record['model']} {record['image_size']}x{record['batch_size']}",
+        case_label(record),
         record["dtype"],
         f"{syncs['unpruned']['count']} ({syncs['allowed_unpruned']})",
         f"{syncs['pruned']['count']} ({syncs['allowed_pruned']})",
         where or "-",
     )
+
+
+def parity_text(record: dict) -> str:
+    """An export's agreement with the PyTorch model, baseline and pruned file: largest |logits difference|, share of
+    exit stages that agree."""
+    return "; ".join(
+        f"{name} {parity['max_abs_logits_difference']:.1e}, {parity['exit_stage_agreement']:.0%}"
+        for name, parity in record["onnx_parity"].items()
+    )
+
+
+def side_by_side_table(records: list[dict], table: Table) -> str:
+    """One row per case and dtype: its capacities and R, then every backend and mode's speed-up and speed-up / R
+    next to each other, the export's parity, and the variants that missed their /R target."""
+    variants = list(dict.fromkeys(run_label(record) for record in records))
+    rows: dict[tuple[str, str], dict[str, dict]] = {}
+    for record in records:
+        rows.setdefault((case_label(record), record["dtype"]), {})[run_label(record)] = record
+    columns = ("case", "dtype", "exit capacity", "R", *(f"{variant} {what}" for variant in variants for what in
+               ("speed-up", "/R")), "export parity (max |dlogits|, exits agree)", "/R target missed")  # fmt: skip
+    lines = []
+    for (case, dtype), by_variant in rows.items():
+        first = next(iter(by_variant.values()))
+        capacity = first.get("exit_capacity")
+        cells = []
+        for variant in variants:
+            record = by_variant.get(variant)
+            cells += [
+                format_number(record and record["speedup"]),
+                format_number(record and record["speedup_over_flops_ratio"]),
+            ]
+        exported = [record for record in by_variant.values() if "onnx_parity" in record]
+        missed = [variant for variant, record in by_variant.items() if record["meets_speedup_target"] is False]
+        lines.append((
+            case, dtype, ", ".join(f"{value:.3f}" for value in capacity) if capacity else "-",
+            format_number(first["flops_ratio"]), *cells, parity_text(exported[0]) if exported else "-",
+            ", ".join(missed) or "none",
+        ))  # fmt: skip
+    return table(columns, lines)
 
 
 def text_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -96,6 +153,11 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
 def report_sections(records: list[dict], skipped: list[str], table: Table = text_table) -> list[str]:
     """The result table, the sync table (when counted), the notes and the skipped runs, each formatted by `table`."""
     sections = [table(RESULT_COLUMNS, [result_row(record) for record in records]), NOTES]
+    if len({record.get("backend", "torch") for record in records}) > 1:
+        sections.append("Side by side (speed-up and speed-up / R per backend and mode):")
+        sections.append(side_by_side_table(records, table))
+    if any(record.get("exits") == "capacity" for record in records):
+        sections.append(CAPACITY_NOTES)
     synced = [record for record in records if "device_syncs_per_forward" in record]
     if synced:
         sections.append("Device-to-host syncs per eager forward (torch.cuda.set_sync_debug_mode):")

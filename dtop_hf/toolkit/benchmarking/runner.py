@@ -15,9 +15,12 @@
 images, alternating, and record R, the speed-up, throughput, memory and (on request) device syncs.
 
 A backend turns a run into the calls to time: `torch` (eager or `torch.compile`) here; another backend (an exported
-model in another runtime) registers a class with the same `name`, `modes` and `prepare` in `BACKENDS`.
+model in another runtime, such as `onnx_backend`'s `onnxruntime`) registers a class with the same `name`, `modes`,
+`exit_sources`, `compared_with` and `prepare` in `BACKENDS`.
 """
 
+import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,10 +30,15 @@ import transformers
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
 
-from ..evaluation.flops import count_flops_from_outputs
+from ..evaluation.flops import (
+    capacity_flops_ratio,
+    capacity_token_counts,
+    count_flops_from_outputs,
+    flops_from_capacities,
+)
 from ..presets import model_size_kwargs
-from .cases import ALLOWED_UNPRUNED_SYNCS, VIT_REFERENCE_TARGET, BenchmarkRun, speedup_target
-from .exits import EXIT_SOURCES, ExitSource, SimulatedExitsSegmenter, prepare_exits
+from .cases import ALLOWED_UNPRUNED_SYNCS, TORCH_MODES, VIT_REFERENCE_TARGET, BenchmarkRun, speedup_target
+from .exits import EXIT_SOURCES, UNPRUNED, ExitSource, SimulatedExitsSegmenter, prepare_exits
 from .memory import cpu_peak_memory_mb
 from .probes import (
     allow_recompiles,
@@ -40,7 +48,7 @@ from .probes import (
     cuda_peak_memory_mb,
     inference_call,
     synchronize,
-    time_alternating,
+    time_rounds,
 )
 
 
@@ -64,15 +72,23 @@ class BenchmarkSettings:
         model_name_or_path: a trained DToP folder or Hub id, benchmarked at its own thresholds; `None`: random
             weights of each case's model size.
         num_labels: classes of the random-weight models (default 150; `tiny`: 5).
-        exits: where exits come from (`paper`, `rate`, `model`; see `exits.py`); default: `model` for a trained
-            model, `rate` when `exit_rate` is given, else `paper`.
+        exits: where exits come from (`paper`, `rate`, `model`, `capacity`; see `exits.py`); default: `model` for a
+            trained model, `rate` when `exit_rate` is given, `capacity` when `exit_capacity` or `target_flops_ratio`
+            is, else `paper`.
         exit_rate: the share of active tokens that `rate` exits let go at each head (default 0.4).
+        exit_capacity: `capacity` exits: the share of an image's patch tokens still active after each auxiliary
+            head; default: the capacities that reach `target_flops_ratio`.
+        target_flops_ratio: `capacity` exits: the R (all heads) the solved capacities reach in every case (default:
+            the paper's, `exits.paper_flops_ratio`).
         repeats: timed calls per variant, alternating.
+        repeat_budget_s: per run, stop repeating once the timed calls took this long (never below three rounds);
+            `None`: always `repeats`.
         warmup: untimed calls per variant first.
         measure_memory: measure the peak memory of a forward (CPU: in a fresh process).
         vit_reference: time transformers' `ViTModel` with the same heads next to the unpruned model (eager).
         sync_debug: count the device-to-host syncs of one eager forward (CUDA).
-        threads: torch's CPU threads (`None`: torch's choice).
+        threads: torch's CPU threads and ONNX Runtime's intra-op threads (`None`: each library's choice).
+        onnx_dir: where the `onnxruntime` backend writes its exports (`None`: a temporary folder).
     """
 
     device: str = "cpu"
@@ -81,24 +97,39 @@ class BenchmarkSettings:
     num_labels: int | None = None
     exits: ExitSource | None = None
     exit_rate: float | None = None
+    exit_capacity: list[float] | None = None
+    target_flops_ratio: float | None = None
     repeats: int = 3
     warmup: int = 1
+    repeat_budget_s: float | None = None
     measure_memory: bool = True
     vit_reference: bool = True
     sync_debug: bool = False
     threads: int | None = None
+    onnx_dir: str | None = None
 
     def __post_init__(self):
         trained = self.model_name_or_path is not None
-        if self.exits is None:
+        capacity_given = self.exit_capacity is not None or self.target_flops_ratio is not None
+        if self.exits is None and capacity_given:
+            self.exits = "capacity"
+        elif self.exits is None:
             self.exits = "model" if trained else "rate" if self.exit_rate is not None else "paper"
         if self.exits not in EXIT_SOURCES:
             raise ValueError(f"`exits` must be one of {EXIT_SOURCES}, got {self.exits!r}.")
-        if trained != (self.exits == "model"):
+        if self.exits != "capacity" and trained != (self.exits == "model"):
             raise ValueError(
-                "A trained model (`model_name_or_path`) runs at its own thresholds, `exits='model'`, and random "
-                f"weights cannot (their thresholds mean nothing): got exits {self.exits!r}, model "
-                f"{self.model_name_or_path!r}."
+                "A trained model (`model_name_or_path`) runs at its own thresholds, `exits='model'` (or in capacity "
+                "mode, `exits='capacity'`), and random weights cannot (their thresholds mean nothing): got exits "
+                f"{self.exits!r}, model {self.model_name_or_path!r}."
+            )
+        if capacity_given and self.exits != "capacity":
+            raise ValueError(
+                f"`exit_capacity` and `target_flops_ratio` apply to `exits='capacity'`, got {self.exits!r}."
+            )
+        if self.exit_capacity is not None and self.target_flops_ratio is not None:
+            raise ValueError(
+                "Give `exit_capacity` or `target_flops_ratio` (the capacities are solved for it), not both."
             )
         if self.exits == "rate" and self.exit_rate is None:
             self.exit_rate = DEFAULT_EXIT_RATE
@@ -108,6 +139,8 @@ class BenchmarkSettings:
             raise ValueError("`sync_debug` counts CUDA syncs (torch.cuda.set_sync_debug_mode): it needs device cuda.")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"`repeats` must be >= 1 and `warmup` >= 0, got {self.repeats} and {self.warmup}.")
+        if self.repeat_budget_s is not None and self.repeat_budget_s <= 0:
+            raise ValueError(f"`repeat_budget_s` must be > 0, got {self.repeat_budget_s}.")
 
 
 def build_benchmark_model(settings: BenchmarkSettings, model_size: str | None) -> DToPForSemanticSegmentation:
@@ -167,11 +200,12 @@ def vit_reference(model: DToPForSemanticSegmentation, device: str) -> Callable[[
 
 class BenchmarkModels:
     """The models of a benchmark, each built once: the DToP model per size, its compiled form, the ViTModel
-    reference. `progress` receives a line per model built."""
+    reference, and what other backends build from them (`artifacts`, such as exported files and their sessions, by
+    a key of the backend's choosing). `progress` receives a line per model built."""
 
     def __init__(self, settings: BenchmarkSettings, progress: Callable[[str], None] = print_line):
         self.settings, self.progress = settings, progress
-        self.models, self.compiled_models, self.references = {}, {}, {}
+        self.models, self.compiled_models, self.references, self.artifacts = {}, {}, {}, {}
 
     def model(self, model_size: str | None) -> DToPForSemanticSegmentation:
         if model_size not in self.models:
@@ -206,10 +240,19 @@ class TimedCalls:
 
 
 class TorchBackend:
-    """The PyTorch model itself, eager or through `torch.compile` (both variants compiled before timing)."""
+    """The PyTorch model itself, eager or through `torch.compile` (both variants compiled before timing).
+
+    Attributes:
+        name: the backend's name in `BACKENDS` and on the command line.
+        modes: the ways it runs a model, in run order.
+        exit_sources: the exit sources (`exits.EXIT_SOURCES`) it can run.
+        compared_with: backends a suite with this one also runs, on the same cases and exits.
+    """
 
     name = "torch"
-    modes = ("eager", "compiled")
+    modes = TORCH_MODES
+    exit_sources = EXIT_SOURCES
+    compared_with = ()
 
     def prepare(
         self,
@@ -217,13 +260,15 @@ class TorchBackend:
         models: BenchmarkModels,
         run: BenchmarkRun,
         pixel_values: torch.Tensor,
-        threshold: list[float] | None,
+        exit_rule: dict,
     ) -> TimedCalls:
+        """The calls to time: `exit_rule` is the pruned calls' keyword arguments of the forward (from
+        `prepare_exits`); the baseline runs at threshold 1.0."""
         model_size, device, dtype = run.case.model_size, settings.device, run.dtype
         runner = models.compiled(model_size) if run.mode == "compiled" else models.model(model_size)
         calls = {
-            "baseline": inference_call(lambda: runner(pixel_values, exit_threshold=1.0), device, dtype),
-            "pruned": inference_call(lambda: runner(pixel_values, exit_threshold=threshold), device, dtype),
+            "baseline": inference_call(lambda: runner(pixel_values, **UNPRUNED), device, dtype),
+            "pruned": inference_call(lambda: runner(pixel_values, **exit_rule), device, dtype),
         }
         if run.mode == "eager" and settings.vit_reference:
             reference = models.vit_reference(model_size)
@@ -260,15 +305,38 @@ def environment(device: str) -> dict:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "load_average_1_5_15_min": list(os.getloadavg()),  # a shared machine's other work, as each run ended
     }
 
 
-def flops_record(model: DToPForSemanticSegmentation, pixel_values: torch.Tensor, threshold, dtype: str) -> dict:
+def capacity_flops_record(
+    config: DToPConfig, image_size: tuple[int, int], capacities: list[float], batch_size: int
+) -> dict:
+    """What [`flops_record`] counts, for capacity mode from the capacities and the input size alone: every image
+    keeps the same tokens, so no forward is needed (R from `capacity_flops_ratio`)."""
+    tokens_per_layer = capacity_token_counts(config, image_size, capacities)[0][0]
+    baseline, pruned = (flops_from_capacities(config, image_size, capacity) for capacity in (1.0, capacities))
+    return {
+        "tokens_per_layer_mean": tokens_per_layer.float().tolist(),
+        "tokens_last_layer_per_image": [int(tokens_per_layer[-1])] * batch_size,
+        "gflops_baseline_per_image": float(baseline.total),
+        "gflops_pruned_per_image": float(pruned.total),
+        "flops_ratio": capacity_flops_ratio(config, image_size, capacities),
+        "flops_ratio_backbone_and_final_head": capacity_flops_ratio(
+            config, image_size, capacities, "backbone_and_final_head"
+        ),
+    }
+
+
+def flops_record(model: DToPForSemanticSegmentation, pixel_values: torch.Tensor, exit_rule: dict, dtype: str) -> dict:
     """GFLOPs and token counts of one eager forward, unpruned and pruned: R = GFLOPs unpruned / pruned."""
+    if exit_rule.get("exit_mode") == "capacity":
+        image_size, batch_size = tuple(pixel_values.shape[-2:]), pixel_values.shape[0]
+        return capacity_flops_record(model.config, image_size, exit_rule["exit_capacity"], batch_size)
     device = str(pixel_values.device)
     with torch.no_grad(), autocast_context(device, dtype):
-        baseline_outputs = model(pixel_values, exit_threshold=1.0)
-        pruned_outputs = model(pixel_values, exit_threshold=threshold)
+        baseline_outputs = model(pixel_values, **UNPRUNED)
+        pruned_outputs = model(pixel_values, **exit_rule)
     baseline_flops = count_flops_from_outputs(model.config, baseline_outputs)
     pruned_flops = count_flops_from_outputs(model.config, pruned_outputs)
     return {
@@ -283,14 +351,22 @@ def flops_record(model: DToPForSemanticSegmentation, pixel_values: torch.Tensor,
     }
 
 
-def timing_record(medians: dict[str, float], batch_size: int, flops_ratio: float) -> dict:
-    """Times, speed-up and throughput from the median seconds per call, held to the targets."""
+def timing_record(
+    medians: dict[str, float],
+    batch_size: int,
+    flops_ratio: float,
+    run: BenchmarkRun | None = None,
+    exits: ExitSource | None = None,
+) -> dict:
+    """Times, speed-up and throughput from the median seconds per call, held to the targets of the run's backend,
+    mode and exits."""
+    backend, mode = (run.backend, run.mode) if run is not None else ("torch", "eager")
     record = {
         "baseline_seconds": medians["baseline"],
         "pruned_seconds": medians["pruned"],
         "speedup": medians["baseline"] / medians["pruned"],
         "images_per_second": {name: batch_size / medians[name] for name in ("baseline", "pruned")},
-        "speedup_target": speedup_target(batch_size),
+        "speedup_target": speedup_target(batch_size, backend, mode, exits),
     }
     record["speedup_over_flops_ratio"] = record["speedup"] / flops_ratio
     record["meets_speedup_target"] = record["speedup_over_flops_ratio"] >= record["speedup_target"]
@@ -323,8 +399,10 @@ def memory_record(settings: BenchmarkSettings, run: BenchmarkRun, calls: dict[st
             "peak_memory_mb": {name: peak[0] for name, peak in peaks.items()},
             "peak_memory_total_mb": {name: peak[1] for name, peak in peaks.items()},
         }
-    backend = BACKENDS[run.backend]
-    return {"peak_memory_mb": {name: backend.cpu_peak_memory_mb(settings, run, name == "baseline") for name in names}}
+    probe = getattr(BACKENDS[run.backend], "cpu_peak_memory_mb", None)
+    if probe is None:  # the backend has no CPU memory probe
+        return {}
+    return {"peak_memory_mb": {name: probe(settings, run, name == "baseline") for name in names}}
 
 
 def benchmark_run(settings: BenchmarkSettings, models: BenchmarkModels, run: BenchmarkRun) -> dict:
@@ -332,9 +410,13 @@ def benchmark_run(settings: BenchmarkSettings, models: BenchmarkModels, run: Ben
     case = run.case
     model = models.model(case.model_size)
     pixel_values = make_images(case.batch_size, case.image_size, settings.seed, settings.device)
-    threshold, exit_record = prepare_exits(model, pixel_values, settings.exits, settings.exit_rate, settings.seed)
-    flops = flops_record(model, pixel_values, threshold, run.dtype)
-    timed = BACKENDS[run.backend]().prepare(settings, models, run, pixel_values, threshold)
+    exit_rule, exit_record = prepare_exits(
+        model, pixel_values, settings.exits, settings.exit_rate, settings.seed, settings.exit_capacity,
+        settings.target_flops_ratio,
+    )  # fmt: skip
+    flops = flops_record(model, pixel_values, exit_rule, run.dtype)
+    timed = BACKENDS[run.backend]().prepare(settings, models, run, pixel_values, exit_rule)
+    exit_mode, exit_values = model.config.exit_rule(**exit_rule)
     record = {
         "model": settings.model_name_or_path or case.model_size,
         "image_size": case.image_size,
@@ -343,14 +425,16 @@ def benchmark_run(settings: BenchmarkSettings, models: BenchmarkModels, run: Ben
         "mode": run.mode,
         "dtype": run.dtype,
         "device": settings.device,
-        "exit_threshold": list(model.config.exit_thresholds_per_head(threshold)[:-1]),
+        "exit_capacity" if exit_mode == "capacity" else "exit_threshold": list(exit_values[:-1]),
         **exit_record,
         **timed.record,
     }
-    medians = time_alternating(timed.calls, settings.repeats, settings.warmup, settings.device)
+    times = time_rounds(timed.calls, settings.repeats, settings.warmup, settings.device, settings.repeat_budget_s)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    record["times_seconds"] = times
     record.update(timed.after_timing())
     record.update(flops)
-    record.update(timing_record(medians, case.batch_size, flops["flops_ratio"]))
+    record.update(timing_record(medians, case.batch_size, flops["flops_ratio"], run, settings.exits))
     if settings.sync_debug and run.mode == "eager":
         record.update(sync_record(timed.calls, len(model.config.out_indices)))
     if settings.measure_memory:
@@ -387,6 +471,13 @@ def run_benchmark(
     )
     if any(run.mode == "compiled" for run in plan):
         allow_recompiles()
+    for name in dict.fromkeys(run.backend for run in plan):  # before any model is built
+        sources = BACKENDS[name].exit_sources
+        if settings.exits not in sources:
+            raise ValueError(
+                f"The {name} backend cannot run {settings.exits!r} exits, only {', '.join(sources)} "
+                f"(`--exits {sources[0]}`)."
+            )
     models, records, skipped, start = BenchmarkModels(settings, progress), [], [], time.perf_counter()
     for run in plan:
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:

@@ -217,8 +217,8 @@ def builtin_dataset(
     cached = None
     if cache_dir is not None:
         # The generator version is part of the key: scenes cached by an older generator are not reused.
-        name = f"synthetic_scenes_v{SYNTHETIC_SCENES_VERSION}_{num_train_samples}_{num_validation_samples}_{image_size}_{seed}"
-        cached = Path(cache_dir) / name
+        sizes = f"{num_train_samples}_{num_validation_samples}_{image_size}_{seed}"
+        cached = Path(cache_dir) / f"synthetic_scenes_v{SYNTHETIC_SCENES_VERSION}_{sizes}"
         if (cached / "dataset_dict.json").is_file():
             return datasets.load_from_disk(str(cached)), dict(SYNTHETIC_ID2LABEL)
     dataset = synthetic_dataset_dict(num_train_samples, num_validation_samples, image_size, seed)

@@ -19,7 +19,7 @@ post-processing (the settings recorded in the file), and timing for the benchmar
     result.segmentation[0]  # (height, width) class ids at the photo's size
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -137,6 +137,33 @@ def random_pixel_values(session: "onnxruntime.InferenceSession", batch_size: int
 
 
 @torch.no_grad()
+def run_both(
+    session: "onnxruntime.InferenceSession", model: torch.nn.Module, pixel_values: torch.Tensor
+) -> tuple[DToPModelOutput, DToPModelOutput]:
+    """The exported file and the PyTorch model (with the exit rule recorded in the file) on the same batch: their
+    outputs, the model's on the CPU in float32."""
+    metadata = read_onnx_metadata(session)
+    knob = "exit_capacity" if metadata["exit_mode"] == "capacity" else "exit_threshold"
+    exit_rule = {"exit_mode": metadata["exit_mode"], knob: metadata[knob]}
+    parameter = next(model.parameters())
+    exported = run_session(session, pixel_values.cpu())
+    expected = model(pixel_values.to(parameter.device, parameter.dtype), **exit_rule)
+    return exported, DToPModelOutput(logits=expected.logits.float().cpu(), exit_stage=expected.exit_stage.cpu())
+
+
+def parity_with_pytorch(
+    session: "onnxruntime.InferenceSession", model: torch.nn.Module, pixel_values: torch.Tensor
+) -> dict[str, float]:
+    """How closely an exported file follows the PyTorch model on one batch, without raising (for reports): the
+    largest absolute logits difference and the share of `exit_stage` entries on which the two agree (1.0: the same
+    tokens exited at the same heads)."""
+    exported, expected = run_both(session, model, pixel_values)
+    return {
+        "max_abs_logits_difference": (exported.logits - expected.logits).abs().max().item(),
+        "exit_stage_agreement": (exported.exit_stage == expected.exit_stage).float().mean().item(),
+    }
+
+
 def compare_with_pytorch(
     session: "onnxruntime.InferenceSession", model: torch.nn.Module, batch_sizes: Sequence[int] = (1, 2), seed: int = 0
 ) -> float:
@@ -149,20 +176,24 @@ def compare_with_pytorch(
     Raises:
         ValueError: the two disagree on which head finalised some token (`exit_stage`).
     """
-    metadata = read_onnx_metadata(session)
-    knob = "exit_capacity" if metadata["exit_mode"] == "capacity" else "exit_threshold"
-    exit_rule = {"exit_mode": metadata["exit_mode"], knob: metadata[knob]}
-    parameter = next(model.parameters())
     largest_difference = 0.0
     for batch_size in batch_sizes:
         pixel_values = torch.from_numpy(random_pixel_values(session, batch_size, seed))
-        exported = run_session(session, pixel_values)
-        expected = model(pixel_values.to(parameter.device, parameter.dtype), **exit_rule)
-        if not torch.equal(exported.exit_stage, expected.exit_stage.cpu()):
+        exported, expected = run_both(session, model, pixel_values)
+        if not torch.equal(exported.exit_stage, expected.exit_stage):
             raise ValueError(f"The exported file and the model disagree on `exit_stage` at batch size {batch_size}.")
-        difference = (exported.logits - expected.logits.float().cpu()).abs().max().item()
+        difference = (exported.logits - expected.logits).abs().max().item()
         largest_difference = max(largest_difference, difference)
     return largest_difference
+
+
+def session_call(
+    session: "onnxruntime.InferenceSession", pixel_values: torch.Tensor | np.ndarray
+) -> Callable[[], list[np.ndarray]]:
+    """One forward of the exported graph on these images as a zero-argument call, the input converted once, for
+    timing: it returns ONNX Runtime's raw outputs (`logits`, `exit_stage`)."""
+    feed = {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)}
+    return partial(session.run, list(OUTPUT_NAMES), feed)
 
 
 def time_onnx_models(
@@ -192,8 +223,7 @@ def time_onnx_models(
     calls = {}
     for name, model_file in model_files.items():
         session = create_session(model_file, intra_op_num_threads)
-        feed = {INPUT_NAME: random_pixel_values(session, batch_size, seed)}
-        calls[name] = partial(session.run, list(OUTPUT_NAMES), feed)
+        calls[name] = session_call(session, random_pixel_values(session, batch_size, seed))
     return time_alternating(calls, repeats=repeats, warmup=warmup, device="cpu")
 
 
@@ -202,8 +232,11 @@ __all__ = [
     "compare_with_pytorch",
     "create_session",
     "onnx_image_processor",
+    "parity_with_pytorch",
     "random_pixel_values",
+    "run_both",
     "run_session",
     "segment_with_onnx",
+    "session_call",
     "time_onnx_models",
 ]

@@ -44,7 +44,7 @@ Example:
 ```
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +206,19 @@ class ExitDiagnostics:
         self.num_tokens += exit_stage.numel()
         self.num_boundary_tokens += int(boundary.sum())
 
+    def add(self, per_image: Mapping[str, torch.Tensor]) -> None:
+        """Add per-image tensors of [`batch_diagnostics`] (one batch, or batches gathered from every process): the
+        exit counts, and the depth profile's confusions where present (the unpruned pass)."""
+        if "exit_counts" in per_image:
+            counts = per_image["exit_counts"].sum(dim=0).cpu()
+            for row, name in enumerate(EXIT_COUNT_NAMES):
+                self.counts[name] += counts[row]
+            self.num_tokens += int(per_image["num_tokens"].sum())
+            self.num_boundary_tokens += int(per_image["num_boundary_tokens"].sum())
+        if "depth_confusion" in per_image:
+            for metric, confusion in zip(self.depth, per_image["depth_confusion"].sum(dim=0).cpu(), strict=True):
+                metric.merge(confusion)
+
     def merge(self, other: "ExitDiagnostics") -> None:
         """Add another accumulator's sums (another process or shard)."""
         for mine, theirs in zip(self.depth, other.depth):
@@ -254,6 +267,100 @@ def stage_class_maps(
     ]
 
 
+def token_ground_truth(
+    labels: torch.Tensor,
+    label_sizes: Sequence[tuple[int, int]],
+    input_size: tuple[int, int],
+    patch_size: int,
+    num_labels: int,
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token labels and boundary tokens, each `(batch, h, w)`, of a padded label batch: each map without its
+    padding (`label_sizes`), resized with nearest neighbours to the model input `input_size` (the token grid is the
+    input's, not the labels')."""
+    truths, boundaries = [], []
+    for index, (height, width) in enumerate(label_sizes):
+        label = labels[index, :height, :width]
+        if tuple(label.shape) != tuple(input_size):
+            label = F.interpolate(label[None, None].float(), size=tuple(input_size), mode="nearest")[0, 0].long()
+        truths.append(token_labels(label[None], patch_size, num_labels, ignore_index))
+        boundaries.append(boundary_tokens(label[None], patch_size, num_labels, ignore_index))
+    return torch.cat(truths), torch.cat(boundaries)
+
+
+def depth_confusions(
+    stage_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    label_sizes: Sequence[tuple[int, int]],
+    num_labels: int,
+    ignore_index: int = 255,
+    image_processor: DToPImageProcessor | None = None,
+) -> torch.Tensor:
+    """Each head's own confusion matrix per image, `(batch, num_stages, num_labels, num_labels)` int64 (rows =
+    ground truth), from [`stage_class_maps`] at the label sizes: per image, so that processes' batches gather."""
+    maps = stage_class_maps(stage_logits, label_sizes, image_processor)
+    confusions = []
+    for index, (height, width) in enumerate(label_sizes):
+        per_stage = []
+        for stage_maps in maps:
+            metric = StreamingMeanIoU(num_labels, ignore_index)
+            metric.update(stage_maps[index], labels[index, :height, :width])
+            per_stage.append(metric.confusion)
+        confusions.append(torch.stack(per_stage))
+    return torch.stack(confusions).to(labels.device)
+
+
+def batch_diagnostics(
+    outputs,
+    labels: torch.Tensor,
+    label_sizes: Sequence[tuple[int, int]],
+    reference: torch.Tensor,
+    config,
+    input_size: tuple[int, int],
+    depth_profile: bool = False,
+    image_processor: DToPImageProcessor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One batch's diagnostics as per-image tensors, ready to be gathered across processes and summed by
+    [`ExitDiagnostics.add`].
+
+    Args:
+        outputs: the model's output of the batch (whole images: `exit_stage`, `stage_logits` on the token grid).
+        labels: `(batch, H_l, W_l)` padded label maps; `label_sizes` their sizes without the padding.
+        reference: `(batch, h, w)` the unpruned model's final label of each token.
+        config: the model's config (patch size, classes, heads, ignore index).
+        input_size: `(H, W)` of the model input.
+        depth_profile: also each head's own confusion matrices (`outputs` must then be the unpruned pass's).
+
+    Returns:
+        `exit_counts` `(batch, len(EXIT_COUNT_NAMES), num_stages)`, `num_tokens` and `num_boundary_tokens`
+        `(batch,)`, and with `depth_profile` `depth_confusion` (see [`depth_confusions`]).
+    """
+    ignore_index, num_stages = config.semantic_loss_ignore_index, len(config.out_indices)
+    truth, boundary = token_ground_truth(
+        labels, label_sizes, input_size, config.patch_size, config.num_labels, ignore_index
+    )
+    grid_size = tuple(outputs.exit_stage.shape[-2:])
+    if tuple(truth.shape[-2:]) != grid_size:
+        raise ValueError(f"Token grid {grid_size} of the model and {tuple(truth.shape[-2:])} of the labels differ.")
+    exit_label = exit_labels(outputs.stage_logits, outputs.exit_stage)
+    per_image = [
+        exit_counts(*(tensor[index : index + 1] for tensor in (outputs.exit_stage, exit_label, reference, truth,
+                                                               boundary)), num_stages, ignore_index)
+        for index in range(len(truth))
+    ]  # fmt: skip
+    device = outputs.exit_stage.device
+    tensors = {
+        "exit_counts": torch.stack([torch.stack([counts[name] for name in EXIT_COUNT_NAMES]) for counts in per_image]),
+        "num_tokens": torch.full((len(truth),), grid_size[0] * grid_size[1], dtype=torch.long),
+        "num_boundary_tokens": boundary.flatten(1).sum(dim=1),
+    }
+    if depth_profile:
+        tensors["depth_confusion"] = depth_confusions(
+            outputs.stage_logits, labels, label_sizes, config.num_labels, ignore_index, image_processor
+        )
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
 @torch.no_grad()
 def diagnose_batch(
     model: torch.nn.Module,
@@ -277,36 +384,78 @@ def diagnose_batch(
         label_sizes: `(height, width)` of each label map without its padding; `None`: the full maps.
     """
     model.eval()
-    config = model.config
     unpruned = model(pixel_values, exit_threshold=1.0)
     pruned = model(pixel_values, exit_threshold=exit_threshold)
     sizes = [tuple(int(v) for v in size) for size in (label_sizes or [labels.shape[-2:]] * len(labels))]
-    maps = stage_class_maps(unpruned.stage_logits, sizes, image_processor)
-    for index, (height, width) in enumerate(sizes):
-        diagnostics.update_depth_profile([stage[index] for stage in maps], labels[index, :height, :width])
-
-    input_size = tuple(pixel_values.shape[-2:])
-    grid_size = tuple(unpruned.logits.shape[-2:])
-    ignore_index = diagnostics.ignore_index
-    for index, (height, width) in enumerate(sizes):
-        label = labels[index, :height, :width]
-        if tuple(label.shape) != input_size:
-            label = F.interpolate(label[None, None].float(), size=input_size, mode="nearest")[0, 0].long()
-        label = label[None]
-        truth = token_labels(label, config.patch_size, config.num_labels, ignore_index)
-        if tuple(truth.shape[-2:]) != grid_size:
-            raise ValueError(
-                f"Token grid {grid_size} of the model and {tuple(truth.shape[-2:])} of the labels differ."
+    diagnostics.add(
+        {
+            "depth_confusion": depth_confusions(
+                unpruned.stage_logits, labels, sizes, diagnostics.num_labels, diagnostics.ignore_index,
+                image_processor,
             )
-        diagnostics.update_exits(
-            exit_stage=pruned.exit_stage[index : index + 1],
-            exit_label=exit_labels(
-                [logits[index : index + 1] for logits in pruned.stage_logits], pruned.exit_stage[index : index + 1]
-            ),
-            reference=unpruned.logits[index : index + 1].argmax(dim=1),
-            token_label=truth,
-            boundary=boundary_tokens(label, config.patch_size, config.num_labels, ignore_index),
+        }
+    )  # fmt: skip
+    reference = unpruned.logits.argmax(dim=1)
+    input_size = tuple(pixel_values.shape[-2:])
+    diagnostics.add(batch_diagnostics(pruned, labels, sizes, reference, model.config, input_size))
+
+
+# `ExitDiagnostics.compute` keys of the data set and the unpruned model (the same for every exit setting), and those of
+# one setting's exits.
+PROFILE_KEYS = ("depth_mean_iou", "depth_per_category_iou", "boundary_share", "num_tokens")
+EXIT_KEYS = ("exit_agreement", "exit_accuracy", "reference_accuracy", "exit_boundary_share")
+
+
+class SweepDiagnostics:
+    """The diagnostics of a sweep of exit settings on one data loader, without a forward pass of their own.
+
+    Each setting's evaluation pass hands its batches' outputs here ([`batch`], then [`add`] with the gathered
+    tensors). The unpruned setting's pass, which must come first, gives the depth profile and each batch's final
+    token labels, kept per batch index (one int per token) as the reference of every later setting's exit
+    precision: the evaluation loader's batches come in the same order every pass.
+
+    Args:
+        config: the model's config.
+        image_processor: the depth profile's post-processing, the evaluation's (default: `DToPImageProcessor()`).
+    """
+
+    def __init__(self, config, image_processor: DToPImageProcessor | None = None):
+        self.config, self.image_processor = config, image_processor
+        self.references: dict[int, torch.Tensor] = {}
+        self.profile: dict | None = None  # PROFILE_KEYS of the unpruned pass, once it ran
+        self.unpruned = False
+        self.current: ExitDiagnostics | None = None
+
+    def start(self, unpruned: bool) -> None:
+        """Begin one setting's pass; `unpruned`: the pass that records the references and the depth profile."""
+        if not unpruned and self.profile is None:
+            raise RuntimeError("Run the unpruned setting first: its final labels are the exit precision's reference.")
+        self.unpruned = unpruned
+        config = self.config
+        self.current = ExitDiagnostics(config.num_labels, len(config.out_indices), config.semantic_loss_ignore_index)
+
+    def batch(self, outputs, batch: Mapping[str, torch.Tensor], batch_index: int) -> dict[str, torch.Tensor]:
+        """Per-image tensors of one batch of this pass ([`batch_diagnostics`]); `batch` as
+        `collate_segmentation_batch` gives it."""
+        if self.unpruned:
+            self.references[batch_index] = outputs.logits.argmax(dim=1).to(torch.int32).cpu()
+        reference = self.references[batch_index].to(outputs.logits.device)
+        sizes = [tuple(size) for size in batch["label_sizes"].tolist()]
+        input_size = tuple(batch["pixel_values"].shape[-2:])
+        return batch_diagnostics(
+            outputs, batch["labels"], sizes, reference, self.config, input_size, self.unpruned, self.image_processor
         )
+
+    def add(self, per_image: Mapping[str, torch.Tensor]) -> None:
+        self.current.add(per_image)
+
+    def finish(self) -> dict:
+        """This pass's exit precision and boundary shares per head (`EXIT_KEYS`); the unpruned pass also keeps the
+        depth profile in `profile`."""
+        result = self.current.compute()
+        if self.unpruned:
+            self.profile = {key: result[key] for key in PROFILE_KEYS}
+        return {key: result[key] for key in EXIT_KEYS}
 
 
 def format_diagnostics_markdown(result: dict, stage_names: Sequence[str]) -> str:
@@ -332,12 +481,18 @@ def format_diagnostics_markdown(result: dict, stage_names: Sequence[str]) -> str
 
 __all__ = [
     "EXIT_COUNT_NAMES",
+    "EXIT_KEYS",
+    "PROFILE_KEYS",
     "ExitDiagnostics",
+    "SweepDiagnostics",
+    "batch_diagnostics",
     "boundary_tokens",
+    "depth_confusions",
     "diagnose_batch",
     "exit_counts",
     "exit_labels",
     "format_diagnostics_markdown",
     "stage_class_maps",
+    "token_ground_truth",
     "token_labels",
 ]

@@ -28,7 +28,12 @@ from ..inference.segmentation import (
     predict_batch,
     sliding_window_processor,
 )
+from .diagnostics import SweepDiagnostics
 from .metrics import StreamingMeanIoU
+
+
+# Keys of `evaluate_batch`'s diagnostics tensors, gathered with its other per-image results.
+DIAGNOSTICS_PREFIX = "diagnostics/"
 
 
 @contextmanager
@@ -62,6 +67,8 @@ def evaluate_batch(
     exit_threshold: ExitThreshold | None = None,
     exit_mode: str | None = None,
     exit_capacity: float | Sequence[float] | None = None,
+    diagnostics: SweepDiagnostics | None = None,
+    batch_index: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Per-image results of one batch (a `collate_segmentation_batch` output), ready to be gathered. Slide mode when
     `image_processor.do_split_image` (see [`~toolkit.inference.segmentation.sliding_window_processor`]).
@@ -69,7 +76,8 @@ def evaluate_batch(
     Returns:
         `confusion` `(batch, num_labels, num_labels)` int64 (rows = ground truth), `gflops` and
         `gflops_backbone_and_final_head` `(batch,)` float64, `exits` `(batch, num_stages)` int64 (tokens finalised
-        by each head, summed over windows in sliding-window mode).
+        by each head, summed over windows in sliding-window mode); with `diagnostics` (whole images only), its
+        per-image tensors under `DIAGNOSTICS_PREFIX` + name, from the same forward pass.
     """
     config = model.config
     pixel_values = batch["pixel_values"]
@@ -94,12 +102,22 @@ def evaluate_batch(
         image_metric.update(segmentation, labels[:height, :width])
         confusions.append(image_metric.confusion)
     device = pixel_values.device
-    return {
+    results = {
         "confusion": torch.stack(confusions).to(device),
         "gflops": gflops.to(device),
         "gflops_backbone_and_final_head": gflops_paper.to(device),
         "exits": exits_per_stage(tokens_per_stage).to(device),
     }
+    if diagnostics is not None:
+        tensors = diagnostics.batch(prediction.outputs, batch, batch_index)
+        results.update({DIAGNOSTICS_PREFIX + name: tensor for name, tensor in tensors.items()})
+    return results
+
+
+def diagnostics_part(results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The diagnostics tensors of `evaluate_batch`'s results, under their own names."""
+    prefix = len(DIAGNOSTICS_PREFIX)
+    return {key[prefix:]: value for key, value in results.items() if key.startswith(DIAGNOSTICS_PREFIX)}
 
 
 @torch.no_grad()
@@ -113,6 +131,7 @@ def evaluate_model(
     max_batches: int | None = None,
     exit_mode: str | None = None,
     exit_capacity: float | Sequence[float] | None = None,
+    diagnostics: SweepDiagnostics | None = None,
 ) -> dict:
     """Evaluate a DToP model on a data loader prepared by `accelerator`, in one or many processes.
 
@@ -135,12 +154,13 @@ def evaluate_model(
         max_batches: stop after this many batches per process (quick checks); `None` = the whole data loader.
         exit_mode: per-call exit mode (`"threshold"` or `"capacity"`); `None` uses the model config's.
         exit_capacity: per-call capacity (capacity mode); `None` uses the model config's.
+        diagnostics: exit diagnostics measured from this pass's forwards (whole images; started by the caller).
 
     Returns:
         A dict with `mean_iou`, `mean_accuracy`, `overall_accuracy` (fractions), `per_category_iou` (list, NaN for
         classes absent from labels and predictions), `gflops` (mean per image, every head included),
         `gflops_backbone_and_final_head` (mean, the paper's figure), `exit_share` (list: share of tokens
-        finalised by each head, decode head last) and `num_images`.
+        finalised by each head, decode head last) and `num_images`; with `diagnostics`, `exit_diagnostics`.
     """
     model = accelerator.unwrap_model(model)
     was_training = model.training
@@ -157,8 +177,12 @@ def evaluate_model(
         if max_batches is not None and batch_index >= max_batches:
             break
         with full_precision(model, accelerator.device.type):
-            results = evaluate_batch(model, batch, image_processor, exit_threshold, exit_mode, exit_capacity)
+            results = evaluate_batch(
+                model, batch, image_processor, exit_threshold, exit_mode, exit_capacity, diagnostics, batch_index
+            )
         results = accelerator.gather_for_metrics(results)
+        if diagnostics is not None:
+            diagnostics.add(diagnostics_part(results))
         metric.merge(results["confusion"].sum(dim=0).cpu())
         gflops_sum += float(results["gflops"].sum())
         gflops_paper_sum += float(results["gflops_backbone_and_final_head"].sum())
@@ -167,6 +191,7 @@ def evaluate_model(
     if was_training:
         model.train()
     scores = metric.compute()
+    extra = {"exit_diagnostics": diagnostics.finish()} if diagnostics is not None else {}
     return {
         "mean_iou": scores["mean_iou"],
         "mean_accuracy": scores["mean_accuracy"],
@@ -176,6 +201,7 @@ def evaluate_model(
         "gflops_backbone_and_final_head": gflops_paper_sum / max(num_images, 1),
         "exit_share": (exit_counts.double() / max(int(exit_counts.sum()), 1)).tolist(),
         "num_images": num_images,
+        **extra,
     }
 
 

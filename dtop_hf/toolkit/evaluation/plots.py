@@ -11,8 +11,9 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The trade-off plot of an evaluation: GFLOPs per image against mIoU, one point per exit setting; threshold mode's
-points and capacity mode's in their own colours and markers."""
+"""The plots of an evaluation: the trade-off, GFLOPs per image against mIoU, one point per exit setting (threshold
+mode's points and capacity mode's in their own colours and markers); and the exit diagnostics (depth profile, exit
+precision)."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -157,6 +158,47 @@ def plot_calibration(axes, calibration: dict, gflops_key: str) -> None:
         annotate_settings(axes, [result], gflops_key)
 
 
+def percent_or_nan(value: float | None) -> float:
+    """A share as a percentage to plot; NaN (no point) where it is undefined (None once read from the JSON)."""
+    return float("nan") if value is None else 100 * value
+
+
+def plot_depth_profile(
+    summary: dict, results: Sequence[dict], stage_names: Sequence[str], path: Path, title: str
+) -> None:
+    """The exit diagnostics in one small figure. Left: the depth profile, each head's own mIoU over all tokens of
+    the unpruned model. Right: per head, the share of the tokens it finalised that keep the unpruned model's label,
+    for each setting measured (a head nothing exited at has no point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (profile_axes, precision_axes) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    depth = [
+        100 * (value if value is not None else float("nan")) for value in summary["diagnostics"]["depth_mean_iou"]
+    ]
+    bars = profile_axes.bar(range(len(depth)), depth, color=[f"C{stage}" for stage in range(len(depth))])
+    profile_axes.bar_label(bars, fmt="%.1f", fontsize=7)
+    profile_axes.set_xticks(range(len(depth)), stage_names, fontsize=7)
+    profile_axes.set_ylabel("own mIoU (%), unpruned")
+    profile_axes.set_title(f"{title}\ndepth profile", fontsize=9)
+    measured = [result for result in sorted(results, key=sweep_order) if "exit_diagnostics" in result]
+    for stage, name in enumerate(stage_names):
+        shares = [percent_or_nan(result["exit_diagnostics"]["exit_agreement"][stage]) for result in measured]
+        precision_axes.plot(range(len(measured)), shares, "o-", color=f"C{stage}", label=name)
+    precision_axes.set_xticks(range(len(measured)), [format_exit_rule(result) for result in measured], fontsize=7)
+    precision_axes.set_xlabel("exit setting")
+    precision_axes.set_ylabel("exited tokens keeping the unpruned label (%)")
+    precision_axes.set_title("exit precision", fontsize=9)
+    precision_axes.legend(fontsize=7)
+    for axes in (profile_axes, precision_axes):
+        axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def annotate_settings(axes, results: list[dict], gflops_key: str) -> None:
     for result in results:
         axes.annotate(
@@ -168,4 +210,4 @@ def annotate_settings(axes, results: list[dict], gflops_key: str) -> None:
         )
 
 
-__all__ = ["MODE_STYLES", "ModeStyle", "plot_tradeoff"]
+__all__ = ["MODE_STYLES", "ModeStyle", "plot_depth_profile", "plot_tradeoff"]

@@ -15,7 +15,8 @@
 [`~toolkit.evaluation.sweep.evaluate_exit_settings`]) and the files it is written to.
 
 The report is a list of [`ReportSection`]s, built by the functions of `SECTION_BUILDERS` in order: the sweep table,
-the calibration tables (thresholds, capacities), the per-class IoU table. A new part of the report is one more
+the calibration tables (thresholds, capacities), the exit diagnostics (depth profile, exit precision), the per-class
+IoU table. A new part of the report is one more
 builder; a caller picks the sections it shows (the quick start leaves the per-class table out), then
 [`render_report`] joins them. Every result names its exit rule (threshold or capacity mode, and the values), so
 capacity settings are rows of the same tables, after the thresholds.
@@ -239,11 +240,76 @@ def per_class_section(summary: dict, stage_names: list[str], gflops_key: str) ->
     return ReportSection("per_class", class_table(rows), "IoU per class (%):")
 
 
+def has_depth_profile(summary: dict) -> bool:
+    """Whether the summary holds exit diagnostics (asked for, and measured: whole images)."""
+    return "depth_mean_iou" in summary.get("diagnostics", {})
+
+
+def depth_profile_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection | None:
+    """Each head's own mIoU over all tokens of the unpruned model: what depth buys on this data set."""
+    if not has_depth_profile(summary):
+        return None
+    row = ["own mIoU (%)", *map(format_percent, summary["diagnostics"]["depth_mean_iou"])]
+    heading = (
+        "Depth profile: each head's own mIoU over all tokens of the unpruned model (threshold 1), scored as the "
+        "final map (a flat profile: depth buys little; DToP pays where early heads are as good on the easy tokens):"
+    )
+    return ReportSection("depth_profile", markdown_table(["", *stage_names], [row]), heading)
+
+
+def exit_precision_section(summary: dict, stage_names: list[str], gflops_key: str) -> ReportSection | None:
+    """Per exit setting and head: how many tokens exited there, how many of them keep the unpruned model's label or
+    the right one, and how many lie on a boundary."""
+    if not has_depth_profile(summary):
+        return None
+    header = ["setting", "head", "exited (%)", "agree with unpruned (%)", "right (%)", "unpruned right (%)"]
+    rows = []
+    for result in sorted(evaluated_settings(summary, len(stage_names) - 1), key=sweep_order):
+        diagnostics = result.get("exit_diagnostics")
+        if diagnostics is None:
+            continue
+        for stage, name in enumerate(stage_names):
+            values = [result["exit_share"][stage]] + [diagnostics[key][stage] for key in EXIT_PRECISION_KEYS]
+            rows.append([format_exit_rule(result), name, *map(format_percent, values)])
+    legend = (
+        f"\nOf the tokens each head finalised: the share whose label equals the unpruned model's final label, the "
+        f"share right against the ground truth (a token's label: its patch's majority class) and the unpruned "
+        f"model's on the same tokens; boundary: the share of boundary tokens among them, against "
+        f"{format_percent(summary['diagnostics']['boundary_share'])}% among all tokens (easy tokens should exit "
+        "early, boundary tokens late); n/a: no token exited there."
+    )
+    table = markdown_table(header + ["boundary (%)"], rows)
+    return ReportSection("exit_precision", table + "\n" + legend, "Exit precision per head (evaluated split):")
+
+
+def boundary_table(rows: Sequence[tuple[str, dict]], stage_names: Sequence[str]) -> str:
+    """Per exit setting (`rows`: its label, and its result with `exit_diagnostics`) and head: the share of boundary
+    tokens (%) among the tokens the head finalised, and how many of all tokens exited there."""
+    body = []
+    for label, result in rows:
+        shares = zip(result["exit_diagnostics"]["exit_boundary_share"], result["exit_share"], strict=True)
+        body.append([label, *(f"{format_percent(share)} ({100 * exited:.1f}% exited)" for share, exited in shares)])
+    return markdown_table(["exit threshold", *stage_names], body)
+
+
+def format_depth_profiles(profiles: dict[str, Sequence[float]], stage_names: Sequence[str]) -> str:
+    """Several models' depth profiles on one line: `base model 20.10 / 25.31 / 30.02; ...` (mIoU %, per head)."""
+    values = "; ".join(f"{name} " + " / ".join(map(format_percent, profile)) for name, profile in profiles.items())
+    return f"{values} ({' / '.join(stage_names)})"
+
+
+# `exit_diagnostics` fields of the exit precision table, after the share of tokens exited.
+EXIT_PRECISION_KEYS = ("exit_agreement", "exit_accuracy", "reference_accuracy", "exit_boundary_share")
+# The sections of the exit diagnostics (a caller showing a short report leaves them out).
+DIAGNOSTICS_SECTIONS = ("depth_profile", "exit_precision")
+
 # The report's sections in order: each builds one from (summary, stage names, GFLOPs key), or None to leave it out.
-# A new part of the report (e.g. diagnostics kept in the summary) is one more entry.
+# A new part of the report is one more entry.
 SECTION_BUILDERS = [
     sweep_section,
     *(partial(calibration_section, method=method) for method in CALIBRATION_FIELDS),
+    depth_profile_section,
+    exit_precision_section,
     per_class_section,
 ]
 
@@ -302,19 +368,25 @@ def write_report_files(summary: dict, report: str, output_dir: Path) -> dict[str
 
 __all__ = [
     "CALIBRATION_FIELDS",
+    "DIAGNOSTICS_SECTIONS",
     "GFLOPS_KEYS",
     "MAX_REPORTED_CLASSES",
+    "boundary_table",
     "ReportSection",
     "SECTION_BUILDERS",
     "calibrated",
     "calibration_table",
     "class_table",
     "compare_with_best_single",
+    "depth_profile_section",
     "describe_calibrated",
     "evaluated_settings",
+    "exit_precision_section",
     "finished_calibrations",
+    "format_depth_profiles",
     "format_gflops",
     "format_percent",
+    "has_depth_profile",
     "render_report",
     "report_sections",
     "sweep_order",

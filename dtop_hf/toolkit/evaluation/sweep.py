@@ -64,8 +64,9 @@ from .calibration import (
     setting_of,
 )
 from .data import evaluation_dataloader, load_calibration_split, load_evaluation_split
+from .diagnostics import SweepDiagnostics
 from .loop import evaluate_model
-from .plots import plot_tradeoff
+from .plots import plot_depth_profile, plot_tradeoff
 from .report import (
     CALIBRATION_FIELDS,
     GFLOPS_KEYS,
@@ -74,6 +75,7 @@ from .report import (
     evaluated_settings,
     finished_calibrations,
     format_gflops,
+    has_depth_profile,
     render_report,
     report_sections,
     sweep_order,
@@ -122,6 +124,8 @@ class SettingEvaluator:
 
     Args:
         id2label: class names of the data set (the keys of `per_category_iou`).
+        diagnostics: measure the exit diagnostics of the passes asked to (`diagnose=True`: the evaluated split's),
+            from their own forward passes; whole images only (in slide mode `diagnostics_summary` says why not).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class SettingEvaluator:
         image_processor: DToPImageProcessor,
         accelerator: Accelerator,
         id2label: dict[int, str],
+        diagnostics: bool = False,
     ):
         self.model, self.image_processor, self.accelerator, self.id2label = (
             model,
@@ -138,6 +143,12 @@ class SettingEvaluator:
             id2label,
         )
         self.timer = None
+        self.diagnostics, self.diagnostics_skipped = None, None
+        if diagnostics and image_processor.do_split_image:
+            # A window's tokens are not an image's: exit precision and boundaries have no image-wide token grid.
+            self.diagnostics_skipped = "sliding-window mode: the diagnostics need whole-image inputs"
+        elif diagnostics:
+            self.diagnostics = SweepDiagnostics(model.config, image_processor)
 
     def warm_up(self, dataset: SegmentationDataset) -> None:
         """One forward on the first image, so that the first setting's time holds no one-off start-up cost; then
@@ -147,13 +158,27 @@ class SettingEvaluator:
         predict_batch(self.model, self.image_processor, pixel_values, [tuple(sample["labels"].shape)])
         self.timer = ForwardTimer(self.model)
 
-    def __call__(self, dataloader, exit_rule: ExitRule | ExitThreshold, split_name: str = "evaluation") -> dict:
-        """The result of one exit rule (or bare threshold setting) on `dataloader`."""
+    def __call__(
+        self,
+        dataloader,
+        exit_rule: ExitRule | ExitThreshold,
+        split_name: str = "evaluation",
+        diagnose: bool = False,
+    ) -> dict:
+        """The result of one exit rule (or bare threshold setting) on `dataloader`; with `diagnose` (and the
+        diagnostics on) its `exit_diagnostics` too: the first diagnosed rule must be the unpruned one, and every
+        diagnosed pass must read the same `dataloader`."""
         if self.timer is None:
             self.warm_up(dataloader.dataset)
         self.timer.seconds = 0.0
         rule = as_exit_rule(exit_rule)
-        result = evaluate_model(self.model, dataloader, self.accelerator, image_processor=self.image_processor, **rule)
+        diagnostics = self.diagnostics if diagnose else None
+        if diagnostics is not None:
+            diagnostics.start(unpruned=is_unpruned(setting_of(rule)))
+        result = evaluate_model(
+            self.model, dataloader, self.accelerator, image_processor=self.image_processor, diagnostics=diagnostics,
+            **rule,
+        )  # fmt: skip
         # Every process timed its own shard: the sum over processes, per image, is the time one image takes.
         seconds = torch.tensor([self.timer.seconds], dtype=torch.float64, device=self.accelerator.device)
         result["seconds_per_image"] = float(self.accelerator.gather(seconds).sum()) / max(result["num_images"], 1)
@@ -168,6 +193,21 @@ class SettingEvaluator:
             f"(all heads {format_gflops(result['gflops'])}), {1000 * result['seconds_per_image']:.1f} ms/image"
         )
         return result
+
+    def diagnostics_summary(self) -> dict | None:
+        """The summary's `diagnostics`: the depth profile (`depth_mean_iou`, one per head, decode head last, and
+        `depth_per_category_iou` by class name), `boundary_share` among all tokens and `num_tokens`; or why they
+        were `skipped`; `None` when they were not asked for."""
+        if self.diagnostics_skipped is not None:
+            return {"skipped": self.diagnostics_skipped}
+        if self.diagnostics is None or self.diagnostics.profile is None:
+            return None
+        profile = dict(self.diagnostics.profile)
+        profile["depth_per_category_iou"] = [
+            {self.id2label[index]: iou for index, iou in enumerate(per_class)}
+            for per_class in profile["depth_per_category_iou"]
+        ]
+        return profile
 
     def close(self) -> None:
         if self.timer is not None:
@@ -320,6 +360,11 @@ def evaluate_exit_settings(
     Returns:
         `num_images`, `num_processes`, `results` (the sweep, each setting once) and, per calibration, the entry
         `CALIBRATION_FIELDS[method]` (see [`calibration_summary`]; `error` when there was nothing to calibrate).
+        With the evaluator's diagnostics, `diagnostics` ([`SettingEvaluator.diagnostics_summary`]) and in every
+        result measured on the evaluated split `exit_diagnostics`: per head, of the tokens it finalised, the share
+        whose label equals the unpruned final label (`exit_agreement`), the share right (`exit_accuracy`, beside
+        the unpruned model's `reference_accuracy` on them) and the share of boundary tokens
+        (`exit_boundary_share`); NaN (null in the JSON) where no token exited.
     """
     num_heads = len(evaluate.model.config.out_indices) - 1
     sweep = [as_exit_rule(setting) for setting in sweep]
@@ -330,10 +375,15 @@ def evaluate_exit_settings(
     def on_evaluated_split(rule: ExitRule) -> dict:
         key = setting_key(rule, num_heads)
         if key not in measured:
-            measured[key] = evaluate(eval_loader, rule, split_name)
+            measured[key] = evaluate(eval_loader, rule, split_name, diagnose=True)
         return measured[key]
 
-    results = list({id(result): result for result in map(on_evaluated_split, sorted(sweep, key=sweep_order))}.values())
+    ordered = sorted(sweep, key=sweep_order)
+    if evaluate.diagnostics is not None:
+        # The unpruned pass first (the sweep's own unpruned rule, or one more pass when it has none): the depth
+        # profile, and the final labels every later setting's exit precision is measured against.
+        on_evaluated_split(next((rule for rule in ordered if is_unpruned(setting_of(rule))), THRESHOLD.rule(1.0)))
+    results = list({id(result): result for result in map(on_evaluated_split, ordered)}.values())
     study = {"num_images": results[0]["num_images"], "num_processes": evaluate.accelerator.num_processes}
     study["results"] = results
     roles = ("baseline", "best_single", "chosen")
@@ -341,6 +391,9 @@ def evaluate_exit_settings(
         on_eval = {role: on_evaluated_split(getattr(outcome, role)) for role in roles} if outcome else {}
         field = CALIBRATION_FIELDS[request.method]
         study[field] = calibration_summary(request, calibration_data, outcome, error, on_eval)
+    diagnostics = evaluate.diagnostics_summary()
+    if diagnostics is not None:
+        study["diagnostics"] = diagnostics
     evaluate.close()
     return study
 
@@ -356,6 +409,7 @@ def evaluate_model_on_data(
     calibration: CalibrationRequest | Sequence[CalibrationRequest] | None = None,
     batch_size: int = 8,
     num_workers: int = 0,
+    diagnostics: bool = True,
 ) -> tuple[dict, SegmentationDataset, dict[int, str]]:
     """The evaluation job: load and check the evaluated split (and, with a `calibration`, the calibration images),
     then [`evaluate_exit_settings`]. Slide mode when the processor is in it.
@@ -364,6 +418,8 @@ def evaluate_model_on_data(
         sweep: the exit rules measured (bare threshold settings, or `{"exit_mode": ..., "exit_capacity": ...}`).
         model_name: how the summary names the model (its folder or Hub id).
         calibration: one calibration request or several, all on the same calibration images.
+        diagnostics: also the exit diagnostics on the evaluated split (see [`evaluate_exit_settings`]), from the
+            sweep's own forward passes (one more, unpruned, pass when neither the sweep nor a calibration has one).
 
     Returns:
         The summary (`model`, `dataset`, `split`, `mode`, then the study's fields), the evaluated data set (for
@@ -387,7 +443,7 @@ def evaluate_model_on_data(
             calibration_split, image_processor, config, accelerator, split_name="calibration", **loader_kwargs
         )
         accelerator.print(f"Calibrating on {calibration_data}")
-    evaluator = SettingEvaluator(model, image_processor, accelerator, id2label)
+    evaluator = SettingEvaluator(model, image_processor, accelerator, id2label, diagnostics)
     study = evaluate_exit_settings(
         evaluator, eval_loader, sweep, split_name, requests, calibration_loader, calibration_data
     )
@@ -416,7 +472,8 @@ def write_evaluation_outputs(
     num_pictures: int = 4,
 ) -> list[ReportSection]:
     """Write an evaluation's files to `output_dir`: `table.md` and `results.json` (see
-    [`~toolkit.evaluation.report.write_report_files`]), `gflops_vs_miou.png`, `pictures/image_N.png` (image |
+    [`~toolkit.evaluation.report.write_report_files`]), `gflops_vs_miou.png`, with the exit diagnostics
+    `depth_profile.png`, `pictures/image_N.png` (image |
     prediction | ground truth | exit map, one row per setting drawn) and, after each calibration, a copy of the model
     with the chosen settings in `calibrated_dirs[method]` (default: the method's `CALIBRATED_FOLDERS` entry in
     `output_dir`, `calibrated` or `calibrated_capacity`). Returns the report's sections.
@@ -434,6 +491,8 @@ def write_evaluation_outputs(
     title = f"{summary['model']} on {summary['dataset']} ({summary['mode']})"
     rows = evaluated_settings(summary, num_heads)
     plot_tradeoff(rows, output_dir / "gflops_vs_miou.png", title, list(finished.values()), gflops_key)
+    if has_depth_profile(summary):
+        plot_depth_profile(summary, rows, head_names(config.out_indices), output_dir / "depth_profile.png", title)
     for method, calibration in finished.items():
         save_calibrated_model(model, image_processor, folders[method], calibration["chosen"], json_ready(calibration))
     samples = [

@@ -121,6 +121,9 @@ class DToPPrediction:
         tokens_per_stage: `(batch, num_stages)` int64 patch tokens each head saw (summed over windows).
         flops: [`DToPFlops`] per image, exact (windows summed).
         flops_unpruned: [`DToPFlops`] of the same inputs with no token exiting.
+        outputs: the model's output of the whole batch (token-grid `exit_stage`, `stage_logits`), for callers that
+            measure more than the maps (the evaluation's exit diagnostics); `None` in slide mode, whose windows
+            have no batch-wide output.
     """
 
     segmentation: list[torch.Tensor]
@@ -128,6 +131,7 @@ class DToPPrediction:
     tokens_per_stage: torch.Tensor
     flops: DToPFlops
     flops_unpruned: DToPFlops
+    outputs: Any = None
 
 
 @torch.no_grad()
@@ -157,7 +161,8 @@ def predict_batch(
     segmentation, exit_map = [None] * num_images, [None] * num_images
     seen = torch.zeros(num_images, num_stages, dtype=torch.long)
     flops, flops_unpruned = [], []  # (image indices, DToPFlops) per forward
-    for indices, outputs in _forward(model, image_processor, pixel_values, image_sizes, forward_kwargs):
+    forwards = _forward(model, image_processor, pixel_values, image_sizes, forward_kwargs)
+    for indices, outputs in forwards:
         sizes = [tuple(int(length) for length in target_sizes[index]) for index in indices]
         rows_seen = tokens_seen_per_stage(outputs.exit_stage, num_stages)
         seen[indices] = sum_windows_per_image(rows_seen, outputs.patch_offsets).cpu()
@@ -173,6 +178,7 @@ def predict_batch(
         tokens_per_stage=seen,
         flops=_in_image_order(flops, num_images),
         flops_unpruned=_in_image_order(flops_unpruned, num_images),
+        outputs=None if image_processor.do_split_image else forwards[0][1],
     )
 
 

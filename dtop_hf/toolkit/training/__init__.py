@@ -17,6 +17,8 @@
 - `models`: the model a stage starts from ([`load_model_for_stage`]);
 - `loop`: the training loop ([`train`]) with crash-safe checkpoints (`checkpoints`) and an exact resume;
 - `outputs`: what a finished stage saves ([`save_finetuned_model`], [`training_results`]);
+- `stage`: a whole stage from its settings ([`run_training_stage`]), the run `examples/finetune.py` and the quick
+  start make;
 - `recipe`: the official recipe's defaults per stage; `optimization`: optimiser, schedule, train scope;
   `config_overrides`: `"field=value,..."` changes of a config.
 
@@ -27,6 +29,7 @@ from .loop import CheckpointPolicy, TrainingOutcome, TrainingSchedule, log_evalu
 from .models import load_model_for_stage
 from .outputs import describe_recipe, push_to_hub, save_finetuned_model, training_results
 from .recipe import STAGES, preset_defaults, warn_unless_official_batch
+from .stage import run_training_stage
 
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "log_evaluation",
     "preset_defaults",
     "push_to_hub",
+    "run_training_stage",
     "save_finetuned_model",
     "train",
     "training_results",
