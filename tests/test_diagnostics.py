@@ -96,13 +96,26 @@ TRUTH = torch.tensor([[[0, 1], [IGNORE, 1]]])
 BOUNDARY = torch.tensor([[[False, True], [True, True]]])
 
 
-def test_exit_labels_read_the_head_that_finalised_each_token():
-    stage_logits = [
-        one_hot_logits([[0, 1], [0, 0]], 3),
-        one_hot_logits([[1, 1], [2, 1]], 3),
-        one_hot_logits([[2, 2], [0, 2]], 3),
-    ]
-    assert exit_labels(stage_logits, EXIT_STAGE).tolist() == EXIT_LABEL.tolist()
+def test_exit_labels_are_the_labels_of_the_final_map():
+    logits = one_hot_logits([[0, 1], [2, 2]], 3)
+    assert exit_labels(logits).tolist() == EXIT_LABEL.tolist()
+
+
+def test_fcn_exit_labels_are_the_exit_heads_own_labels():
+    # With FCN heads the final map holds the exit head's scores, so the label a token keeps is that head's.
+    torch.manual_seed(0)
+    config = DToPConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=4, num_labels=4, out_indices=[1, 2, 3], head_hidden_size=16, head_num_attention_heads=2,
+        head_num_layers=1, head_type="fcn",
+    )  # fmt: skip
+    model = DToPForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(2, 3, 32, 32), exit_threshold=1e-6)
+    exited = outputs.exit_stage == 0
+    assert exited.any() and not exited.all()
+    first_head = outputs.stage_logits[0].argmax(dim=1)
+    assert torch.equal(exit_labels(outputs.logits)[exited], first_head[exited])
 
 
 def test_exit_counts_by_hand():

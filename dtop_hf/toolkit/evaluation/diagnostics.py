@@ -113,11 +113,15 @@ def boundary_tokens(labels: torch.Tensor, patch_size: int, num_labels: int, igno
     return mixed | differs
 
 
-def exit_labels(stage_logits: Sequence[torch.Tensor], exit_stage: torch.Tensor) -> torch.Tensor:
-    """The label each token left with: the argmax of the head that finalised it (`exit_stage`), read from that
-    head's own map `stage_logits[exit_stage]` (each `(batch, num_labels, h, w)`). Returns `(batch, h, w)` int64."""
-    predictions = torch.stack([logits.argmax(dim=1) for logits in stage_logits], dim=1)  # (batch, stages, h, w)
-    return predictions.gather(1, exit_stage[:, None].long()).squeeze(1)
+def exit_labels(logits: torch.Tensor) -> torch.Tensor:
+    """The label each token keeps in the pruned model's final map: the argmax of the assembled `logits`
+    `(batch, num_labels, h, w)` on the token grid. Returns `(batch, h, w)` int64.
+
+    Not the exit head's own argmax: with ATM heads an exited token keeps its mask scores, but its label in the final
+    map is those scores weighted by the decode head's class presence, so the two can differ. (With FCN heads the
+    final map holds the exit head's scores and they agree.) Exit precision is about what reaches the user.
+    """
+    return logits.argmax(dim=1)
 
 
 def exit_counts(
@@ -342,7 +346,7 @@ def batch_diagnostics(
     grid_size = tuple(outputs.exit_stage.shape[-2:])
     if tuple(truth.shape[-2:]) != grid_size:
         raise ValueError(f"Token grid {grid_size} of the model and {tuple(truth.shape[-2:])} of the labels differ.")
-    exit_label = exit_labels(outputs.stage_logits, outputs.exit_stage)
+    exit_label = exit_labels(outputs.logits)
     per_image = [
         exit_counts(*(tensor[index : index + 1] for tensor in (outputs.exit_stage, exit_label, reference, truth,
                                                                boundary)), num_stages, ignore_index)
