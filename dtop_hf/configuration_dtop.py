@@ -21,6 +21,23 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def per_head_fractions(
+    value: float | str | list[float | str] | tuple[float | str, ...], name: str, example: str, meaning: str
+) -> tuple[tuple[float, ...], bool]:
+    """`value` read as numbers in (0, 1], and whether it was given per auxiliary head; the command-line form
+    `"0.9"` or `"0.9,0.95"` too. `name`, `example` and `meaning` word the errors."""
+    if isinstance(value, str) and "," in value:
+        value = value.split(",")
+    per_head = isinstance(value, (list, tuple))
+    try:
+        values = tuple(float(item) for item in (value if per_head else [value]))
+    except (TypeError, ValueError):
+        raise ValueError(f"An `{name}` is a number or one per auxiliary head ('{example}'), got {value!r}.") from None
+    if not all(0.0 < item <= 1.0 for item in values):
+        raise ValueError(f"`{name}` must lie in (0, 1] ({meaning}1.0 = no exit), got {list(values)}.")
+    return values, per_head
+
+
 def normalize_exit_threshold(
     exit_threshold: float | str | list[float | str] | tuple[float | str, ...],
 ) -> float | tuple[float, ...]:
@@ -30,18 +47,8 @@ def normalize_exit_threshold(
     Raises:
         ValueError: a value is not a number or lies outside (0, 1].
     """
-    if isinstance(exit_threshold, str) and "," in exit_threshold:
-        exit_threshold = exit_threshold.split(",")
-    values = exit_threshold if isinstance(exit_threshold, (list, tuple)) else [exit_threshold]
-    try:
-        values = tuple(float(value) for value in values)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"An `exit_threshold` is a number or one per auxiliary head ('0.9,0.95'), got {exit_threshold!r}."
-        ) from None
-    if not all(0.0 < value <= 1.0 for value in values):
-        raise ValueError(f"`exit_threshold` must lie in (0, 1] (1.0 = no exit), got {list(values)}.")
-    return values if isinstance(exit_threshold, (list, tuple)) else values[0]
+    values, per_head = per_head_fractions(exit_threshold, "exit_threshold", "0.9,0.95", "")
+    return values if per_head else values[0]
 
 
 EXIT_MODES = ("threshold", "capacity")
@@ -65,26 +72,14 @@ def normalize_exit_capacity(
     Raises:
         ValueError: a value is not a number, lies outside (0, 1], or is above the one of an earlier head.
     """
-    if isinstance(exit_capacity, str) and "," in exit_capacity:
-        exit_capacity = exit_capacity.split(",")
-    values = exit_capacity if isinstance(exit_capacity, (list, tuple)) else [exit_capacity]
-    try:
-        values = tuple(float(value) for value in values)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"An `exit_capacity` is a number or one per auxiliary head ('0.5,0.3'), got {exit_capacity!r}."
-        ) from None
-    if not all(0.0 < value <= 1.0 for value in values):
-        raise ValueError(
-            "`exit_capacity` must lie in (0, 1] (the fraction of patch tokens still active after an auxiliary head; "
-            f"1.0 = no exit), got {list(values)}."
-        )
+    meaning = "the fraction of patch tokens still active after an auxiliary head; "
+    values, per_head = per_head_fractions(exit_capacity, "exit_capacity", "0.5,0.3", meaning)
     if any(later > earlier for earlier, later in zip(values, values[1:])):
         raise ValueError(
             "`exit_capacity` must not increase from one auxiliary head to the next (a token that exited never comes "
             f"back), got {list(values)}."
         )
-    return values if isinstance(exit_capacity, (list, tuple)) else values[0]
+    return values if per_head else values[0]
 
 
 @strict

@@ -683,35 +683,22 @@ def calibrate_per_head_thresholds(
     evaluate: Callable[[Threshold], dict],
     thresholds: Sequence[Threshold],
     num_heads: int,
-    target_gflops: float | None = None,
-    max_miou_drop: float | None = None,
-    num_refinements: int = 3,
-    num_grid_refinements: int = 2,
-    min_step: float = 1e-3,
-    gflops_key: str = GFLOPS_KEY,
     min_threshold: float = DEFAULT_MIN_THRESHOLD,
-    max_rounds: int = 20,
+    **search,
 ) -> CalibrationOutcome:
     """One exit threshold per auxiliary head: [`calibrate_per_head`] on the threshold (results carry
-    `exit_threshold`; `evaluate` receives a threshold for every head alike, or one per head)."""
-    return calibrate_per_head(
-        evaluate, thresholds, num_heads, THRESHOLD, target_gflops, max_miou_drop, num_refinements,
-        num_grid_refinements, min_step, gflops_key, min_threshold, max_rounds,
-    )  # fmt: skip
+    `exit_threshold`; `evaluate` receives a threshold for every head alike, or one per head). `min_threshold` is the
+    lowest threshold the downward extension tries; `search` takes [`calibrate_per_head`]'s other keywords (the
+    budget `target_gflops` or `max_miou_drop`, refinements, `gflops_key`, `max_rounds`)."""
+    return calibrate_per_head(evaluate, thresholds, num_heads, THRESHOLD, min_value=min_threshold, **search)
 
 
 def calibrate_per_head_capacities(
     evaluate: Callable[[Threshold], dict],
     capacities: Sequence[Threshold],
     num_heads: int,
-    target_gflops: float | None = None,
-    max_miou_drop: float | None = None,
-    num_refinements: int = 3,
-    num_grid_refinements: int = 2,
-    min_step: float = 1e-3,
-    gflops_key: str = GFLOPS_KEY,
     min_capacity: float = DEFAULT_MIN_CAPACITY,
-    max_rounds: int = 20,
+    **search,
 ) -> CalibrationOutcome:
     """One exit capacity per auxiliary head (capacity mode): [`calibrate_per_head`] on the capacity, the fraction of
     an image's patch tokens still active after each head. Settings stay non-increasing from head to head.
@@ -726,10 +713,7 @@ def calibrate_per_head_capacities(
         min_capacity: the lowest capacity the downward extension tries.
         Others: as in [`calibrate_per_head`].
     """
-    return calibrate_per_head(
-        evaluate, capacities, num_heads, CAPACITY, target_gflops, max_miou_drop, num_refinements,
-        num_grid_refinements, min_step, gflops_key, min_capacity, max_rounds,
-    )  # fmt: skip
+    return calibrate_per_head(evaluate, capacities, num_heads, CAPACITY, min_value=min_capacity, **search)
 
 
 def check_thresholds(thresholds: Sequence[Threshold]) -> None:
