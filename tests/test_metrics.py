@@ -140,7 +140,13 @@ def test_evaluate_module_loads_from_the_package_offline_and_matches_the_hub_exam
     result = metric.compute(
         predictions=predictions, references=references, num_labels=10, ignore_index=255, reduce_labels=False
     )
-    assert set(result) == {"mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy"}
+    assert set(result) == {
+        "mean_iou",
+        "mean_accuracy",
+        "overall_accuracy",
+        "per_category_iou",
+        "per_category_accuracy",
+    }
     assert result["mean_iou"] == pytest.approx(0.4775)
     assert result["mean_accuracy"] == pytest.approx(0.5916666666666666)
     assert result["overall_accuracy"] == pytest.approx(0.5263157894736842)

@@ -66,7 +66,7 @@ def atm_export(tmp_path_factory):
     processor = DToPImageProcessor(size={"height": 32, "width": 32})
     model.save_pretrained(folder / "model")
     processor.save_pretrained(folder / "model")
-    model_file = run_example("export_onnx", 
+    model_file = run_example("export_onnx",
         [
             "--model_name_or_path", str(folder / "model"), "--output", str(folder / "model.onnx"),
             "--image_size", *map(str, IMAGE_SIZE), "--exit_mode", "capacity",

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import load_example
 from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 
-from conftest import load_example
 from dtop_hf.toolkit.data.synthetic_scenes import (
     CONTEXT_CLASS_PAIRS,
     NUM_SYNTHETIC_CLASSES,
@@ -36,6 +36,7 @@ from dtop_hf.toolkit.data.synthetic_scenes import (
     scene_difficulty,
     synthetic_dataset_dict,
 )
+
 
 NUM_REFERENCE_SAMPLES = 200
 

@@ -300,7 +300,8 @@ PAPER_PRESETS: dict[str, DToPPaperPreset] = {
 # defaults; "small" is what `examples/finetune.py` builds by default on the built-in 128 px scenes (a 6-layer ViT,
 # patch 8, 16x16 tokens, about 5.2M parameters); "quickstart" is narrower and deeper, width 128 and 8 layers with
 # the first auxiliary head after layer 1 (2.3M parameters, about 0.16 s per training step on two CPU cores at 96 px),
-# so that the built-in scenes show what depth adds; "tiny" is the 4-layer width-32 model of the tests, CI and benchmark.
+# so that the built-in scenes show what depth adds; "tiny" is the 4-layer width-32 model of the tests, CI and the
+# benchmark.
 
 SMALL_SIZE: dict[str, Any] = {
     "hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768,

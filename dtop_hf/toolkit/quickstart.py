@@ -18,7 +18,8 @@ small DToP on the built-in scenes at one of these sizes.
 "default": the "quickstart" model size of [`~toolkit.presets.MODEL_SIZES`] (an 8-layer width-128 ViT, patch 8, ATM
 heads of width 64 after layers 1, 4 and 8; 2.3M parameters) on 96 px scenes, a 12x12 token grid: about 0.16 s per
 training step on two CPU cores. Learning rate 1e-3: at 3e-4 the deep layers are still behind the first head after
-1000 steps, and the depth profile comes out flat or inverted. "tiny": the "tiny" size (a 4-layer width-32 ViT) on 32 px scenes, for CI.
+1000 steps, and the depth profile comes out flat or inverted. "tiny": the "tiny" size (a 4-layer width-32 ViT) on
+32 px scenes, for CI.
 """
 
 import os

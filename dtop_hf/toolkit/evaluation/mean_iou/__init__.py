@@ -11,4 +11,5 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The package's mIoU as an `evaluate` module: `evaluate.load(<this folder>)` runs `mean_iou.py` (see its docstring)."""
+"""The package's mIoU as an `evaluate` module: `evaluate.load(<this folder>)` runs `mean_iou.py` (see its
+docstring)."""
