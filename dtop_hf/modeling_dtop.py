@@ -999,17 +999,21 @@ class DToPModel(DToPPreTrainedModel):
         for stage, (layers, head, exit_value) in enumerate(zip(self.stage_layers(), self.heads, exit_values)):
             hidden_states = self.run_layers(layers, hidden_states, tokens.sequence, position_embeddings, record)
             head_output = head(tokens.patch_rows(hidden_states), tokens.patches)
-            # (total, num_labels) -> (batch, tokens, num_labels) -> (batch, num_labels, tokens)
-            stage_values = tokens.patches.to_grid(head_output.mask_logits).transpose(1, 2)
-            canvas = update_canvas(canvas, stage_values, tokens.active_mask)
-            stages.append((head.class_scores(head_output.class_logits, canvas), canvas, head_output.class_logits))
+            # The active tokens' values (total, num_labels) written into the canvas (batch, tokens, num_labels).
+            canvas = update_canvas(canvas, head_output.mask_logits, tokens.patches)
+            stage_values = canvas.transpose(1, 2)  # (batch, num_labels, tokens)
+            stages.append(
+                (head.class_scores(head_output.class_logits, stage_values), stage_values, head_output.class_logits)
+            )
             if exit_mode == "capacity":
-                kept_index = self.select_kept(head, head_output.class_logits, canvas, tokens, exit_value)
+                kept_index = self.select_kept(head, head_output.class_logits, stage_values, tokens, exit_value)
                 tokens, hidden_states, position_embeddings = tokens.keep(
                     kept_index, stage, hidden_states, position_embeddings
                 )
             else:
-                exit_mask = self.select_exits(head, head_output.class_logits, canvas, tokens.active_mask, exit_value)
+                exit_mask = self.select_exits(
+                    head, head_output.class_logits, stage_values, tokens.active_mask, exit_value
+                )
                 tokens, hidden_states, position_embeddings = tokens.after_exit(
                     exit_mask, stage, hidden_states, position_embeddings
                 )

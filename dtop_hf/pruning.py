@@ -181,22 +181,27 @@ def select_kept_tokens(
     return torch.sort(kept_index, dim=1).values
 
 
-def update_canvas(canvas: torch.Tensor | None, stage_values: torch.Tensor, active_mask: torch.Tensor) -> torch.Tensor:
+def update_canvas(canvas: torch.Tensor | None, head_values: torch.Tensor, packing: "TokenPacking") -> torch.Tensor:
     """Write a head's per-token values into the canvas for the tokens it saw; exited tokens keep theirs.
 
     Args:
-        canvas: `(batch, num_labels, tokens)`, or `None` before the first head (which sees every token).
-        stage_values: `(batch, num_labels, tokens)` (values of inactive tokens are ignored).
-        active_mask: `(batch, tokens)` bool.
+        canvas: `(batch, tokens, num_labels)`, or `None` before the first head (which sees every token).
+        head_values: `(total, num_labels)`, the head's values of the active tokens, packed as `packing`.
+        packing: where the active tokens sit in the grid.
+
+    Returns:
+        The new canvas `(batch, tokens, num_labels)`.
     """
     if canvas is None:
-        return stage_values
-    return torch.where(active_mask[:, None, :], stage_values, canvas)
+        return packing.to_grid(head_values)
+    flat = packing.write_rows(canvas.reshape(-1, canvas.shape[-1]), head_values)
+    return flat.reshape(canvas.shape)
 
 
 def tokens_to_grid(values: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """`(batch, channels, tokens)` -> `(batch, channels, height, width)`, row-major tokens."""
-    return values.reshape(*values.shape[:-1], *grid_size)
+    """`(batch, channels, tokens)` -> `(batch, channels, height, width)`, row-major tokens; contiguous (the canvas
+    is token-major, so its channel-major views are copied once here, for the outputs)."""
+    return values.contiguous().reshape(*values.shape[:-1], *grid_size)
 
 
 def tokens_seen_per_stage(exit_stage: torch.Tensor, num_stages: int) -> torch.Tensor:
@@ -317,24 +322,20 @@ class TokenPacking:
         feature_shape = packed.shape[1:]
         if self.is_complete:
             return packed.reshape(self.batch_size, self.num_tokens, *feature_shape)
-        if self.token_index is not None:
-            rows = packed.reshape(self.batch_size, self.max_count, -1)  # (batch, count, features)
-            grid = rows.new_full((self.batch_size, self.num_tokens, rows.shape[-1]), fill)
-            grid = grid.scatter(1, self.token_index[:, :, None].expand_as(rows), rows)
-            return grid.reshape(self.batch_size, self.num_tokens, *feature_shape)
         grid = packed.new_full((self.batch_size * self.num_tokens, *feature_shape), fill)
-        grid = grid.index_copy(0, self.flat_index, packed)
-        return grid.reshape(self.batch_size, self.num_tokens, *feature_shape)
+        return self.write_rows(grid, packed).reshape(self.batch_size, self.num_tokens, *feature_shape)
+
+    def write_rows(self, grid: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """`grid` `(batch * tokens, *feature)` with the rows of the active tokens replaced by `packed`
+        `(total, *feature)`; out of place. One row copy: in ONNX a `ScatterND` of whole rows, several times faster
+        than an element-wise scatter or a select over the whole grid."""
+        return grid.index_copy(0, self.flat_index, packed)
 
     def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """`(batch, tokens, *feature)` -> `(total, *feature)`: the active tokens only."""
         flat = grid.reshape(self.batch_size * self.num_tokens, *grid.shape[2:])
         if self.is_complete:
             return flat
-        if self.token_index is not None:
-            columns = grid.reshape(self.batch_size, self.num_tokens, -1)  # (batch, tokens, features)
-            rows = columns.gather(1, self.token_index[:, :, None].expand(-1, -1, columns.shape[-1]))
-            return rows.reshape(self.total, *grid.shape[2:])
         return flat.index_select(0, self.flat_index)
 
     def padded_token_index(self) -> torch.Tensor:
@@ -416,11 +417,11 @@ def pack_tokens(active_mask: torch.Tensor, count_values: list[int] | None = None
 
 def gather_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The rows `rows` `(batch, kept)` of each image of a uniform packed sequence `(batch * count, *feature)` ->
-    `(batch * kept, *feature)`."""
-    batch_size, feature_shape = rows.shape[0], packed.shape[1:]
-    per_image = packed.reshape(batch_size, -1, math.prod(feature_shape))  # (batch, count, features)
-    kept = per_image.gather(1, rows[:, :, None].expand(-1, -1, per_image.shape[-1]))  # (batch, kept, features)
-    return kept.reshape(-1, *feature_shape)
+    `(batch * kept, *feature)`. One `index_select` of whole rows (an ONNX `Gather`, not an element-wise one)."""
+    batch_size = rows.shape[0]
+    count = packed.shape[0] // batch_size
+    image_start = torch.arange(batch_size, device=rows.device)[:, None] * count  # (batch, 1)
+    return packed.index_select(0, (rows + image_start).reshape(-1))
 
 
 @dataclass

@@ -83,7 +83,9 @@ class BenchmarkArguments:
     model_size: str = field(
         default="vit-base", metadata={"help": "Model size of cases that name none.", "choices": sorted(MODEL_SIZES)}
     )
-    num_labels: int | None = field(default=None, metadata={"help": "Classes (default 150; tiny: 5)."})
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Classes (default 150; quickstart: the built-in scenes'; tiny: 5)."}
+    )
     cases: list[str] | None = field(
         default=None,
         metadata={

@@ -18,6 +18,7 @@ import torch
 
 from dtop_hf.pruning import (
     ActiveTokens,
+    TokenPacking,
     atm_class_scores,
     pack_tokens,
     select_exiting_tokens,
@@ -161,13 +162,30 @@ class TestScores:
         assert predicted_class.tolist() == [[1, 0, 2]] and predicted_class.dtype == torch.long
 
     def test_update_canvas_writes_only_active_tokens(self):
-        canvas = torch.zeros(2, 3, 4)
-        stage_values = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+        canvas = torch.full((2, 4, 3), -1.0)  # (batch, tokens, num_labels)
         active = torch.tensor([[True, False, True, False], [False, False, False, False]])
-        updated = update_canvas(canvas, stage_values, active)
-        assert torch.equal(updated[0, :, [0, 2]], stage_values[0, :, [0, 2]])
-        assert torch.equal(updated[0, :, [1, 3]], torch.zeros(3, 2))
-        assert torch.equal(updated[1], torch.zeros(3, 4))
+        head_values = torch.arange(6, dtype=torch.float32).reshape(2, 3)  # the two active tokens' values, packed
+        updated = update_canvas(canvas, head_values, pack_tokens(active))
+        assert torch.equal(updated[0, [0, 2]], head_values)
+        assert torch.equal(updated[0, [1, 3]], canvas[0, [1, 3]])
+        assert torch.equal(updated[1], canvas[1])
+        assert (canvas == -1.0).all()  # out of place
+
+    def test_update_canvas_dense_packing_matches_masked_select(self):
+        # Capacity mode's dense packing (two tokens per image) writes the same rows as a select over the grid.
+        canvas = torch.randn(2, 5, 3)
+        token_index = torch.tensor([[1, 4], [0, 2]])
+        packing = TokenPacking.dense(token_index, 5)
+        head_values = torch.randn(4, 3)
+        grid_values = torch.zeros(2, 5, 3)
+        grid_values[torch.arange(2)[:, None], token_index] = head_values.reshape(2, 2, 3)
+        expected = torch.where(packing.active_mask[:, :, None], grid_values, canvas)
+        assert torch.equal(update_canvas(canvas, head_values, packing), expected)
+
+    def test_update_canvas_first_head_is_its_grid(self):
+        active = torch.ones(2, 4, dtype=torch.bool)
+        head_values = torch.randn(8, 3)
+        assert torch.equal(update_canvas(None, head_values, pack_tokens(active)), head_values.reshape(2, 4, 3))
 
     def test_tokens_to_grid_is_row_major(self):
         values = torch.arange(2 * 6, dtype=torch.float32).reshape(1, 2, 6)  # (batch, channels, tokens)

@@ -30,6 +30,7 @@ import transformers
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
 
+from ..data.synthetic_scenes import NUM_SYNTHETIC_CLASSES
 from ..evaluation.flops import (
     capacity_flops_ratio,
     capacity_token_counts,
@@ -52,8 +53,10 @@ from .probes import (
 )
 
 
-# Random-weight models have ADE20K's 150 classes, except the tiny smoke-test size (5).
-DEFAULT_NUM_LABELS, TINY_NUM_LABELS = 150, 5
+# Random-weight models have ADE20K's 150 classes, except the sizes made for other data: the quick-start size has the
+# built-in scenes' classes (the model the quick start trains), the tiny smoke-test size 5.
+DEFAULT_NUM_LABELS = 150
+MODEL_SIZE_NUM_LABELS = {"quickstart": NUM_SYNTHETIC_CLASSES, "tiny": 5}
 DEFAULT_EXIT_RATE = 0.4
 
 
@@ -71,7 +74,8 @@ class BenchmarkSettings:
         seed: seed of the random weights, the images and the drawn exits.
         model_name_or_path: a trained DToP folder or Hub id, benchmarked at its own thresholds; `None`: random
             weights of each case's model size.
-        num_labels: classes of the random-weight models (default 150; `tiny`: 5).
+        num_labels: classes of the random-weight models (default 150; `quickstart`: the built-in scenes' classes;
+            `tiny`: 5).
         exits: where exits come from (`paper`, `rate`, `model`, `capacity`; see `exits.py`); default: `model` for a
             trained model, `rate` when `exit_rate` is given, `capacity` when `exit_capacity` or `target_flops_ratio`
             is, else `paper`.
@@ -149,7 +153,7 @@ def build_benchmark_model(settings: BenchmarkSettings, model_size: str | None) -
     torch.manual_seed(settings.seed)
     if settings.model_name_or_path:
         return DToPForSemanticSegmentation.from_pretrained(settings.model_name_or_path).eval().to(settings.device)
-    num_labels = settings.num_labels or (TINY_NUM_LABELS if model_size == "tiny" else DEFAULT_NUM_LABELS)
+    num_labels = settings.num_labels or MODEL_SIZE_NUM_LABELS.get(model_size, DEFAULT_NUM_LABELS)
     with torch.device(settings.device):  # initialised in place: ViT-L's 300M weights are slow to draw on a CPU
         model = SimulatedExitsSegmenter(DToPConfig(**model_size_kwargs(model_size), num_labels=num_labels))
     return model.eval()
