@@ -73,22 +73,21 @@ def rank_within_class(
     num_tokens = confidence.shape[1]
     # Order every image's tokens by (class, confidence descending, token index): two stable sorts. Non-candidates
     # get confidence -inf and a class past every real one, so they sort last and never count toward a group.
-    sort_confidence = torch.where(candidate_mask, confidence, torch.full_like(confidence, float("-inf")))
+    # (Scalars, not full tensors, fill the `where`s: an exported graph then needs no shape arithmetic for them.)
+    sort_confidence = torch.where(candidate_mask, confidence, float("-inf"))
     by_confidence = torch.sort(sort_confidence, dim=1, descending=True, stable=True).indices  # (batch, tokens)
-    sentinel_class = torch.iinfo(torch.int64).max
-    sort_class = torch.where(candidate_mask, predicted_class, torch.full_like(predicted_class, sentinel_class))
+    sort_class = torch.where(candidate_mask, predicted_class, torch.iinfo(torch.int64).max)
     class_in_confidence_order = sort_class.gather(1, by_confidence)
     by_class = torch.sort(class_in_confidence_order, dim=1, stable=True).indices
     order = by_confidence.gather(1, by_class)  # (batch, tokens): token indices grouped by class, best first
     ordered_class = sort_class.gather(1, order)
     # Rank inside each class group = position - position of the group's first token. Groups are numbered in order
-    # along the row; a group starts at the number of tokens of the groups before it.
-    group_starts = torch.ones_like(ordered_class, dtype=torch.bool)
-    group_starts[:, 1:] = ordered_class[:, 1:] != ordered_class[:, :-1]
-    group_id = group_starts.long().cumsum(dim=1) - 1  # (batch, tokens)
+    # along the row (the first token starts group 0); a group starts at the number of tokens of the groups before it.
+    new_group = (ordered_class[:, 1:] != ordered_class[:, :-1]).long()  # (batch, tokens - 1)
+    group_id = torch.cat([torch.zeros_like(ordered_class[:, :1]), new_group.cumsum(dim=1)], dim=1)  # (batch, tokens)
     group_size = torch.zeros_like(group_id).scatter_add(1, group_id, torch.ones_like(group_id))
     group_first_position = (group_size.cumsum(dim=1) - group_size).gather(1, group_id)
-    position = torch.arange(num_tokens, device=confidence.device).expand_as(ordered_class)
+    position = torch.arange(num_tokens, device=confidence.device)  # broadcast over the batch
     rank_in_order = position - group_first_position
     return torch.zeros_like(rank_in_order).scatter(1, order, rank_in_order)
 

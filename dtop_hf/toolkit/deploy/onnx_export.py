@@ -78,7 +78,11 @@ def onnx_stable_sort(self, stable: bool = True, dim: int = -1, descending: bool 
     """`aten.sort.stable` in ONNX: `TopK` over the whole axis. ONNX `TopK` breaks ties by the lower index, which is
     exactly a stable sort, the order the exit rules rank tokens in (torch's ONNX library maps only the unstable
     overload)."""
-    size = onnx_op.Reshape(onnx_op.Gather(onnx_op.Shape(self), dim, axis=0), onnx_op.Constant(value_ints=[1]))
+    length = self.shape[dim] if self.shape is not None else None
+    if isinstance(length, int):  # the token axis has a static size: no shape arithmetic in the graph
+        size = onnx_op.Constant(value_ints=[length])
+    else:
+        size = onnx_op.Reshape(onnx_op.Gather(onnx_op.Shape(self), dim, axis=0), onnx_op.Constant(value_ints=[1]))
     values, indices = onnx_op.TopK(self, size, axis=dim, largest=descending, sorted=True)
     return values, indices
 
