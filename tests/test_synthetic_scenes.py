@@ -65,7 +65,7 @@ def _encoded_bytes(ds: Dataset) -> list[bytes]:
 
 
 def test_label_maps_are_consistent():
-    assert NUM_SYNTHETIC_CLASSES == len(SYNTHETIC_ID2LABEL) == 11
+    assert NUM_SYNTHETIC_CLASSES == len(SYNTHETIC_ID2LABEL) == 10
     assert sorted(SYNTHETIC_ID2LABEL) == list(range(NUM_SYNTHETIC_CLASSES))
     assert {name: idx for idx, name in SYNTHETIC_ID2LABEL.items()} == SYNTHETIC_LABEL2ID
     assert set(SMALL_OBJECT_CLASS_IDS) < set(SYNTHETIC_ID2LABEL)
@@ -164,13 +164,12 @@ def touching_pairs(annotation: np.ndarray) -> set[tuple[int, int]]:
 
 
 def test_look_alike_regions_never_touch(reference_arrays):
-    # Sky, water and lakes look the same, so do cloud and snow: where they touched, the boundary would be invisible.
-    # Water and lakes are kept from the sky and from each other by land, clouds float in the sky, snow lies on land or
-    # water (ice).
+    # Sky and water look the same, so do cloud and snow: where they touched, the boundary would be invisible. Water is
+    # kept from the sky by land, clouds float in the sky, snow lies on land or water (ice).
     forbidden = {
         pair
-        for first, others in (("water", ("sky", "cloud", "lake")), ("lake", ("sky", "cloud")),
-                              ("cloud", ("grass", "sand", "road", "snow")), ("snow", ("sky",)))
+        for first, others in (("water", ("sky", "cloud")), ("cloud", ("grass", "sand", "road", "snow")),
+                              ("snow", ("sky",)))
         for other in others
         for pair in ((SYNTHETIC_LABEL2ID[first], SYNTHETIC_LABEL2ID[other]),)
     }  # fmt: skip
@@ -178,33 +177,25 @@ def test_look_alike_regions_never_touch(reference_arrays):
         assert not touching_pairs(annotation) & forbidden, index
 
 
-def test_channels_are_water_exactly_when_connected_to_the_sea(reference_arrays):
-    # The connectivity context of estuary scenes: every blue region below the horizon is one connected piece of
-    # water (the sea and the channels reaching it) or pieces of lake, each cut off from the water by a token of land.
+def test_blue_below_the_horizon_is_water_connected_to_the_sea_or_not(reference_arrays):
+    # Channels that end short of the sea and ponds inside the land are water like the sea: the class never depends
+    # on following a channel (the connectivity class tried earlier was learned by no head in a quick start).
     from scipy import ndimage
 
-    water, lake = (value + 1 for value in class_ids("water", "lake"))
-    channel_scenes = 0
+    water = class_ids("water")[0] + 1
+    scenes_with_cut_off_water = 0
     for _, annotation in reference_arrays:
-        blue = (annotation == water) | (annotation == lake)
-        components, count = ndimage.label(blue)
-        for component in range(1, count + 1):
-            values = np.unique(annotation[components == component])
-            assert len(values) == 1, values  # never water and lake in one connected piece
-        if (annotation == lake).any() and (annotation == water).any():
-            channel_scenes += 1
-            # A strip of land at least 8 px (a token of the quick start) wide separates lakes from the water.
-            gap = ndimage.distance_transform_edt(annotation != water)[annotation == lake].min()
-            assert gap >= 8, gap
-    assert channel_scenes >= 20
+        _, pieces = ndimage.label(annotation == water)
+        scenes_with_cut_off_water += pieces >= 2
+    assert scenes_with_cut_off_water >= 20
 
 
 def test_water_lies_below_the_horizon_and_clouds_above_land(reference_arrays):
     # Context the model can use: in every column, water is below the sky and snow below the clouds.
-    sky, water, cloud, snow, lake = (value + 1 for value in class_ids("sky", "water", "cloud", "snow", "lake"))
+    sky, water, cloud, snow = (value + 1 for value in class_ids("sky", "water", "cloud", "snow"))
     for _, annotation in reference_arrays:
         rows = np.arange(annotation.shape[0])[:, None]
-        for upper, lower in ((sky, water), (cloud, snow), (sky, snow), (sky, lake)):
+        for upper, lower in ((sky, water), (cloud, snow), (sky, snow)):
             lowest_upper = np.where(annotation == upper, rows, -1).max(axis=0)
             highest_lower = np.where(annotation == lower, rows, annotation.shape[0]).min(axis=0)
             assert (lowest_upper < highest_lower).all()
