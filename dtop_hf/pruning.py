@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def atm_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ def rank_within_class(
     # Rank inside each class group = position - position of the group's first token. Groups are numbered in order
     # along the row (the first token starts group 0); a group starts at the number of tokens of the groups before it.
     new_group = (ordered_class[:, 1:] != ordered_class[:, :-1]).long()  # (batch, tokens - 1)
-    group_id = torch.cat([torch.zeros_like(ordered_class[:, :1]), new_group.cumsum(dim=1)], dim=1)  # (batch, tokens)
+    group_id = F.pad(new_group.cumsum(dim=1), (1, 0))  # (batch, tokens)
     group_size = torch.zeros_like(group_id).scatter_add(1, group_id, torch.ones_like(group_id))
     group_first_position = (group_size.cumsum(dim=1) - group_size).gather(1, group_id)
     position = torch.arange(num_tokens, device=confidence.device)  # broadcast over the batch
@@ -241,9 +242,9 @@ class TokenPacking:
             lengths of variable-length attention kernels).
         has_empty_image: True when some image has no active token left.
         token_index: `(batch, max_count)` int64, the token of each row, for a dense packing (capacity mode: every
-            image keeps the same number of tokens, see [`TokenPacking.dense`]); `None` otherwise. Moves between the
-            grid and a dense packing are gathers and scatters along the token dimension, which need no host sync
-            and export to ONNX.
+            image keeps the same number of tokens, see [`TokenPacking.dense`]); `None` otherwise. A dense packing's
+            `flat_index` is computed from it with no host sync, so moves between the grid and the packed rows (row
+            copies by `flat_index`) export to ONNX.
     """
 
     active_mask: torch.Tensor
