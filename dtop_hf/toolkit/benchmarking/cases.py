@@ -96,7 +96,7 @@ def parse_case(case: str, default_model_size: str | None = None, trained_model: 
 
 
 TORCH_MODES = ("eager", "compiled")
-ONNX_RUNTIME_MODES = ("session",)  # one ONNX Runtime session per exported file, all graph optimisations
+ONNX_RUNTIME_MODES = ("session",)  # one ONNX Runtime session per exported file (`create_session`)
 MODES = TORCH_MODES + ONNX_RUNTIME_MODES
 
 

@@ -97,9 +97,9 @@ def make_exports(
 
 
 class OnnxRuntimeBackend:
-    """Exported files in ONNX Runtime (CPU, all graph optimisations): the capacity-mode export against the unpruned
-    export of the same model. Exported graphs have static shapes, so only capacity exits run; a suite with this
-    backend also runs PyTorch (`compared_with`) on the same cases and exits."""
+    """Exported files in ONNX Runtime (CPU, `create_session`'s graph optimisations): the capacity-mode export
+    against the unpruned export of the same model. Exported graphs have static shapes, so only capacity exits run;
+    a suite with this backend also runs PyTorch (`compared_with`) on the same cases and exits."""
 
     name = "onnxruntime"
     modes = ONNX_RUNTIME_MODES

@@ -44,8 +44,9 @@ CAPACITY_NOTES = (
     "the capacities and the input size alone (`capacity_flops_ratio`, all heads). Its targets: speed-up >= "
     f"{ONNX_RUNTIME_SPEEDUP_TARGET} R in ONNX Runtime at every batch size, >= {CAPACITY_EAGER_BATCH_SPEEDUP_TARGET} R "
     "in eager PyTorch at batch > 1. onnxruntime session: the capacity-mode ONNX export against the unpruned export "
-    "(threshold 1.0) of the same model, CPUExecutionProvider, all graph optimisations; export parity: the largest "
-    "|logits difference| against the PyTorch model and the share of exit stages on which they agree."
+    "(threshold 1.0) of the same model, CPUExecutionProvider, all graph optimisations but the SkipLayerNormalization "
+    "fusion; export parity: the largest |logits difference| against the PyTorch model and the share of exit stages on "
+    "which they agree."
 )
 
 
