@@ -54,7 +54,7 @@ RUN_SIZES = {
     "default": {
         "image_size": 96,
         "train_samples": 1000,
-        "validation_samples": 100,
+        "validation_samples": 200,
         "base_steps": 1000,
         "prune_steps": 200,
         "per_device_train_batch_size": 8,
