@@ -241,10 +241,6 @@ class TokenPacking:
         cu_seqlens: `(batch + 1,)` int32, the packed row where each image starts, then `total` (the cumulative
             lengths of variable-length attention kernels).
         has_empty_image: True when some image has no active token left.
-        token_index: `(batch, max_count)` int64, the token of each row, for a dense packing (capacity mode: every
-            image keeps the same number of tokens, see [`TokenPacking.dense`]); `None` otherwise. A dense packing's
-            `flat_index` is computed from it with no host sync, so moves between the grid and the packed rows (row
-            copies by `flat_index`) export to ONNX.
     """
 
     active_mask: torch.Tensor
@@ -256,7 +252,6 @@ class TokenPacking:
     key_padding_mask: torch.Tensor | None
     cu_seqlens: torch.Tensor
     has_empty_image: bool = False
-    token_index: torch.Tensor | None = None
 
     @classmethod
     def dense(cls, token_index: torch.Tensor, num_tokens: int) -> "TokenPacking":
@@ -272,9 +267,7 @@ class TokenPacking:
         packed_order = torch.arange(batch_size * count, device=device)
         counts = token_index.new_full((batch_size,), count)
         cu_seqlens = (torch.arange(batch_size + 1, device=device) * count).to(torch.int32)
-        return cls(
-            active_mask, flat_index, counts, count, packed_order, packed_order, None, cu_seqlens, False, token_index
-        )
+        return cls(active_mask, flat_index, counts, count, packed_order, packed_order, None, cu_seqlens, False)
 
     @property
     def batch_size(self) -> int:
@@ -340,8 +333,8 @@ class TokenPacking:
 
     def padded_token_index(self) -> torch.Tensor:
         """`(batch, max_count)` int64: the grid token index of each padded slot, `tokens` at padding slots."""
-        if self.token_index is not None:
-            return self.token_index
+        if self.is_uniform:  # the padded layout is the packed one: each row's token, read off its grid position
+            return (self.flat_index % self.num_tokens).reshape(self.batch_size, self.max_count)
         slot_to_token = torch.full(
             (self.batch_size * self.max_count,), self.num_tokens, dtype=torch.long, device=self.flat_index.device
         )

@@ -182,6 +182,10 @@ class TestScores:
         expected = torch.where(packing.active_mask[:, :, None], grid_values, canvas)
         assert torch.equal(update_canvas(canvas, head_values, packing), expected)
 
+    def test_dense_packing_knows_each_rows_token(self):
+        token_index = torch.tensor([[1, 4], [0, 2]])
+        assert torch.equal(TokenPacking.dense(token_index, 5).padded_token_index(), token_index)
+
     def test_update_canvas_first_head_is_its_grid(self):
         active = torch.ones(2, 4, dtype=torch.bool)
         head_values = torch.randn(8, 3)
