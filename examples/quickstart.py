@@ -12,7 +12,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """DToP from nothing, in one command and a few CPU minutes, offline: on the built-in synthetic scenes, train a
-small base model (no pruning), prune-finetune it (auxiliary exit thresholds on), sweep exit thresholds (mIoU and
+small base model (no pruning), prune-finetune it (auxiliary exit threshold 0.7), sweep exit thresholds (mIoU and
 GFLOPs per image), calibrate one threshold per auxiliary head (at most `--max_miou_drop` mIoU points lost, chosen
 on calibration scenes the report never uses), and with the same budget capacity mode's capacities (the share of
 tokens still active after each head, the same for every image: static shapes, exports to ONNX), and draw exit maps;
@@ -28,7 +28,7 @@ The steps are the ones `finetune.py` (twice: `--stage base`, then `--stage prune
 tokens per head) and the depth profiles of the base and the pruned model. Written to
 `--output_dir`:
 
-    base/         the base model          model/        the pruned model (exit threshold 0.9)
+    base/         the base model          model/        the pruned model (exit threshold 0.7)
     calibrated/   the pruned model with its calibrated per-head thresholds: use this one
     calibrated_capacity/   the pruned model in capacity mode with its calibrated capacities (for ONNX export)
     evaluation/   table.md (with the exit diagnostics), results.json, gflops_vs_miou.png, depth_profile.png,
@@ -77,6 +77,7 @@ from dtop_hf.toolkit.evaluation.sweep import (
 from dtop_hf.toolkit.inference.loading import load_model_and_processor
 from dtop_hf.toolkit.inference.pictures import write_pictures_per_threshold
 from dtop_hf.toolkit.quickstart import (
+    PRUNING_THRESHOLD,
     RUN_SIZES,
     TINY_ENVIRONMENT_VARIABLE,
     format_exit_landing,
@@ -169,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PresetArguments, ExitArgu
     parser = build_parser(
         (PresetArguments, ExitArguments, RuntimeArguments, QuickstartArguments),
         description="Train, prune-finetune, evaluate and draw a small DToP on the built-in data set (offline).",
-        exit_threshold=["0.9"],  # the ViT-B threshold, trained with and kept in the model
+        exit_threshold=[str(PRUNING_THRESHOLD)],  # trained with and kept in the model
         tiny=tiny_from_environment(),
         per_device_eval_batch_size=None,  # twice the training batch
     )
@@ -257,7 +258,7 @@ def evaluate(
 
 def picture_thresholds(summary: dict, run: dict) -> list[float | tuple[float, ...]]:
     """The model's own threshold, the calibrated ones and the sweep's lowest: a model trained for minutes is rarely
-    sure enough of a real photo for its tokens to pass 0.9."""
+    sure enough of a real photo for many of its tokens to pass its own threshold."""
     thresholds = [run["exit_threshold"]]
     if calibrated(summary):
         thresholds.append(summary["calibration"]["chosen"]["exit_threshold"])

@@ -30,7 +30,10 @@ from transformers import pipeline
 from dtop_hf import DToPConfig
 from dtop_hf.toolkit.evaluation.calibration import format_threshold, per_head, setting_of, speedup
 from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
-from dtop_hf.toolkit.quickstart import RUN_SIZES, run_size, tiny_from_environment
+from dtop_hf.toolkit.quickstart import PRUNING_THRESHOLD, RUN_SIZES, run_size, tiny_from_environment
+
+
+MODEL_THRESHOLD = format_threshold(PRUNING_THRESHOLD)  # the pruned model's, '0.7'
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -157,12 +160,12 @@ def test_quickstart_shows_where_exits_land_and_the_depth_profiles(quickstart_run
     boundary = f"{100 * diagnostics['boundary_share']:.2f}% among all tokens"
     assert "Where exits land on the validation scenes: the share of boundary tokens" in final_part
     assert boundary in final_part
-    # One row at the model's threshold (0.9: not in the tiny sweep, measured for this table) and one at the
+    # One row at the model's threshold (not in the tiny sweep, measured for this table) and one at the
     # calibrated thresholds, whose numbers are the evaluation's.
     rows = {line.split(" | ")[0][2:]: line for line in final_part.splitlines() if " exited) |" in line}
     chosen = summary["calibration"]["on_evaluation_split"]["chosen"]
     calibrated_label = f"{format_threshold(setting_of(chosen))} (calibrated)"
-    assert set(rows) == {"0.9 (the model's)", calibrated_label}, rows
+    assert set(rows) == {f"{MODEL_THRESHOLD} (the model's)", calibrated_label}, rows
     cells = rows[calibrated_label].strip("| ").split(" | ")[1:]
     for cell, share, exited in zip(cells, chosen["exit_diagnostics"]["exit_boundary_share"], chosen["exit_share"]):
         expected_share = "n/a" if share is None else f"{100 * share:.2f}"
@@ -185,16 +188,17 @@ def test_quickstart_writes_models_and_pictures(quickstart_run):
     model_dir = output_dir / "model"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_dtop.py"):
         assert (model_dir / name).is_file(), name
-    assert DToPConfig.from_pretrained(model_dir).exit_thresholds_per_head()[:-1] == (0.9, 0.9)
+    assert DToPConfig.from_pretrained(model_dir).exit_thresholds_per_head()[:-1] == (PRUNING_THRESHOLD,) * 2
     assert DToPConfig.from_pretrained(output_dir / "base").exit_thresholds_per_head()[:-1] == (1.0, 1.0)
     evaluation_dir = output_dir / "evaluation"
     for path in ("table.md", "gflops_vs_miou.png", "pictures/image_0.png", "pictures/image_1.png"):
         assert (evaluation_dir / path).is_file(), path
-    # segment.py's pictures at the model's threshold (0.9) and at the sweep's lowest (0.5 at the tiny size).
+    # segment.py's pictures at the model's threshold and at the sweep's lowest (0.5 at the tiny size).
     pictures = {path.name for path in (output_dir / "pictures").glob("*.png")}
-    for name in ("astronaut_t0.9", "astronaut_t0.5", "validation_scene_t0.9", "validation_scene_t0.5"):
-        assert {f"{name}_segmentation.png", f"{name}_exit_map.png", f"{name}_overlay.png"} <= pictures
-    with Image.open(output_dir / "pictures" / "astronaut_t0.9_segmentation.png") as segmentation:
+    for image in ("astronaut", "validation_scene"):
+        for name in (f"{image}_t{MODEL_THRESHOLD}", f"{image}_t0.5"):
+            assert {f"{name}_segmentation.png", f"{name}_exit_map.png", f"{name}_overlay.png"} <= pictures
+    with Image.open(output_dir / "pictures" / f"astronaut_t{MODEL_THRESHOLD}_segmentation.png") as segmentation:
         assert segmentation.size == (512, 512)  # skimage's astronaut, at its own size
 
 
@@ -202,7 +206,8 @@ def test_quickstart_model_loads_in_the_pipeline_and_in_segment_py(quickstart_run
     output_dir, _ = quickstart_run
     model_dir = output_dir / "model"
     segmenter = pipeline("image-segmentation", model=str(model_dir), trust_remote_code=True)
-    photo = Image.fromarray(np.asarray(Image.open(output_dir / "pictures" / "astronaut_t0.9_overlay.png"))[:200, :300])
+    overlay = output_dir / "pictures" / f"astronaut_t{MODEL_THRESHOLD}_overlay.png"
+    photo = Image.fromarray(np.asarray(Image.open(overlay))[:200, :300])
     segments = segmenter(photo)
     id2label = DToPConfig.from_pretrained(model_dir).id2label
     assert segments and all(segment["label"] in id2label.values() for segment in segments)
