@@ -133,6 +133,13 @@ class EvaluationArguments:
     max_miou_drop: float | None = field(
         default=None, metadata={"help": "Fewest GFLOPs losing at most this many mIoU points (0.5 = half a point)."}
     )
+    miou_drop_confidence: float | None = field(
+        default=None,
+        metadata={
+            "help": "With --max_miou_drop: hold the budget at this confidence (0.9: the upper bound of each setting's "
+            "drop, a paired bootstrap over the calibration images, must fit), not the measured drop alone."
+        },
+    )
     gflops_convention: Literal["all_heads", "paper"] = field(
         default="all_heads", metadata={"help": "Cost --target_gflops limits: every head, or backbone + final head."}
     )
@@ -172,6 +179,10 @@ class EvaluationArguments:
             raise ValueError(f"`--target_gflops` must be > 0, got {self.target_gflops}.")
         if self.max_miou_drop is not None and self.max_miou_drop < 0:
             raise ValueError(f"`--max_miou_drop` must be >= 0 (mIoU points), got {self.max_miou_drop}.")
+        if self.miou_drop_confidence is not None and self.max_miou_drop is None:
+            raise ValueError("`--miou_drop_confidence` bounds the mIoU drop: it needs `--max_miou_drop`.")
+        if self.miou_drop_confidence is not None and not 0 < self.miou_drop_confidence < 1:
+            raise ValueError(f"`--miou_drop_confidence` must lie in (0, 1), got {self.miou_drop_confidence}.")
         has_budget = self.target_gflops is not None or self.max_miou_drop is not None
         self.calibrate = self.calibrate or (["thresholds"] if has_budget else ["none"])
         if "none" in self.calibrate and len(self.calibrate) > 1:
@@ -202,7 +213,10 @@ class EvaluationArguments:
             self.target_gflops, self.max_miou_drop, self.gflops_convention, self.calibration_search,
             self.num_refinements, self.num_grid_refinements, self.calibration_split, self.calibration_samples,
         )  # fmt: skip
-        return [CalibrationRequest(method, *settings) for method in self.methods]
+        return [
+            CalibrationRequest(method, *settings, miou_drop_confidence=self.miou_drop_confidence)
+            for method in self.methods
+        ]
 
 
 def sweep_rules(exit_args: ExitArguments, model_mode: str = THRESHOLD.mode) -> list[ExitRule]:

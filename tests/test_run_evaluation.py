@@ -413,6 +413,40 @@ def test_calibration_never_reads_the_evaluated_split(tiny_model_dir, tmp_path, m
     assert other["on_evaluation_split"]["chosen"]["num_images"] == 3
 
 
+def test_a_confidence_bound_holds_the_budget_with_a_margin(tiny_model_dir, tmp_path, capsys):
+    common = ["--model_name_or_path", str(tiny_model_dir), "--num_pictures", "0", "--max_miou_drop", "5"]
+    common += SWEEP_ARGS[:-2] + ["--calibration_samples", "4", "--num_grid_refinements", "1"]
+    measured = evaluate(common + ["--output_dir", str(tmp_path / "measured")])["calibration"]
+    summary = evaluate(common + ["--output_dir", str(tmp_path / "bounded"), "--miou_drop_confidence", "0.9"])
+    calibration = summary["calibration"]
+    assert calibration["miou_drop_confidence"] == 0.9 and measured["miou_drop_confidence"] is None
+    # Every setting tried carries its bound (none for the plain calibration); the unpruned run's is 0.
+    assert all("miou_drop_upper_bound" not in result for result in measured["results"])
+    results = calibration["results"]
+    bounds = {per_head(result["exit_threshold"], 2): result["miou_drop_upper_bound"] for result in results}
+    assert bounds[(1.0, 1.0)] == 0.0 and len(bounds) == len(results)
+    # The chosen setting's bound fits the budget (5 points), and no cheaper setting tried has a bound that does.
+    chosen = calibration["chosen"]
+    assert chosen["miou_drop_upper_bound"] <= 0.05
+    cheaper = [result for result in results if result["gflops"] < chosen["gflops"]]
+    assert all(result["miou_drop_upper_bound"] > 0.05 for result in cheaper)
+    # A bound is at least as strict as the measured drop: the bounded choice saves no more than the plain one.
+    assert chosen["gflops"] >= measured["chosen"]["gflops"]
+    table = (tmp_path / "bounded" / "table.md").read_text()
+    assert "| calibration mIoU (%) | Δ mIoU | Δ bound (90%) | GFLOPs |" in table
+    assert "the budget holding each setting's mIoU drop at 90% confidence" in table
+    saved = json.loads((tmp_path / "bounded" / "results.json").read_text())["calibration"]
+    assert saved["chosen"]["miou_drop_upper_bound"] == chosen["miou_drop_upper_bound"]
+    for bad, message in (
+        (["--miou_drop_confidence", "0.9"], "needs `--max_miou_drop`"),
+        (["--max_miou_drop", "1", "--miou_drop_confidence", "1.5"], "must lie in (0, 1)"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            evaluate(["--model_name_or_path", "unused"] + bad)
+        assert message in capsys.readouterr().err
+
+
 def test_calibrating_a_model_that_never_exits_in_the_sweep_extends_it_downward(model_tester, tmp_path):
     # Default initialisation: the auxiliary heads' confidences stay near 0.27, below every swept threshold.
     folder = save_tiny_model(model_tester, tmp_path / "unsure", dict(SYNTHETIC_ID2LABEL), initializer_range=0.02)

@@ -40,7 +40,9 @@ threshold and capacity results can share one sweep, one report and one plot ([`k
 [`format_exit_rule`]).
 
 Calibrate on data the final report does not use (a calibration split), and report the chosen thresholds on the
-evaluation split: the search picks the best of many noisy measurements, so its own numbers are optimistic.
+evaluation split: the search picks the best of many noisy measurements, so its own numbers are optimistic. For an
+mIoU-drop limit, a `drop_bound` (an upper confidence bound of the drop instead of the measured drop,
+[`~toolkit.evaluation.bootstrap.miou_drop_upper_bound`]) keeps a margin for that noise.
 """
 
 import json
@@ -57,6 +59,8 @@ from ...configuration_dtop import normalize_exit_capacity, normalize_exit_thresh
 THRESHOLD_KEY = "exit_threshold"
 CAPACITY_KEY = "exit_capacity"
 MIOU_KEY = "mean_iou"
+# A calibration result's upper bound of its mIoU drop (mIoU units), when the calibration used one.
+MIOU_DROP_BOUND_KEY = "miou_drop_upper_bound"
 GFLOPS_KEY = "gflops"
 # Thresholds are rounded to this many decimals (midpoints of 0.1-spaced grids stay readable and cache keys exact).
 THRESHOLD_DECIMALS = 6
@@ -240,19 +244,27 @@ def baseline_result(results: Sequence[dict], key: str = THRESHOLD_KEY) -> dict:
     )
 
 
+# A bound on the mIoU drop of `result` against `baseline` (mIoU units), used instead of the measured drop; e.g. a
+# bootstrap upper bound ([`~toolkit.evaluation.bootstrap.miou_drop_upper_bound`]).
+DropBound = Callable[[dict, dict], float]
+
+
 def meets_constraint(
     result: dict,
     target_gflops: float | None,
     max_miou_drop: float | None,
     baseline_miou: float | None,
     gflops_key: str = GFLOPS_KEY,
+    drop_bound: Callable[[dict], float] | None = None,
 ) -> bool:
-    """Whether one sweep result satisfies the constraint (an mIoU of NaN never does)."""
+    """Whether one sweep result satisfies the constraint (an mIoU of NaN never does). `drop_bound(result)`, when
+    given, is the drop the mIoU limit reads instead of `baseline_miou - mean_iou`."""
     if target_gflops is not None:
         return result[gflops_key] <= target_gflops
     miou = result[MIOU_KEY]
+    drop = baseline_miou - miou if drop_bound is None else drop_bound(result)
     # Tolerance for float noise, so that the baseline always meets a zero drop.
-    return not math.isnan(miou) and baseline_miou - miou <= max_miou_drop + 1e-12
+    return not math.isnan(miou) and drop <= max_miou_drop + 1e-12
 
 
 def choose_threshold(
@@ -261,6 +273,7 @@ def choose_threshold(
     max_miou_drop: float | None = None,
     gflops_key: str = GFLOPS_KEY,
     key: str = THRESHOLD_KEY,
+    drop_bound: DropBound | None = None,
 ) -> dict:
     """Pick, among evaluated thresholds, the one that meets the constraint with the largest saving.
 
@@ -274,6 +287,8 @@ def choose_threshold(
         gflops_key: the result field that holds the cost (`gflops`: every head; or, for instance,
             `gflops_backbone_and_final_head`: the paper's convention).
         key: the result field that holds the setting (`exit_capacity` for capacities).
+        drop_bound: for `max_miou_drop`, what limits a setting instead of its measured drop: `drop_bound(result,
+            baseline)` (e.g. an upper confidence bound, [`~toolkit.evaluation.bootstrap.miou_drop_upper_bound`]).
 
     Returns:
         The chosen result dict (one of `results`; on exact ties, the first).
@@ -281,11 +296,13 @@ def choose_threshold(
     check_constraint(target_gflops, max_miou_drop)
     if not results:
         raise ValueError("`results` is empty: evaluate at least one threshold before choosing.")
-    baseline_miou = baseline_result(results, key)[MIOU_KEY] if max_miou_drop is not None else None
+    baseline = baseline_result(results, key) if max_miou_drop is not None else None
+    baseline_miou = None if baseline is None else baseline[MIOU_KEY]
+    bound = None if drop_bound is None or baseline is None else (lambda result: drop_bound(result, baseline))
     feasible = [
         result
         for result in results
-        if meets_constraint(result, target_gflops, max_miou_drop, baseline_miou, gflops_key)
+        if meets_constraint(result, target_gflops, max_miou_drop, baseline_miou, gflops_key, bound)
     ]
     if not feasible:
         cheapest = min(results, key=lambda result: result[gflops_key])
@@ -335,6 +352,7 @@ class EvaluationCache:
     num_heads: int
     results: dict[tuple[float, ...], dict] = field(default_factory=dict)
     knob: ExitKnob = THRESHOLD
+    drop_bound: DropBound | None = None
 
     def __call__(self, threshold: Threshold | Sequence[float]) -> dict:
         key = per_head(threshold, self.num_heads, self.knob.name)
@@ -352,8 +370,8 @@ class EvaluationCache:
     def choose(
         self, results: Sequence[dict], target_gflops: float | None, max_miou_drop: float | None, gflops_key: str
     ) -> dict:
-        """[`choose_threshold`] on results of this knob."""
-        return choose_threshold(results, target_gflops, max_miou_drop, gflops_key, self.knob.key)
+        """[`choose_threshold`] on results of this knob, with the cache's `drop_bound`."""
+        return choose_threshold(results, target_gflops, max_miou_drop, gflops_key, self.knob.key, self.drop_bound)
 
 
 def saves_anything(results: Sequence[dict], gflops_key: str = GFLOPS_KEY) -> bool:
@@ -472,6 +490,7 @@ def calibrate_threshold(
     gflops_key: str = GFLOPS_KEY,
     min_threshold: float | None = None,
     knob: ExitKnob = THRESHOLD,
+    drop_bound: DropBound | None = None,
 ) -> tuple[dict, list[dict]]:
     """One threshold for every head: sweep `thresholds`, then bisect towards the boundary of the constraint, and
     choose. With `knob=CAPACITY`, the same for one capacity for every head.
@@ -494,6 +513,7 @@ def calibrate_threshold(
         gflops_key: the result field that holds the cost, see [`choose_threshold`].
         min_threshold: the lowest threshold the downward extension tries; default: the knob's `min_value`.
         knob: [`THRESHOLD`] or [`CAPACITY`]: the setting searched (and the result field that holds it).
+        drop_bound: what the mIoU limit reads instead of the measured drop, see [`choose_threshold`].
 
     Returns:
         The chosen result and every result evaluated, sorted by decreasing threshold.
@@ -504,7 +524,7 @@ def calibrate_threshold(
     check_constraint(target_gflops, max_miou_drop)
     check_knob_values(thresholds, knob)
     min_threshold = knob.min_value if min_threshold is None else min_threshold
-    cache = EvaluationCache(evaluate, num_heads=1, knob=knob)
+    cache = EvaluationCache(evaluate, num_heads=1, knob=knob, drop_bound=drop_bound)
     sweep(cache, thresholds, target_gflops, max_miou_drop, gflops_key, min_threshold)
     extend_below_choice(cache, max_miou_drop, gflops_key, min_threshold)
     chosen = bisect(cache, target_gflops, max_miou_drop, num_refinements, min_step, gflops_key)
@@ -588,6 +608,7 @@ def calibrate_per_head(
     gflops_key: str = GFLOPS_KEY,
     min_value: float | None = None,
     max_rounds: int = 20,
+    drop_bound: DropBound | None = None,
 ) -> CalibrationOutcome:
     """One value of the knob per auxiliary head (exit thresholds, or capacities), by local search on per-head grids.
 
@@ -618,6 +639,7 @@ def calibrate_per_head(
         gflops_key: the result field that holds the cost.
         min_value: the lowest value the downward extension tries; default: the knob's `min_value`.
         max_rounds: safety cap on the rounds of moves per grid level.
+        drop_bound: what the mIoU limit reads instead of the measured drop, see [`choose_threshold`].
 
     Raises:
         NothingToCalibrateError: no value down to `min_value` lets a token exit.
@@ -627,7 +649,7 @@ def calibrate_per_head(
     min_value = knob.min_value if min_value is None else min_value
     if num_heads < 1:
         raise ValueError(f"`num_heads` must be >= 1 (a model with auxiliary heads), got {num_heads}.")
-    cache = EvaluationCache(evaluate, num_heads, knob=knob)
+    cache = EvaluationCache(evaluate, num_heads, knob=knob, drop_bound=drop_bound)
     shared = [value for value in values if isinstance(value, (int, float))]
     settings = [per_head(value, num_heads, knob.name) for value in values if not isinstance(value, (int, float))]
     shared += [setting[0] for setting in settings if len(set(setting)) == 1]
@@ -793,8 +815,10 @@ def save_calibrated_model(
 __all__ = [
     "CAPACITY",
     "KNOBS",
+    "MIOU_DROP_BOUND_KEY",
     "THRESHOLD",
     "CalibrationOutcome",
+    "DropBound",
     "EvaluationCache",
     "ExitKnob",
     "ExitRule",

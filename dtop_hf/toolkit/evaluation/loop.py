@@ -29,7 +29,7 @@ from ..inference.segmentation import (
     sliding_window_processor,
 )
 from .diagnostics import SweepDiagnostics
-from .metrics import StreamingMeanIoU
+from .metrics import StreamingMeanIoU, class_areas
 
 
 # Keys of `evaluate_batch`'s diagnostics tensors, gathered with its other per-image results.
@@ -132,6 +132,7 @@ def evaluate_model(
     exit_mode: str | None = None,
     exit_capacity: float | Sequence[float] | None = None,
     diagnostics: SweepDiagnostics | None = None,
+    keep_image_areas: bool = False,
 ) -> dict:
     """Evaluate a DToP model on a data loader prepared by `accelerator`, in one or many processes.
 
@@ -155,12 +156,15 @@ def evaluate_model(
         exit_mode: per-call exit mode (`"threshold"` or `"capacity"`); `None` uses the model config's.
         exit_capacity: per-call capacity (capacity mode); `None` uses the model config's.
         diagnostics: exit diagnostics measured from this pass's forwards (whole images; started by the caller).
+        keep_image_areas: also return each image's class areas (what a bootstrap over images needs).
 
     Returns:
         A dict with `mean_iou`, `mean_accuracy`, `overall_accuracy` (fractions), `per_category_iou` (list, NaN for
         classes absent from labels and predictions), `gflops` (mean per image, every head included),
         `gflops_backbone_and_final_head` (mean, the paper's figure), `exit_share` (list: share of tokens
-        finalised by each head, decode head last) and `num_images`; with `diagnostics`, `exit_diagnostics`.
+        finalised by each head, decode head last) and `num_images`; with `diagnostics`, `exit_diagnostics`; with
+        `keep_image_areas`, `image_class_areas`: a `(num_images, num_labels, 3)` float64 tensor (intersection, label
+        and prediction pixels per class, [`~metrics.class_areas`]), in the data loader's order.
     """
     model = accelerator.unwrap_model(model)
     was_training = model.training
@@ -172,6 +176,7 @@ def evaluate_model(
     metric = StreamingMeanIoU(config.num_labels, ignore_index=config.semantic_loss_ignore_index)
     gflops_sum, gflops_paper_sum, num_images = 0.0, 0.0, 0
     exit_counts = torch.zeros(len(config.out_indices), dtype=torch.long)
+    image_areas = []
     progress = tqdm(dataloader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False)
     for batch_index, batch in enumerate(progress):
         if max_batches is not None and batch_index >= max_batches:
@@ -184,6 +189,8 @@ def evaluate_model(
         if diagnostics is not None:
             diagnostics.add(diagnostics_part(results))
         metric.merge(results["confusion"].sum(dim=0).cpu())
+        if keep_image_areas:
+            image_areas.append(class_areas(results["confusion"].cpu()))
         gflops_sum += float(results["gflops"].sum())
         gflops_paper_sum += float(results["gflops_backbone_and_final_head"].sum())
         exit_counts += results["exits"].sum(dim=0).cpu()
@@ -192,6 +199,8 @@ def evaluate_model(
         model.train()
     scores = metric.compute()
     extra = {"exit_diagnostics": diagnostics.finish()} if diagnostics is not None else {}
+    if keep_image_areas:
+        extra["image_class_areas"] = torch.cat(image_areas) if image_areas else torch.zeros(0, config.num_labels, 3)
     return {
         "mean_iou": scores["mean_iou"],
         "mean_accuracy": scores["mean_accuracy"],

@@ -33,6 +33,22 @@ def as_class_map(values: torch.Tensor | np.ndarray) -> torch.Tensor:
     return values if torch.is_tensor(values) else torch.from_numpy(np.array(values))
 
 
+def class_areas(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-class pixel counts of confusion matrices: `(..., num_labels, num_labels)` (rows = ground truth) ->
+    `(..., num_labels, 3)` float64: intersection, label area, prediction area. Sums of these over images are the
+    data set's, so they are all an image contributes to the mIoU (what a bootstrap over images resamples)."""
+    confusion = confusion.double()
+    return torch.stack([confusion.diagonal(dim1=-2, dim2=-1), confusion.sum(dim=-1), confusion.sum(dim=-2)], dim=-1)
+
+
+def per_class_iou(areas: torch.Tensor) -> torch.Tensor:
+    """IoU per class from [`class_areas`] `(..., num_labels, 3)` -> `(..., num_labels)`, NaN where the union is
+    empty (the class is in neither labels nor predictions)."""
+    intersection, label_area, prediction_area = areas.unbind(dim=-1)
+    union = label_area + prediction_area - intersection
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+
 class StreamingMeanIoU:
     """Accumulates a `(num_labels, num_labels)` confusion matrix (rows = ground truth, columns = prediction).
 
@@ -86,13 +102,11 @@ class StreamingMeanIoU:
     def compute(self) -> dict:
         """`mean_iou`, `mean_accuracy`, `overall_accuracy` (floats) and `per_category_iou`,
         `per_category_accuracy` (lists, NaN for classes without pixels)."""
-        confusion = self.confusion.double()
-        intersection = confusion.diagonal()
-        label_area = confusion.sum(dim=1)
-        prediction_area = confusion.sum(dim=0)
-        union = label_area + prediction_area - intersection
+        areas = class_areas(self.confusion)
+        intersection, label_area = areas[:, 0], areas[:, 1]
+        union = label_area + areas[:, 2] - intersection
+        iou = per_class_iou(areas)
         nan = torch.tensor(float("nan"), dtype=torch.float64)
-        iou = torch.where(union > 0, intersection / union.clamp(min=1), nan)
         accuracy = torch.where(label_area > 0, intersection / label_area.clamp(min=1), nan)
         total = label_area.sum()
         return {
@@ -119,4 +133,11 @@ def load_mean_iou_metric(**kwargs):
     return evaluate.load(str(MEAN_IOU_EVALUATE_PATH), **kwargs)
 
 
-__all__ = ["MEAN_IOU_EVALUATE_PATH", "StreamingMeanIoU", "as_class_map", "load_mean_iou_metric"]
+__all__ = [
+    "MEAN_IOU_EVALUATE_PATH",
+    "StreamingMeanIoU",
+    "as_class_map",
+    "class_areas",
+    "load_mean_iou_metric",
+    "per_class_iou",
+]

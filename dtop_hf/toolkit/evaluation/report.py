@@ -32,6 +32,7 @@ from pathlib import Path
 from .calibration import (
     CAPACITY,
     KNOBS,
+    MIOU_DROP_BOUND_KEY,
     THRESHOLD,
     choose_threshold,
     compact_threshold,
@@ -144,9 +145,11 @@ def calibration_table(calibration: dict, gflops_key: str) -> str:
     """The calibrated thresholds (or capacities) next to the unpruned model and the best shared value, measured on
     the calibration images (where they were chosen) and on the evaluated split (which the choice never saw)."""
     knob = knob_of(calibration["chosen"])
+    bounded = MIOU_DROP_BOUND_KEY in calibration["chosen"]
+    bound_column = [f"Δ bound ({100 * calibration['miou_drop_confidence']:g}%)"] if bounded else []
     header = [knob.name, "chosen as"]
     for split in ("calibration", "evaluation"):
-        header += [f"{split} mIoU (%)", "Δ mIoU", "GFLOPs", "R"]
+        header += [f"{split} mIoU (%)", "Δ mIoU", *(bound_column if split == "calibration" else []), "GFLOPs", "R"]
     roles = {}  # setting -> (result key, what it was chosen as); one row per setting
     for key, role in (("baseline", "unpruned"), ("best_single", f"best single {knob.noun}"), ("chosen", "calibrated")):
         setting = format_threshold(setting_of(calibration[key]))
@@ -156,9 +159,14 @@ def calibration_table(calibration: dict, gflops_key: str) -> str:
         row = [setting, role + (" (saved)" if key == "chosen" else "")]
         for measured in (calibration, calibration["on_evaluation_split"]):
             result, baseline = measured[key], measured["baseline"]
+            # The bound is of the drop: shown as a change, like the column before it (the baseline's as +0.00).
+            bound = []
+            if bounded and measured is calibration:
+                bound = [f"{-100 * result[MIOU_DROP_BOUND_KEY]:+.2f}".replace("-0.00", "+0.00")]
             row += [
                 format_percent(result["mean_iou"]),
                 f"{100 * (result['mean_iou'] - baseline['mean_iou']):+.2f}",
+                *bound,
                 format_gflops(result[gflops_key]),
                 f"{speedup(result, baseline, gflops_key):.2f}",
             ]
@@ -225,8 +233,14 @@ def calibration_section(
     field = CALIBRATION_FIELDS[method]
     calibration = summary[field]
     noun = knob_of(calibration["chosen"]).noun
+    bound = (
+        f", the budget holding each setting's mIoU drop at {100 * calibration['miou_drop_confidence']:g}% "
+        "confidence (Δ bound: a paired bootstrap over those images)"
+        if MIOU_DROP_BOUND_KEY in calibration["chosen"]
+        else ""
+    )
     heading = (
-        f"Calibration: {calibration['num_evaluations']} {noun} settings evaluated on {calibration['data']}; "
+        f"Calibration: {calibration['num_evaluations']} {noun} settings evaluated on {calibration['data']}{bound}; "
         f"the chosen ones measured on the {summary['split']!r} split too:"
     )
     return ReportSection(field, calibration_table(calibration, gflops_key), heading)

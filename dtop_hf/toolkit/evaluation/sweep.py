@@ -42,8 +42,10 @@ from ..data.datasets import SegmentationDataset
 from ..inference.pictures import write_comparison_pictures
 from ..inference.segmentation import ExitThreshold, predict_batch
 from ..inference.visualization import head_names
+from .bootstrap import miou_drop_upper_bound
 from .calibration import (
     CAPACITY,
+    MIOU_DROP_BOUND_KEY,
     THRESHOLD,
     CalibrationOutcome,
     ExitKnob,
@@ -164,10 +166,12 @@ class SettingEvaluator:
         exit_rule: ExitRule | ExitThreshold,
         split_name: str = "evaluation",
         diagnose: bool = False,
+        keep_image_areas: bool = False,
     ) -> dict:
         """The result of one exit rule (or bare threshold setting) on `dataloader`; with `diagnose` (and the
         diagnostics on) its `exit_diagnostics` too: the first diagnosed rule must be the unpruned one, and every
-        diagnosed pass must read the same `dataloader`."""
+        diagnosed pass must read the same `dataloader`; with `keep_image_areas`, its per-image `image_class_areas`
+        (a tensor: take it out before saving the result as JSON)."""
         if self.timer is None:
             self.warm_up(dataloader.dataset)
         self.timer.seconds = 0.0
@@ -177,7 +181,7 @@ class SettingEvaluator:
             diagnostics.start(unpruned=is_unpruned(setting_of(rule)))
         result = evaluate_model(
             self.model, dataloader, self.accelerator, image_processor=self.image_processor, diagnostics=diagnostics,
-            **rule,
+            keep_image_areas=keep_image_areas, **rule,
         )  # fmt: skip
         # Every process timed its own shard: the sum over processes, per image, is the time one image takes.
         seconds = torch.tensor([self.timer.seconds], dtype=torch.float64, device=self.accelerator.device)
@@ -227,6 +231,9 @@ class CalibrationRequest:
         num_grid_refinements: per-head search: levels of finer grids around the best values found.
         split: the split calibrated on (`None`: the built-in calibration scenes, or images drawn from `train`).
         num_samples: images calibrated on.
+        miou_drop_confidence: for `max_miou_drop`, the limit holds the upper bound of the drop at this confidence
+            (a paired bootstrap over the calibration images, [`~toolkit.evaluation.bootstrap.miou_drop_upper_bound`])
+            instead of the measured drop; `None`: the measured drop.
     """
 
     method: str = "thresholds"
@@ -238,6 +245,11 @@ class CalibrationRequest:
     num_grid_refinements: int = 2
     split: str | None = None
     num_samples: int = 100
+    miou_drop_confidence: float | None = None
+
+    def __post_init__(self):
+        if self.miou_drop_confidence is not None and not 0 < self.miou_drop_confidence < 1:
+            raise ValueError(f"`miou_drop_confidence` must lie in (0, 1), got {self.miou_drop_confidence}.")
 
     @property
     def gflops_key(self) -> str:
@@ -266,18 +278,38 @@ def calibrate_exit_setting(
     values shared by every head."""
     values = [setting_of(rule) for rule in sweep if knob_of(rule) is knob] or list(DEFAULT_SWEEPS[knob.mode])
     values = [1.0] + values
+    bounded = request.miou_drop_confidence is not None and request.max_miou_drop is not None
+    image_areas = {}  # setting key -> per-image class areas on the calibration images, for the drop bound
+    bounds = {}  # setting key -> its drop bound (the baseline is the same for every setting of one search)
 
     def measure(value: Threshold) -> dict:
-        return evaluate(knob.rule(value))
+        result = evaluate(knob.rule(value), keep_image_areas=bounded)
+        if bounded:
+            image_areas[setting_key(result, num_heads)] = result.pop("image_class_areas")
+        return result
 
+    def drop_bound(result: dict, baseline: dict) -> float:
+        key = setting_key(result, num_heads)
+        if key not in bounds:
+            baseline_areas = image_areas[setting_key(baseline, num_heads)]
+            bounds[key] = miou_drop_upper_bound(baseline_areas, image_areas[key], request.miou_drop_confidence)
+        return bounds[key]
+
+    search = {**request.constraint(), "drop_bound": drop_bound if bounded else None}
     if request.search == "single" or num_heads == 1:
         shared = [compact_threshold(value) for value in values if is_uniform(value)]
-        chosen, results = calibrate_threshold(measure, shared, knob=knob, **request.constraint())
+        chosen, results = calibrate_threshold(measure, shared, knob=knob, **search)
         baseline = next(result for result in results if is_unpruned(result[knob.key]))
-        return CalibrationOutcome(chosen=chosen, best_single=chosen, baseline=baseline, results=results)
-    return calibrate_per_head(
-        measure, values, num_heads, knob, num_grid_refinements=request.num_grid_refinements, **request.constraint()
-    )
+        outcome = CalibrationOutcome(chosen=chosen, best_single=chosen, baseline=baseline, results=results)
+    else:
+        outcome = calibrate_per_head(
+            measure, values, num_heads, knob, num_grid_refinements=request.num_grid_refinements, **search
+        )
+    if bounded:
+        # Every setting's bound, in mIoU units like `mean_iou`, beside its measured mIoU in the saved results.
+        for result in outcome.results:
+            result[MIOU_DROP_BOUND_KEY] = drop_bound(result, outcome.baseline)
+    return outcome
 
 
 Calibrator = Callable[[Callable[[ExitRule], dict], CalibrationRequest, Sequence[ExitRule], int], CalibrationOutcome]
@@ -300,6 +332,7 @@ def calibration_summary(
         "max_miou_drop_points": request.max_miou_drop,
         "gflops_convention": request.gflops_convention,
         "search": request.search,
+        "miou_drop_confidence": request.miou_drop_confidence,
         "data": data,
     }
     if error is not None:
