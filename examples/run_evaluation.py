@@ -29,20 +29,23 @@ the model in capacity mode, with the chosen `exit_capacity`).
     python examples/run_evaluation.py --model_name_or_path $MODEL --exit_mode capacity --exit_capacity 1.0 0.8 0.6,0.4
     python examples/run_evaluation.py --model_name_or_path $MODEL --dataset_name scene_parse_150 --sliding_window
     python examples/run_evaluation.py --model_name_or_path $MODEL --max_miou_drop 0.5   # <= 0.5 mIoU points lost
+    python examples/run_evaluation.py --model_name_or_path $MODEL --max_miou_drop 0.5 --miou_drop_confidence 0.9
     python examples/run_evaluation.py --model_name_or_path $MODEL --target_gflops 80    # <= 80 GFLOPs per image
     python examples/run_evaluation.py --model_name_or_path $MODEL --max_miou_drop 0.5 --calibrate thresholds capacity
 
 (`0.6,0.9`: one threshold per auxiliary head; `0.6,0.4`: the share of an image's tokens still active after each
-auxiliary head, in capacity mode. `--exit_threshold` and `--exit_capacity` may both be given: both are swept, side
-by side.) Calibration (`--calibrate thresholds`, implied by a budget; `--calibrate capacity`; or both, with the same
-budget) searches one value per auxiliary head (`--calibration_search single`: one for all heads, the paper's
-setting) on calibration data, never on the evaluated split: `--calibration_split` (a split of the data set), else
-the built-in data set's own calibration scenes, else `--calibration_samples` images drawn from `train`. The chosen
-settings are then reported on the evaluated split too: the gap between the two shows how much the choice overfits
-the calibration images. When no swept threshold lets a token exit, lower ones are tried; a model that never exits is
-reported as such, and no calibrated copy is written (exit code 1). Capacity mode always drops its share of the
-tokens, whatever the image: its GFLOPs follow from the capacities and the input size alone, and the same search
-trades them against mIoU (it starts from the swept capacities, or 1.0 0.9 ... 0.3 when none are swept).
+auxiliary head, in capacity mode. `--exit_threshold` and `--exit_capacity` may both be given: both are swept, side by
+side.) Calibration (`--calibrate thresholds`, implied by a budget; `--calibrate capacity`; or both, with the same
+budget) searches one value per auxiliary head (`--calibration_search single`: one for all heads, the paper's setting)
+on calibration data, never on the evaluated split: `--calibration_split` (a split of the data set), else the built-in
+data set's own calibration scenes, else `--calibration_samples` images drawn from `train`. The chosen settings are
+then reported on the evaluated split too: the gap between the two shows how much the choice overfits the calibration
+images; `--miou_drop_confidence 0.9` keeps a margin for it (a setting fits `--max_miou_drop` only when the 90% upper
+bound of its drop, a paired bootstrap over the calibration images, does). When no swept threshold lets a token exit,
+lower ones are tried; a model that never exits is reported as such, and no calibrated copy is written (exit code 1).
+Capacity mode always drops its share of the tokens, whatever the image: its GFLOPs follow from the capacities and the
+input size alone, and the same search trades them against mIoU (it starts from the swept capacities, or 1.0 0.9 ...
+0.3 when none are swept).
 
 The exit diagnostics (whole-image mode; `--no_diagnostics` skips them) come from the sweep's own forward passes: the
 depth profile (each head's own mIoU over all tokens at threshold 1.0: does depth pay on this data set?), per setting
