@@ -13,10 +13,10 @@
 # limitations under the License.
 """DToP from nothing, in one command and a few CPU minutes, offline: on the built-in synthetic scenes, train a
 small base model (no pruning), prune-finetune it (auxiliary exit threshold 0.7), sweep exit thresholds (mIoU and
-GFLOPs per image), calibrate one threshold per auxiliary head (at most `--max_miou_drop` mIoU points lost, chosen
-on calibration scenes the report never uses), and with the same budget capacity mode's capacities (the share of
-tokens still active after each head, the same for every image: static shapes, exports to ONNX), and draw exit maps;
-print the table and where everything went.
+GFLOPs per image), calibrate one threshold per auxiliary head (at most `--max_miou_drop` mIoU points lost, held at
+`--miou_drop_confidence` by a bootstrap over calibration scenes the report never uses), and with the same budget
+capacity mode's capacities (the share of tokens still active after each head, the same for every image: static
+shapes, exports to ONNX), and draw exit maps; print the table and where everything went.
 
     python examples/quickstart.py                          # default size: a few minutes on a laptop CPU
     python examples/quickstart.py --tiny                   # seconds (CI smoke test); or DTOP_QUICKSTART_TINY=1
