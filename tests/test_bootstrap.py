@@ -16,9 +16,9 @@
 import pytest
 import torch
 
-from dtop_hf.toolkit.evaluation.bootstrap import mean_iou_of_areas, miou_drop_upper_bound, resample_counts
+from dtop_hf.toolkit.evaluation.bootstrap import miou_drop_upper_bound, resample_counts
 from dtop_hf.toolkit.evaluation.calibration import choose_threshold
-from dtop_hf.toolkit.evaluation.metrics import StreamingMeanIoU, class_areas
+from dtop_hf.toolkit.evaluation.metrics import StreamingMeanIoU, class_areas, mean_iou_of_areas
 
 
 def one_class_areas(intersection: float, label: float, prediction: float) -> torch.Tensor:

@@ -26,16 +26,10 @@ class areas, and take the `confidence` quantile of the drops.
 
 import torch
 
-from .metrics import per_class_iou
+from .metrics import mean_iou_of_areas
 
 
 DEFAULT_NUM_RESAMPLES = 1000
-
-
-def mean_iou_of_areas(areas: torch.Tensor) -> torch.Tensor:
-    """mIoU from summed class areas `(..., num_labels, 3)` (see [`~metrics.class_areas`]) -> `(...)`: the mean over
-    the classes with a non-empty union, as `StreamingMeanIoU` computes it."""
-    return per_class_iou(areas).nanmean(dim=-1)
 
 
 def resample_counts(num_images: int, num_resamples: int, seed: int) -> torch.Tensor:
@@ -85,4 +79,4 @@ def miou_drop_upper_bound(
     return float(torch.nanquantile(drops, confidence))
 
 
-__all__ = ["DEFAULT_NUM_RESAMPLES", "mean_iou_of_areas", "miou_drop_upper_bound", "resample_counts"]
+__all__ = ["DEFAULT_NUM_RESAMPLES", "miou_drop_upper_bound", "resample_counts"]

@@ -200,7 +200,8 @@ def evaluate_model(
     scores = metric.compute()
     extra = {"exit_diagnostics": diagnostics.finish()} if diagnostics is not None else {}
     if keep_image_areas:
-        extra["image_class_areas"] = torch.cat(image_areas) if image_areas else torch.zeros(0, config.num_labels, 3)
+        empty = torch.zeros(0, config.num_labels, 3, dtype=torch.float64)
+        extra["image_class_areas"] = torch.cat(image_areas) if image_areas else empty
     return {
         "mean_iou": scores["mean_iou"],
         "mean_accuracy": scores["mean_accuracy"],

@@ -49,6 +49,12 @@ def per_class_iou(areas: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.full_like(union, float("nan")))
 
 
+def mean_iou_of_areas(areas: torch.Tensor) -> torch.Tensor:
+    """mIoU from summed class areas `(..., num_labels, 3)` -> `(...)`: the mean over the classes with a non-empty
+    union (NaN when there is none)."""
+    return per_class_iou(areas).nanmean(dim=-1)
+
+
 class StreamingMeanIoU:
     """Accumulates a `(num_labels, num_labels)` confusion matrix (rows = ground truth, columns = prediction).
 
@@ -104,13 +110,12 @@ class StreamingMeanIoU:
         `per_category_accuracy` (lists, NaN for classes without pixels)."""
         areas = class_areas(self.confusion)
         intersection, label_area = areas[:, 0], areas[:, 1]
-        union = label_area + areas[:, 2] - intersection
         iou = per_class_iou(areas)
         nan = torch.tensor(float("nan"), dtype=torch.float64)
         accuracy = torch.where(label_area > 0, intersection / label_area.clamp(min=1), nan)
         total = label_area.sum()
         return {
-            "mean_iou": float(iou.nanmean()) if bool((union > 0).any()) else float("nan"),
+            "mean_iou": float(mean_iou_of_areas(areas)),
             "mean_accuracy": float(accuracy.nanmean()) if bool((label_area > 0).any()) else float("nan"),
             "overall_accuracy": float(intersection.sum() / total) if total > 0 else float("nan"),
             "per_category_iou": iou.tolist(),
@@ -139,5 +144,6 @@ __all__ = [
     "as_class_map",
     "class_areas",
     "load_mean_iou_metric",
+    "mean_iou_of_areas",
     "per_class_iou",
 ]
