@@ -1006,9 +1006,9 @@ class DToPModel(DToPPreTrainedModel):
                 (head.class_scores(head_output.class_logits, stage_values), stage_values, head_output.class_logits)
             )
             if exit_mode == "capacity":
-                kept_index = self.select_kept(head, head_output.class_logits, stage_values, tokens, exit_value)
+                kept_rows = self.select_kept(head, head_output, tokens, exit_value)
                 tokens, hidden_states, position_embeddings = tokens.keep(
-                    kept_index, stage, hidden_states, position_embeddings
+                    kept_rows, stage, hidden_states, position_embeddings
                 )
             else:
                 exit_mask = self.select_exits(
@@ -1099,26 +1099,26 @@ class DToPModel(DToPPreTrainedModel):
         return select_exiting_tokens(confidence, predicted_class, active_mask, threshold, self.config.keep_top_k)
 
     def select_kept(
-        self,
-        head: nn.Module,
-        class_logits: torch.Tensor | None,
-        canvas: torch.Tensor,
-        tokens: ActiveTokens,
-        capacity: float,
+        self, head: nn.Module, head_output: DToPHeadOutput, tokens: ActiveTokens, capacity: float
     ) -> torch.Tensor | None:
-        """Capacity mode: the tokens that go on after `head`, `(batch, kept)` token indices in increasing order, or
-        `None` when every active token goes on (capacity 1.0, or not below the tokens still active)."""
+        """Capacity mode: the tokens that go on after `head`, as rows `(batch, kept)` of the heads' packing in
+        increasing order, or `None` when every active token goes on (capacity 1.0, or not below the tokens still
+        active)."""
         num_kept = num_tokens_kept(capacity, tokens.patches.num_tokens)
         if num_kept >= tokens.patches.max_count:  # every image has `max_count` active tokens in capacity mode
             return None
-        confidence, predicted_class = self.exit_confidence(head, class_logits, canvas)
-        return select_kept_tokens(confidence, predicted_class, tokens.active_mask, num_kept, self.config.keep_top_k)
+        # The packing is dense and its rows hold the active tokens in token order: ranking the rows ranks the active
+        # tokens (ties by the lower row are ties by the lower token), with no inactive token to mask out.
+        values = tokens.patches.to_padded(head_output.mask_logits).transpose(1, 2)  # (batch, num_labels, count)
+        confidence, predicted_class = self.exit_confidence(head, head_output.class_logits, values)
+        return select_kept_tokens(confidence, predicted_class, None, num_kept, self.config.keep_top_k)
 
     @staticmethod
     def exit_confidence(
         head: nn.Module, class_logits: torch.Tensor | None, canvas: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`confidence` and `predicted_class` `(batch, tokens)`: what the exit rules read.
+        """`confidence` and `predicted_class` `(batch, tokens)`: what the exit rules read, from the head's class logits
+        and its mask logits `canvas` `(batch, num_labels, tokens)` (the canvas, or in capacity mode the active rows).
 
         Scores and confidence are computed in float32 from the head's logits whatever the compute dtype: in bf16,
         scores near 0.9 are quantised to steps of 2^-8 and their ties would make the top-k fall back to token order.

@@ -55,7 +55,7 @@ def token_confidence(class_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def rank_within_class(
-    confidence: torch.Tensor, predicted_class: torch.Tensor, candidate_mask: torch.Tensor
+    confidence: torch.Tensor, predicted_class: torch.Tensor, candidate_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Rank of each candidate among the candidates of its image that predict the same class, most confident first.
 
@@ -65,7 +65,7 @@ def rank_within_class(
     Args:
         confidence: `(batch, tokens)` float, top class score per token.
         predicted_class: `(batch, tokens)` int64, the class of that score.
-        candidate_mask: `(batch, tokens)` bool, the tokens to rank.
+        candidate_mask: `(batch, tokens)` bool, the tokens to rank; `None`: every token.
 
     Returns:
         `(batch, tokens)` int64: 0 for the most confident candidate of each class, 1 for the next, ...; the ranks
@@ -75,13 +75,15 @@ def rank_within_class(
     # Order every image's tokens by (class, confidence descending, token index): two stable sorts. Non-candidates
     # get confidence -inf and a class past every real one, so they sort last and never count toward a group.
     # (Scalars, not full tensors, fill the `where`s: an exported graph then needs no shape arithmetic for them.)
-    sort_confidence = torch.where(candidate_mask, confidence, float("-inf"))
+    sort_confidence, sort_class = confidence, predicted_class
+    if candidate_mask is not None:
+        sort_confidence = torch.where(candidate_mask, confidence, float("-inf"))
+        sort_class = torch.where(candidate_mask, predicted_class, torch.iinfo(torch.int64).max)
     by_confidence = torch.sort(sort_confidence, dim=1, descending=True, stable=True).indices  # (batch, tokens)
-    sort_class = torch.where(candidate_mask, predicted_class, torch.iinfo(torch.int64).max)
     class_in_confidence_order = sort_class.gather(1, by_confidence)
     by_class = torch.sort(class_in_confidence_order, dim=1, stable=True).indices
     order = by_confidence.gather(1, by_class)  # (batch, tokens): token indices grouped by class, best first
-    ordered_class = sort_class.gather(1, order)
+    ordered_class = class_in_confidence_order.gather(1, by_class)
     # Rank inside each class group = position - position of the group's first token. Groups are numbered in order
     # along the row (the first token starts group 0); a group starts at the number of tokens of the groups before it.
     new_group = (ordered_class[:, 1:] != ordered_class[:, :-1]).long()  # (batch, tokens - 1)
@@ -137,7 +139,7 @@ def num_tokens_kept(capacity: float, num_tokens: int) -> int:
 def select_kept_tokens(
     confidence: torch.Tensor,
     predicted_class: torch.Tensor,
-    active_mask: torch.Tensor,
+    active_mask: torch.Tensor | None,
     num_kept: int,
     keep_top_k: int,
 ) -> torch.Tensor:
@@ -160,7 +162,8 @@ def select_kept_tokens(
         confidence: `(batch, tokens)` float, top class score per token (values of inactive tokens are ignored).
         predicted_class: `(batch, tokens)` int64, the class of that score.
         active_mask: `(batch, tokens)` bool, True for tokens still in the network; every image must have at least
-            `num_kept` active tokens.
+            `num_kept` active tokens. `None`: every token is active (the model passes the rows of its dense packing,
+            the active tokens in token order, so that it ranks only those).
         num_kept: tokens per image that go on (see [`num_tokens_kept`]).
         keep_top_k: context tokens per (image, class), >= 0.
 
@@ -170,10 +173,14 @@ def select_kept_tokens(
     rank = torch.zeros_like(predicted_class)  # without context tokens no rank is needed
     if keep_top_k:
         rank = rank_within_class(confidence, predicted_class, active_mask)
-    is_context = active_mask & (rank < keep_top_k)
+    is_context = rank < keep_top_k
     # One priority per token, sorted once: context tokens first (by rank, then most confident), then the other
     # active tokens (least confident first), inactive tokens last; a stable sort breaks the remaining ties by index.
-    group = torch.where(is_context, rank, torch.where(active_mask, keep_top_k, keep_top_k + 1))
+    if active_mask is None:
+        group = torch.where(is_context, rank, keep_top_k)
+    else:
+        is_context = is_context & active_mask
+        group = torch.where(is_context, rank, torch.where(active_mask, keep_top_k, keep_top_k + 1))
     within_group = torch.where(is_context, -confidence, confidence)
     by_confidence = torch.sort(within_group, dim=1, stable=True).indices  # (batch, tokens)
     by_group = torch.sort(group.gather(1, by_confidence), dim=1, stable=True).indices
@@ -523,31 +530,35 @@ class ActiveTokens:
 
     def keep(
         self,
-        kept_index: torch.Tensor | None,
+        kept_rows: torch.Tensor | None,
         stage: int,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple["ActiveTokens", torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Capacity mode: only the tokens of `kept_index` `(batch, kept)` go on after head `stage`; every other active
-        token exits. Returns the new tokens and the rows of the packed `hidden_states` `(batch * kept_with_prefix,
-        dim)` (and rotary `position_embeddings`) that go on.
+        """Capacity mode: only the patch tokens at rows `kept_rows` `(batch, kept)` of every image's run in the
+        heads' packing go on after head `stage`; every other active token exits. Returns the new tokens and the
+        rows of the packed `hidden_states` `(batch * kept_with_prefix, dim)` (and rotary `position_embeddings`) that
+        go on.
 
-        `kept_index` holds active token indices in increasing order (see [`select_kept_tokens`]), `None` when every
-        token goes on. Every image keeps the same number of tokens, so the new packings are dense: one gather moves
-        the hidden states, with no host sync and no data-dependent size (a static-shape graph for torch.compile and
-        ONNX). The current packing must be dense or complete too, as capacity mode keeps it.
+        `kept_rows` is in increasing order (see [`select_kept_tokens`], which the model runs on these rows), `None`
+        when every token goes on. Every image keeps the same number of tokens, so the packings are dense: one
+        gather moves the hidden states, with no host sync and no data-dependent size (a static-shape graph for
+        torch.compile and ONNX). The current packing must be dense too, as capacity mode keeps it.
         """
-        if kept_index is None:
+        if kept_rows is None:
             return self, hidden_states, position_embeddings
-        batch_size, num_tokens = self.active_mask.shape
+        num_tokens = self.active_mask.shape[1]
+        # Rows hold the active tokens in token order, so the kept token indices stay in increasing order.
+        kept_index = self.patches.padded_token_index().gather(1, kept_rows)  # (batch, kept)
         patches = TokenPacking.dense(kept_index, num_tokens)
-        exit_stage = self.exit_stage.masked_fill(self.active_mask & ~patches.active_mask, stage)
-        # Rows are in token order, so the row of a kept token is the number of active tokens before it.
-        kept_rows = (self.active_mask.long().cumsum(dim=1) - 1).gather(1, kept_index)  # (batch, kept)
+        # Every active token has the decode head's exit stage: the ones that did not go on get `stage`, which is
+        # below it; tokens that exited before keep their smaller one.
+        exit_stage = self.exit_stage.clamp(max=stage).scatter(1, kept_index, self.exit_stage.gather(1, kept_index))
         sequence, sequence_rows = patches, kept_rows
         if self.num_prefix_tokens:
             # The prefix tokens lead every image's rows and never exit.
-            prefix = torch.arange(self.num_prefix_tokens, device=kept_index.device).expand(batch_size, -1)
+            batch_size = kept_rows.shape[0]
+            prefix = torch.arange(self.num_prefix_tokens, device=kept_rows.device).expand(batch_size, -1)
             sequence_rows = torch.cat([prefix, kept_rows + self.num_prefix_tokens], dim=1)
             sequence_index = torch.cat([prefix, kept_index + self.num_prefix_tokens], dim=1)
             sequence = TokenPacking.dense(sequence_index, self.num_prefix_tokens + num_tokens)

@@ -15,7 +15,8 @@
 
 For every case (model size, image size, batch size), dtype (fp32, or bf16 under autocast) and mode (eager,
 `torch.compile`), the same model runs the same images at exit threshold 1.0 (the unpruned baseline) and pruned,
-alternating, several times (on CUDA each call is timed with CUDA events on an idle stream). Per case it prints
+taking turns, several rounds (a turn: about `--turn_s` of back-to-back calls, the first untimed, or one call when a
+call is longer; on CUDA each call is timed with CUDA events on an idle stream). Per case it prints
 R = GFLOPs unpruned / GFLOPs pruned (MACs / 1e9, all heads included), the speed-up (median baseline time / median
 pruned time), the speed-up as a share of R next to its target, images per second, the peak memory of both (CUDA:
 `torch.cuda.max_memory_allocated` over what was allocated before the call; CPU: resident-memory growth, measured in
@@ -71,7 +72,7 @@ from dtop_hf.toolkit.benchmarking import (
 )
 from dtop_hf.toolkit.benchmarking.cases import MODES
 from dtop_hf.toolkit.benchmarking.exits import EXIT_SOURCES
-from dtop_hf.toolkit.benchmarking.probes import AUTOCAST_DTYPES
+from dtop_hf.toolkit.benchmarking.probes import AUTOCAST_DTYPES, DEFAULT_TURN_S
 from dtop_hf.toolkit.benchmarking.runner import environment
 from dtop_hf.toolkit.presets import MODEL_SIZES
 
@@ -143,10 +144,17 @@ class BenchmarkArguments:
             "batch-8 cases with --backend onnxruntime, all on cuda."
         },
     )
-    repeats: int = field(default=3, metadata={"help": "Timed runs per variant (alternating)."})
+    repeats: int = field(default=3, metadata={"help": "Rounds; in each, every variant takes a turn of timed calls."})
     repeat_budget_s: float | None = field(
         default=None,
         metadata={"help": "Per run, stop repeating once the timed calls took this long (at least 3 rounds)."},
+    )
+    turn_s: float = field(
+        default=DEFAULT_TURN_S,
+        metadata={
+            "help": "Seconds of back-to-back calls per variant and round, the first untimed (it re-warms the caches "
+            "the other variants evicted); a longer call is a turn by itself; 0: one call per variant and round."
+        },
     )
     warmup: int = field(default=1, metadata={"help": "Untimed runs per variant first."})
     threads: int | None = field(
@@ -182,9 +190,9 @@ class BenchmarkArguments:
             device=self.device, seed=self.seed, model_name_or_path=model_name_or_path, num_labels=self.num_labels,
             exits=self.exits or ("capacity" if capacity_only else None), exit_rate=self.exit_rate,
             exit_capacity=self.exit_capacity, target_flops_ratio=self.target_flops_ratio, repeats=self.repeats,
-            warmup=self.warmup, repeat_budget_s=self.repeat_budget_s, measure_memory=not self.no_memory,
-            vit_reference=not self.no_vit_reference, sync_debug=self.sync_debug, threads=self.threads,
-            onnx_dir=self.onnx_dir,
+            warmup=self.warmup, repeat_budget_s=self.repeat_budget_s, turn_s=self.turn_s,
+            measure_memory=not self.no_memory, vit_reference=not self.no_vit_reference, sync_debug=self.sync_debug,
+            threads=self.threads, onnx_dir=self.onnx_dir,
         )  # fmt: skip
 
     def suite(self, model_name_or_path: str | None) -> BenchmarkSuite:

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -278,7 +279,7 @@ def test_onnxruntime_backend_runs_beside_pytorch_in_capacity_mode(tmp_path, monk
     output_json, output_markdown, onnx_dir = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "onnx"
     records = benchmark_main([
         "--backend", "onnxruntime", "--model_size", "tiny", "--cases", "32x1", "32x2", "--compiled_cases", "32x2",
-        "--repeats", "2", "--warmup", "0", "--threads", "1", "--no_memory", "--no_vit_reference",
+        "--repeats", "2", "--turn_s", "0", "--warmup", "0", "--threads", "1", "--no_memory", "--no_vit_reference",
         "--onnx_dir", str(onnx_dir), "--output_json", str(output_json), "--output_markdown", str(output_markdown),
     ])  # fmt: skip
     assert records == json.loads(output_json.read_text())
@@ -294,7 +295,7 @@ def test_onnxruntime_backend_runs_beside_pytorch_in_capacity_mode(tmp_path, monk
         assert record["flops_ratio"] == pytest.approx(paper_flops_ratio(config), abs=0.03)
         assert record["speedup"] == pytest.approx(record["baseline_seconds"] / record["pruned_seconds"])
         assert record["speedup_over_flops_ratio"] == pytest.approx(record["speedup"] / record["flops_ratio"])
-        assert all(len(times) == 2 for times in record["times_seconds"].values())
+        assert record["turn_s"] == 0 and all(len(times) == 2 for times in record["times_seconds"].values())
     exported = [record for record in records if record["backend"] == "onnxruntime"]
     assert [record["speedup_target"] for record in records] == [0.8, 0.95, 0.9, 0.9, 0.9]
     assert sorted(path.name for path in onnx_dir.iterdir()) == sorted(exported[0]["onnx_files"].values())
@@ -368,3 +369,19 @@ def test_time_budget_per_run_stops_after_three_rounds():
     calls = {"slow": lambda: sum(range(20000)), "other": lambda: None}
     assert [len(times) for times in time_rounds(calls, 50, 0, "cpu", time_budget_s=1e-9).values()] == [3, 3]
     assert [len(times) for times in time_rounds(calls, 5, 1, "cpu").values()] == [5, 5]
+
+
+def test_short_calls_take_turns_whose_first_call_is_not_timed():
+    made = {"short": 0, "long": 0}
+
+    def call(name, seconds):
+        made[name] += 1
+        time.sleep(seconds)
+
+    calls = {"short": lambda: call("short", 0.001), "long": lambda: call("long", 0.03)}
+    times = time_rounds(calls, repeats=3, warmup=0, device="cpu", turn_s=0.02)
+    # A short call: one untimed call per round, then timed ones until they fill the turn.
+    assert made["short"] == len(times["short"]) + 3
+    assert len(times["short"]) >= 3 * 2 and sum(times["short"]) >= 3 * 0.02
+    # A call longer than the turn is the turn, timed.
+    assert made["long"] == len(times["long"]) == 3

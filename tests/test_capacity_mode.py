@@ -305,23 +305,33 @@ def test_compiles_whole_without_recompiles_and_equals_eager(model_tester, varied
 
 
 def test_exit_path_under_inductor_equals_eager(model_tester, varied_images):
-    # Inductor itself, on the capacity exit path of one stage: the dense packing's active mask, the head's float32
-    # confidence and the selection (torch 2.13's CPU inductor miscompiled a boolean scatter fused with its reader,
-    # which made every token read as inactive). The whole model takes minutes to compile on a 2-core CPU.
+    # Inductor itself, on the capacity exit path of one stage: the head's float32 confidence over the packed rows,
+    # the selection, and the new tokens (their exit stages, the dense packing's active mask, the kept hidden rows).
+    # (torch 2.13's CPU inductor miscompiled a boolean scatter fused with its reader, which made every token read as
+    # inactive.) The whole model takes minutes to compile on a 2-core CPU.
+    from dtop_hf.modeling_dtop import DToPHeadOutput
     from dtop_hf.pruning import ActiveTokens
 
     model = model_tester(keep_top_k=2).create_model()
     with torch.no_grad():
         outputs = model(varied_images(3), exit_capacity=1.0)
-    class_logits, canvas = outputs.stage_class_logits[0], outputs.stage_mask_logits[0].flatten(2)
+    class_logits = outputs.stage_class_logits[0]
+    mask_logits = outputs.stage_mask_logits[0].flatten(2).transpose(1, 2).reshape(-1, class_logits.shape[1])
+    hidden_states = torch.randn(mask_logits.shape[0], 16)
 
-    def keep(class_logits: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-        tokens = ActiveTokens.all_active(canvas.shape[0], (8, 8), 0, 3, canvas.device)
-        return model.dtop.select_kept(model.dtop.heads[0], class_logits, canvas, tokens, CAPACITIES[0])
+    def keep(class_logits, mask_logits, hidden_states):
+        tokens = ActiveTokens.all_active(class_logits.shape[0], (8, 8), 0, 3, class_logits.device)
+        head_output = DToPHeadOutput(mask_logits=mask_logits, class_logits=class_logits)
+        kept_rows = model.dtop.select_kept(model.dtop.heads[0], head_output, tokens, CAPACITIES[0])
+        tokens, hidden_states, _ = tokens.keep(kept_rows, 0, hidden_states)
+        return kept_rows, tokens.exit_stage, tokens.active_mask, hidden_states
 
     torch._dynamo.reset()
     try:
         compiled = torch.compile(keep, fullgraph=True)  # the default backend, inductor
-        assert torch.equal(compiled(class_logits, canvas), keep(class_logits, canvas))
+        expected = keep(class_logits, mask_logits, hidden_states)
+        assert expected[2].sum(dim=1).tolist() == [math.ceil(CAPACITIES[0] * 64)] * 3
+        for result, reference in zip(compiled(class_logits, mask_logits, hidden_states), expected):
+            assert torch.equal(result, reference)
     finally:
         torch._dynamo.reset()

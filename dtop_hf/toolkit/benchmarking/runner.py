@@ -12,7 +12,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Run a benchmark: build the models once, then for every run time the unpruned and the pruned model on the same
-images, alternating, and record R, the speed-up, throughput, memory and (on request) device syncs.
+images, taking turns, and record R, the speed-up, throughput, memory and (on request) device syncs.
 
 A backend turns a run into the calls to time: `torch` (eager or `torch.compile`) here; another backend (an exported
 model in another runtime, such as `onnx_backend`'s `onnxruntime`) registers a class with the same `name`, `modes`,
@@ -42,6 +42,7 @@ from .cases import ALLOWED_UNPRUNED_SYNCS, TORCH_MODES, VIT_REFERENCE_TARGET, Be
 from .exits import EXIT_SOURCES, UNPRUNED, ExitSource, SimulatedExitsSegmenter, prepare_exits
 from .memory import cpu_peak_memory_mb
 from .probes import (
+    DEFAULT_TURN_S,
     allow_recompiles,
     autocast_context,
     compiled_graph_count,
@@ -84,9 +85,12 @@ class BenchmarkSettings:
             head; default: the capacities that reach `target_flops_ratio`.
         target_flops_ratio: `capacity` exits: the R (all heads) the solved capacities reach in every case (default:
             the paper's, `exits.paper_flops_ratio`).
-        repeats: timed calls per variant, alternating.
+        repeats: rounds per run; in each, every variant takes a turn of timed calls (see `turn_s`).
         repeat_budget_s: per run, stop repeating once the timed calls took this long (never below three rounds);
             `None`: always `repeats`.
+        turn_s: seconds of back-to-back calls of a variant per round, the first (re-warming the caches that the
+            other variants' calls evicted) untimed; a call this long or longer is a turn by itself. 0: one call per
+            variant and round (see `probes.time_rounds`).
         warmup: untimed calls per variant first.
         measure_memory: measure the peak memory of a forward (CPU: in a fresh process).
         vit_reference: time transformers' `ViTModel` with the same heads next to the unpruned model (eager).
@@ -106,6 +110,7 @@ class BenchmarkSettings:
     repeats: int = 3
     warmup: int = 1
     repeat_budget_s: float | None = None
+    turn_s: float = DEFAULT_TURN_S
     measure_memory: bool = True
     vit_reference: bool = True
     sync_debug: bool = False
@@ -143,6 +148,8 @@ class BenchmarkSettings:
             raise ValueError("`sync_debug` counts CUDA syncs (torch.cuda.set_sync_debug_mode): it needs device cuda.")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"`repeats` must be >= 1 and `warmup` >= 0, got {self.repeats} and {self.warmup}.")
+        if self.turn_s < 0:
+            raise ValueError(f"`turn_s` must be >= 0, got {self.turn_s}.")
         if self.repeat_budget_s is not None and self.repeat_budget_s <= 0:
             raise ValueError(f"`repeat_budget_s` must be > 0, got {self.repeat_budget_s}.")
 
@@ -433,9 +440,12 @@ def benchmark_run(settings: BenchmarkSettings, models: BenchmarkModels, run: Ben
         **exit_record,
         **timed.record,
     }
-    times = time_rounds(timed.calls, settings.repeats, settings.warmup, settings.device, settings.repeat_budget_s)
+    times = time_rounds(
+        timed.calls, settings.repeats, settings.warmup, settings.device, settings.repeat_budget_s, settings.turn_s
+    )
     medians = {name: statistics.median(values) for name, values in times.items()}
     record["times_seconds"] = times
+    record["turn_s"] = settings.turn_s
     record.update(timed.after_timing())
     record.update(flops)
     record.update(timing_record(medians, case.batch_size, flops["flops_ratio"], run, settings.exits))

@@ -30,7 +30,7 @@ from transformers.image_utils import get_image_size, to_numpy_array
 
 from ...image_processing_dtop import DToPImageProcessor
 from ...modeling_dtop import DToPModelOutput
-from ..benchmarking.probes import time_alternating
+from ..benchmarking.probes import DEFAULT_TURN_S, time_alternating
 from .onnx_export import INPUT_NAME, INSTALL_HINT, OUTPUT_NAMES, read_onnx_metadata
 
 
@@ -217,10 +217,11 @@ def time_onnx_models(
     warmup: int = 2,
     intra_op_num_threads: int | None = 1,
     seed: int = 0,
+    turn_s: float = DEFAULT_TURN_S,
 ) -> dict[str, float]:
     """Median seconds of one ONNX Runtime call per exported file, on the same random batch at each file's size.
 
-    The files run in turn (after `warmup` untimed rounds), so that machine noise hits them alike: compare a
+    The files take turns (after `warmup` untimed rounds), so that machine noise hits them alike: compare a
     capacity-mode export with the unpruned one (threshold or capacity 1.0) at the same batch size.
 
     Args:
@@ -230,6 +231,7 @@ def time_onnx_models(
         warmup: untimed rounds first.
         intra_op_num_threads: threads per session (1: steady numbers on a shared machine; `None`: one per core).
         seed: seed of the random images.
+        turn_s: seconds of back-to-back calls per file and round, the first call untimed (see `time_rounds`).
 
     Returns:
         name -> median seconds per call.
@@ -238,7 +240,7 @@ def time_onnx_models(
     for name, model_file in model_files.items():
         session = create_session(model_file, intra_op_num_threads)
         calls[name] = session_call(session, random_pixel_values(session, batch_size, seed))
-    return time_alternating(calls, repeats=repeats, warmup=warmup, device="cpu")
+    return time_alternating(calls, repeats=repeats, warmup=warmup, device="cpu", turn_s=turn_s)
 
 
 __all__ = [
