@@ -46,7 +46,7 @@ from dtop_hf.toolkit.benchmarking.exits import (
     paper_flops_ratio,
 )
 from dtop_hf.toolkit.benchmarking.memory import cpu_peak_memory_mb
-from dtop_hf.toolkit.benchmarking.probes import count_device_syncs, time_rounds
+from dtop_hf.toolkit.benchmarking.probes import DEFAULT_TURN_S, count_device_syncs, time_rounds
 from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
 from dtop_hf.toolkit.presets import model_size_kwargs
 
@@ -87,9 +87,12 @@ def test_benchmark_writes_one_record_per_case_and_mode(tmp_path, capsys):
         assert record["speedup"] == pytest.approx(record["baseline_seconds"] / record["pruned_seconds"])
         assert set(record["peak_memory_mb"]) == {"baseline", "pruned"}
         assert record["baseline_over_vit_plus_heads"] > 0
+        # One round, but a turn of back-to-back calls per variant: the tiny model's calls take milliseconds.
+        assert record["turn_s"] == DEFAULT_TURN_S and len(record["times_seconds"]["baseline"]) > 1
     # Mixed batch: the images keep different numbers of tokens.
     assert len(set(records[1]["tokens_last_layer_per_image"])) > 1
-    assert "speed-up" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "s of back-to-back calls" in printed
 
 
 def test_old_flag_names_still_work_with_a_warning(capsys):
@@ -305,6 +308,7 @@ def test_onnxruntime_backend_runs_beside_pytorch_in_capacity_mode(tmp_path, monk
             assert parity["max_abs_logits_difference"] < 1e-4 and parity["exit_stage_agreement"] == 1.0
     markdown = output_markdown.read_text()
     assert "Side by side" in markdown and "| onnxruntime session speed-up | onnxruntime session /R |" in markdown
+    assert "alternate call by call" in markdown  # --turn_s 0
     assert markdown.count("| tiny 32x2 |") == 3 + 1  # eager, session and compiled rows, then one side by side
 
 

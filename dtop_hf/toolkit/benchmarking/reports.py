@@ -151,9 +151,22 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
     return "\n".join(lines)
 
 
+def timing_note(records: list[dict]) -> str:
+    """How the calls were timed: in turns of back-to-back calls, or call by call (records without `turn_s` were)."""
+    turns = sorted({record.get("turn_s", 0.0) for record in records})
+    if turns == [0.0]:
+        return "Timing: the two variants alternate call by call; medians over every timed call."
+    return (
+        "Timing: in each round each variant takes a turn of about "
+        + " / ".join(f"{turn:g}" for turn in turns)
+        + " s of back-to-back calls whose first call, re-warming the caches that the other variant's calls evicted, "
+        "is not timed (a call that long or longer is a turn by itself, timed); medians over every timed call."
+    )
+
+
 def report_sections(records: list[dict], skipped: list[str], table: Table = text_table) -> list[str]:
     """The result table, the sync table (when counted), the notes and the skipped runs, each formatted by `table`."""
-    sections = [table(RESULT_COLUMNS, [result_row(record) for record in records]), NOTES]
+    sections = [table(RESULT_COLUMNS, [result_row(record) for record in records]), NOTES, timing_note(records)]
     if len({record.get("backend", "torch") for record in records}) > 1:
         sections.append("Side by side (speed-up and speed-up / R per backend and mode):")
         sections.append(side_by_side_table(records, table))
