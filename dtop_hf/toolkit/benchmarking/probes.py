@@ -87,7 +87,7 @@ def time_rounds(
     In a round every function takes a turn. With `turn_s` 0 a turn is one call. Otherwise a call shorter than
     `turn_s` is not counted and the turn goes on with back-to-back timed calls until they took `turn_s`: the other
     functions' calls have just pushed this one's weights and buffers out of the caches, a cost that a deployed model,
-    calling the same graph again and again, does not pay (on a 3 ms model it is 5-10% of a call). A call of `turn_s`
+    calling the same graph again and again, does not pay (on a 3 ms model it is 10-15% of a call). A call of `turn_s`
     or longer is a turn by itself, and timed: its own warm-up is a small share of it.
     """
     for _ in range(warmup):
@@ -108,9 +108,10 @@ def time_turn(function: Callable[[], object], device: str, turn_s: float) -> lis
     first = time_call(function, device)
     if first >= turn_s:
         return [first]
-    timed = [time_call(function, device)]
-    while sum(timed) < turn_s:
+    timed, spent = [], 0.0
+    while not timed or spent < turn_s:
         timed.append(time_call(function, device))
+        spent += timed[-1]
     return timed
 
 
