@@ -1111,7 +1111,8 @@ class DToPModel(DToPPreTrainedModel):
         # tokens (ties by the lower row are ties by the lower token), with no inactive token to mask out.
         values = tokens.patches.to_padded(head_output.mask_logits).transpose(1, 2)  # (batch, num_labels, count)
         confidence, predicted_class = self.exit_confidence(head, head_output.class_logits, values)
-        return select_kept_tokens(confidence, predicted_class, None, num_kept, self.config.keep_top_k)
+        keep_top_k, num_classes = self.config.keep_top_k, values.shape[1]
+        return select_kept_tokens(confidence, predicted_class, None, num_kept, keep_top_k, num_classes)
 
     @staticmethod
     def exit_confidence(

@@ -55,7 +55,7 @@ def token_confidence(class_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def rank_within_class(
-    confidence: torch.Tensor, predicted_class: torch.Tensor, candidate_mask: torch.Tensor | None = None
+    confidence: torch.Tensor, predicted_class: torch.Tensor, candidate_mask: torch.Tensor
 ) -> torch.Tensor:
     """Rank of each candidate among the candidates of its image that predict the same class, most confident first.
 
@@ -65,7 +65,7 @@ def rank_within_class(
     Args:
         confidence: `(batch, tokens)` float, top class score per token.
         predicted_class: `(batch, tokens)` int64, the class of that score.
-        candidate_mask: `(batch, tokens)` bool, the tokens to rank; `None`: every token.
+        candidate_mask: `(batch, tokens)` bool, the tokens to rank.
 
     Returns:
         `(batch, tokens)` int64: 0 for the most confident candidate of each class, 1 for the next, ...; the ranks
@@ -75,15 +75,13 @@ def rank_within_class(
     # Order every image's tokens by (class, confidence descending, token index): two stable sorts. Non-candidates
     # get confidence -inf and a class past every real one, so they sort last and never count toward a group.
     # (Scalars, not full tensors, fill the `where`s: an exported graph then needs no shape arithmetic for them.)
-    sort_confidence, sort_class = confidence, predicted_class
-    if candidate_mask is not None:
-        sort_confidence = torch.where(candidate_mask, confidence, float("-inf"))
-        sort_class = torch.where(candidate_mask, predicted_class, torch.iinfo(torch.int64).max)
+    sort_confidence = torch.where(candidate_mask, confidence, float("-inf"))
     by_confidence = torch.sort(sort_confidence, dim=1, descending=True, stable=True).indices  # (batch, tokens)
+    sort_class = torch.where(candidate_mask, predicted_class, torch.iinfo(torch.int64).max)
     class_in_confidence_order = sort_class.gather(1, by_confidence)
     by_class = torch.sort(class_in_confidence_order, dim=1, stable=True).indices
     order = by_confidence.gather(1, by_class)  # (batch, tokens): token indices grouped by class, best first
-    ordered_class = class_in_confidence_order.gather(1, by_class)
+    ordered_class = sort_class.gather(1, order)
     # Rank inside each class group = position - position of the group's first token. Groups are numbered in order
     # along the row (the first token starts group 0); a group starts at the number of tokens of the groups before it.
     new_group = (ordered_class[:, 1:] != ordered_class[:, :-1]).long()  # (batch, tokens - 1)
@@ -142,6 +140,7 @@ def select_kept_tokens(
     active_mask: torch.Tensor | None,
     num_kept: int,
     keep_top_k: int,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
     """Which active tokens go on after an auxiliary head, in capacity mode: exactly `num_kept` per image.
 
@@ -155,8 +154,8 @@ def select_kept_tokens(
     2. Then the least confident active tokens (the hard ones, which the later layers should refine), ties broken by
        the lower token index.
 
-    Every other active token exits. Everything is per image and vectorised: no host sync, and only operations
-    that export to ONNX.
+    Every other active token exits. Everything is per image and vectorised: only operations that export to ONNX,
+    and no host sync when `num_classes` is given.
 
     Args:
         confidence: `(batch, tokens)` float, top class score per token (values of inactive tokens are ignored).
@@ -166,26 +165,46 @@ def select_kept_tokens(
             the active tokens in token order, so that it ranks only those).
         num_kept: tokens per image that go on (see [`num_tokens_kept`]).
         keep_top_k: context tokens per (image, class), >= 0.
+        num_classes: more than the largest class id (the model passes its number of labels); `None`: read from
+            `predicted_class` (one host sync).
 
     Returns:
         `kept_index` `(batch, num_kept)` int64: the token indices that go on, in increasing order.
     """
-    rank = torch.zeros_like(predicted_class)  # without context tokens no rank is needed
+    batch_size, num_tokens = confidence.shape
+    least_confident, most_confident = confidence, confidence
+    if active_mask is not None:  # inactive tokens sort last both ways
+        least_confident = torch.where(active_mask, confidence, float("inf"))
+        most_confident = torch.where(active_mask, confidence, float("-inf"))
+    # Every place gets a distinct integer priority, the smallest go on: one `topk` then picks exactly the kept tokens
+    # with no tie left to break. A token's place in a stable sort is unique and breaks ties by the earlier token.
+    position = torch.arange(num_tokens, device=confidence.device).expand(batch_size, -1)  # (batch, tokens)
+    by_least_confident = torch.sort(least_confident, dim=1, stable=True).indices
+    # Non-context tokens rank after every context token (priorities below keep_top_k * tokens), least confident first.
+    # (A sort's indices are a permutation, so the scatter writes every entry: any tensor of the shape can take it.)
+    priority = keep_top_k * num_tokens + position.scatter(1, by_least_confident, position)
     if keep_top_k:
-        rank = rank_within_class(confidence, predicted_class, active_mask)
-    is_context = rank < keep_top_k
-    # One priority per token, sorted once: context tokens first (by rank, then most confident), then the other
-    # active tokens (least confident first), inactive tokens last; a stable sort breaks the remaining ties by index.
-    if active_mask is None:
-        group = torch.where(is_context, rank, keep_top_k)
-    else:
-        is_context = is_context & active_mask
-        group = torch.where(is_context, rank, torch.where(active_mask, keep_top_k, keep_top_k + 1))
-    within_group = torch.where(is_context, -confidence, confidence)
-    by_confidence = torch.sort(within_group, dim=1, stable=True).indices  # (batch, tokens)
-    by_group = torch.sort(group.gather(1, by_confidence), dim=1, stable=True).indices
-    kept_index = by_confidence.gather(1, by_group)[:, :num_kept]  # (batch, num_kept), in priority order
-    return torch.sort(kept_index, dim=1).values
+        by_most_confident = torch.sort(most_confident, dim=1, descending=True, stable=True).indices
+        place = position.scatter(1, by_most_confident, position)  # 0 = most confident
+        if num_classes is None:
+            num_classes = int(predicted_class.max()) + 1
+        classes = torch.arange(num_classes, device=confidence.device)
+        of_class = predicted_class[:, None, :] == classes[None, :, None]  # (batch, classes, tokens)
+        if active_mask is not None:
+            of_class = of_class & active_mask[:, None, :]
+        # Per class, its `keep_top_k` most confident tokens: the largest of `tokens - place` (distinct, > 0), 0 for
+        # tokens of other classes. (batch, classes, k), the best first.
+        score = torch.where(of_class, (num_tokens - place)[:, None, :], 0)
+        best = score.topk(min(keep_top_k, num_tokens), dim=2)
+        rank = torch.arange(best.values.shape[2], device=confidence.device)
+        # Context priority: rank by rank, then the more confident (the smaller place) first.
+        context_priority = rank * num_tokens + (num_tokens - best.values)
+        # Entries past a class's last token (score 0) are written into a spare column, cut off afterwards.
+        context_index = torch.where(best.values > 0, best.indices, num_tokens)
+        priority = F.pad(priority, (0, 1)).scatter(1, context_index.flatten(1), context_priority.flatten(1))
+        priority = priority[:, :num_tokens]
+    kept_index = priority.topk(num_kept, dim=1, largest=False).indices  # (batch, num_kept)
+    return kept_index.topk(num_kept, dim=1, largest=False).values  # in increasing order
 
 
 def update_canvas(canvas: torch.Tensor | None, head_values: torch.Tensor, packing: "TokenPacking") -> torch.Tensor:
