@@ -180,7 +180,8 @@ def select_kept_tokens(
     # with no tie left to break. A token's place in a stable sort is unique and breaks ties by the earlier token.
     position = torch.arange(num_tokens, device=confidence.device).expand(batch_size, -1)  # (batch, tokens)
     by_least_confident = torch.sort(least_confident, dim=1, stable=True).indices
-    # Non-context tokens rank after every context token (priorities below keep_top_k * tokens), least confident first.
+    # Non-context tokens rank after every context token (whose priorities stay below keep_top_k * tokens), least
+    # confident first.
     # (A sort's indices are a permutation, so the scatter writes every entry: any tensor of the shape can take it.)
     priority = keep_top_k * num_tokens + position.scatter(1, by_least_confident, position)
     if keep_top_k:
