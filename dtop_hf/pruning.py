@@ -172,38 +172,38 @@ def select_kept_tokens(
         `kept_index` `(batch, num_kept)` int64: the token indices that go on, in increasing order.
     """
     batch_size, num_tokens = confidence.shape
-    least_confident, most_confident = confidence, confidence
-    if active_mask is not None:  # inactive tokens sort last both ways
-        least_confident = torch.where(active_mask, confidence, float("inf"))
-        most_confident = torch.where(active_mask, confidence, float("-inf"))
-    # Every place gets a distinct integer priority, the smallest go on: one `topk` then picks exactly the kept tokens
-    # with no tie left to break. A token's place in a stable sort is unique and breaks ties by the earlier token.
-    position = torch.arange(num_tokens, device=confidence.device).expand(batch_size, -1)  # (batch, tokens)
-    by_least_confident = torch.sort(least_confident, dim=1, stable=True).indices
-    # Non-context tokens rank after every context token (whose priorities stay below keep_top_k * tokens), least
-    # confident first.
-    # (A sort's indices are a permutation, so the scatter writes every entry: any tensor of the shape can take it.)
-    priority = keep_top_k * num_tokens + position.scatter(1, by_least_confident, position)
+    # Both orders from one stable sort of (batch, 2, tokens) keys: least confident first, and most confident first
+    # (the negated confidence); ties go to the earlier token in both, inactive tokens sort last in both.
+    keys = torch.stack([confidence, confidence.neg()], dim=1)
+    if active_mask is not None:
+        keys = keys.masked_fill(~active_mask[:, None, :], float("inf"))
+    # A token's place in an order (a permutation: scattering the positions by the sort's indices inverts it) is
+    # unique, so every token gets a distinct integer priority and one `topk` picks exactly the kept tokens, with no
+    # tie left to break. The smallest priorities go on.
+    position = torch.arange(num_tokens, device=confidence.device).expand(batch_size, 2, -1)
+    place = position.scatter(2, keys.sort(dim=2, stable=True).indices, position)
+    least_confident_place, most_confident_place = place.unbind(1)  # (batch, tokens) each, 0 = first
+    # Non-context tokens, least confident first, rank after every context token (priorities below
+    # keep_top_k * tokens).
+    priority = least_confident_place + keep_top_k * num_tokens
     if keep_top_k:
-        by_most_confident = torch.sort(most_confident, dim=1, descending=True, stable=True).indices
-        place = position.scatter(1, by_most_confident, position)  # 0 = most confident
         if num_classes is None:
             num_classes = int(predicted_class.max()) + 1
         classes = torch.arange(num_classes, device=confidence.device)
-        of_class = predicted_class[:, None, :] == classes[None, :, None]  # (batch, classes, tokens)
+        of_class = predicted_class[:, None, :] == classes[:, None]  # (batch, classes, tokens)
         if active_mask is not None:
             of_class = of_class & active_mask[:, None, :]
-        # Per class, its `keep_top_k` most confident tokens: the largest of `tokens - place` (distinct, > 0), 0 for
-        # tokens of other classes. (batch, classes, k), the best first.
-        score = torch.where(of_class, (num_tokens - place)[:, None, :], 0)
-        best = score.topk(min(keep_top_k, num_tokens), dim=2)
-        rank = torch.arange(best.values.shape[2], device=confidence.device)
+        # Per class, its `keep_top_k` most confident tokens: the smallest places; `tokens`, past every place, marks
+        # the tokens of other classes. (batch, classes, k), the best first.
+        best = torch.where(of_class, most_confident_place[:, None, :], num_tokens)
+        best = best.topk(min(keep_top_k, num_tokens), dim=2, largest=False)
         # Context priority: rank by rank, then the more confident (the smaller place) first.
-        context_priority = rank * num_tokens + (num_tokens - best.values)
-        # Entries past a class's last token (score 0) are written into a spare column, cut off afterwards.
-        context_index = torch.where(best.values > 0, best.indices, num_tokens)
-        priority = F.pad(priority, (0, 1)).scatter(1, context_index.flatten(1), context_priority.flatten(1))
-        priority = priority[:, :num_tokens]
+        rank_start = torch.arange(0, best.values.shape[2] * num_tokens, num_tokens, device=confidence.device)
+        context_priority = rank_start + best.values
+        # Entries past a class's last token (place `tokens`) point at some other token: they get a priority above
+        # every token's, which the minimum leaves unused.
+        context_priority = torch.where(best.values < num_tokens, context_priority, (keep_top_k + 1) * num_tokens)
+        priority = priority.scatter_reduce(1, best.indices.flatten(1), context_priority.flatten(1), reduce="amin")
     kept_index = priority.topk(num_kept, dim=1, largest=False).indices  # (batch, num_kept)
     return kept_index.topk(num_kept, dim=1, largest=False).values  # in increasing order
 
