@@ -75,7 +75,8 @@ class DToPModelOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`):
             The final DToP map on the token grid (`height = ceil(H / patch_size)`): early-exit predictions joined
             with the decode head's. ATM heads: class probabilities (final presence x sigmoid(canvas));
-            FCN heads: class logits. Upsample, then argmax, to get a segmentation (the image processor does).
+            FCN heads: class logits. Float32 whatever the compute dtype (see `stage_logits`). Upsample, then
+            argmax, to get a segmentation (the image processor does).
         exit_stage (`torch.LongTensor` of shape `(batch_size, height, width)`):
             Index into `config.out_indices` of the head that finalised each token; tokens that never exited have
             the decode head's index, `len(out_indices) - 1`.
@@ -83,7 +84,8 @@ class DToPModelOutput(ModelOutput):
             Tokens that entered each ViT layer, per image (the prefix tokens included, see `num_prefix_tokens`).
         stage_logits (`tuple(torch.FloatTensor)`, one per head, each `(batch_size, num_labels, height, width)`):
             Each head's prediction over the whole grid, same kind of values as `logits`: for ATM, head k's presence
-            x sigmoid(canvas after head k); for FCN, the canvas after head k.
+            x sigmoid(canvas after head k); for FCN, the canvas after head k. Computed in float32 from the head's
+            logits whatever the compute dtype, as they are what the exit rules rank.
         stage_class_logits (`tuple(torch.FloatTensor)`, one per head, each `(batch_size, num_labels, 2)`):
             ATM heads only: each head's present / no-object logits per class query.
         stage_mask_logits (`tuple(torch.FloatTensor)`, one per head, each `(batch_size, num_labels, height, width)`):
@@ -1002,18 +1004,15 @@ class DToPModel(DToPPreTrainedModel):
             # The active tokens' values (total, num_labels) written into the canvas (batch, tokens, num_labels).
             canvas = update_canvas(canvas, head_output.mask_logits, tokens.patches)
             stage_values = canvas.transpose(1, 2)  # (batch, num_labels, tokens)
-            stages.append(
-                (head.class_scores(head_output.class_logits, stage_values), stage_values, head_output.class_logits)
-            )
+            stage_scores = self.stage_scores(head, head_output.class_logits, stage_values)
+            stages.append((stage_scores, stage_values, head_output.class_logits))
             if exit_mode == "capacity":
-                kept_rows = self.select_kept(head, head_output, tokens, exit_value)
+                kept_rows = self.select_kept(head, stage_scores, tokens, exit_value)
                 tokens, hidden_states, position_embeddings = tokens.keep(
                     kept_rows, stage, hidden_states, position_embeddings
                 )
             else:
-                exit_mask = self.select_exits(
-                    head, head_output.class_logits, stage_values, tokens.active_mask, exit_value
-                )
+                exit_mask = self.select_exits(head, stage_scores, tokens.active_mask, exit_value)
                 tokens, hidden_states, position_embeddings = tokens.after_exit(
                     exit_mask, stage, hidden_states, position_embeddings
                 )
@@ -1083,51 +1082,45 @@ class DToPModel(DToPPreTrainedModel):
             record.add(packing, hidden_states, attn_weights)
         return hidden_states
 
-    def select_exits(
-        self,
-        head: nn.Module,
-        class_logits: torch.Tensor | None,
-        canvas: torch.Tensor,
-        active_mask: torch.Tensor,
-        threshold: float,
-    ) -> torch.Tensor | None:
-        """Threshold mode: the tokens that exit after `head` `(batch, tokens)` bool, or `None` when none can
-        (threshold 1.0)."""
-        if threshold >= 1.0:
-            return None  # Confidence never exceeds 1 and the test is strict: skip the work.
-        confidence, predicted_class = self.exit_confidence(head, class_logits, canvas)
-        return select_exiting_tokens(confidence, predicted_class, active_mask, threshold, self.config.keep_top_k)
-
-    def select_kept(
-        self, head: nn.Module, head_output: DToPHeadOutput, tokens: ActiveTokens, capacity: float
-    ) -> torch.Tensor | None:
-        """Capacity mode: the tokens that go on after `head`, as rows `(batch, kept)` of the heads' packing in
-        increasing order, or `None` when every active token goes on (capacity 1.0, or not below the tokens still
-        active)."""
-        num_kept = num_tokens_kept(capacity, tokens.patches.num_tokens)
-        if num_kept >= tokens.patches.max_count:  # every image has `max_count` active tokens in capacity mode
-            return None
-        # The packing is dense and its rows hold the active tokens in token order: ranking the rows ranks the active
-        # tokens (ties by the lower row are ties by the lower token), with no inactive token to mask out.
-        values = tokens.patches.to_padded(head_output.mask_logits).transpose(1, 2)  # (batch, num_labels, count)
-        confidence, predicted_class = self.exit_confidence(head, head_output.class_logits, values)
-        keep_top_k, num_classes = self.config.keep_top_k, values.shape[1]
-        return select_kept_tokens(confidence, predicted_class, None, num_kept, keep_top_k, num_classes)
-
     @staticmethod
-    def exit_confidence(
-        head: nn.Module, class_logits: torch.Tensor | None, canvas: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`confidence` and `predicted_class` `(batch, tokens)`: what the exit rules read, from the head's class logits
-        and its mask logits `canvas` `(batch, num_labels, tokens)` (the canvas, or in capacity mode the active rows).
+    def stage_scores(head: nn.Module, class_logits: torch.Tensor | None, canvas: torch.Tensor) -> torch.Tensor:
+        """What the stage predicts over the whole grid, `(batch, num_labels, tokens)`, from the head's class logits
+        and the canvas of mask logits `(batch, num_labels, tokens)`: the stage's output, and what its exit rule ranks.
 
-        Scores and confidence are computed in float32 from the head's logits whatever the compute dtype: in bf16,
-        scores near 0.9 are quantised to steps of 2^-8 and their ties would make the top-k fall back to token order.
+        Computed in float32 whatever the compute dtype: in bf16, scores near 0.9 are quantised to steps of 2^-8 and
+        their ties would make the exit rule's top-k fall back to token order.
         """
         with torch.autocast(canvas.device.type, enabled=False):
             class_logits = None if class_logits is None else class_logits.float()
-            probabilities = head.scores_to_probabilities(head.class_scores(class_logits, canvas.float()))
-            return token_confidence(probabilities)
+            return head.class_scores(class_logits, canvas.float())
+
+    def select_exits(
+        self, head: nn.Module, stage_scores: torch.Tensor, active_mask: torch.Tensor, threshold: float
+    ) -> torch.Tensor | None:
+        """Threshold mode: the tokens that exit after `head` `(batch, tokens)` bool, from the stage's scores (see
+        `stage_scores`), or `None` when none can (threshold 1.0)."""
+        if threshold >= 1.0:
+            return None  # Confidence never exceeds 1 and the test is strict: skip the work.
+        confidence, predicted_class = token_confidence(head.scores_to_probabilities(stage_scores))
+        return select_exiting_tokens(confidence, predicted_class, active_mask, threshold, self.config.keep_top_k)
+
+    def select_kept(
+        self, head: nn.Module, stage_scores: torch.Tensor, tokens: ActiveTokens, capacity: float
+    ) -> torch.Tensor | None:
+        """Capacity mode: the tokens that go on after `head`, from the stage's scores (see `stage_scores`), as rows
+        `(batch, kept)` of the heads' packing in increasing order, or `None` when every active token goes on
+        (capacity 1.0, or not below the tokens still active)."""
+        num_kept = num_tokens_kept(capacity, tokens.patches.num_tokens)
+        if num_kept >= tokens.patches.max_count:  # every image has `max_count` active tokens in capacity mode
+            return None
+        confidence, predicted_class = token_confidence(head.scores_to_probabilities(stage_scores))  # (batch, tokens)
+        if not tokens.patches.is_complete:
+            # The packing is dense and its rows hold the active tokens in token order: ranking the rows ranks the
+            # active tokens (ties by the lower row are ties by the lower token), with no inactive token to mask out.
+            row_token = tokens.patches.padded_token_index()  # (batch, count)
+            confidence, predicted_class = confidence.gather(1, row_token), predicted_class.gather(1, row_token)
+        keep_top_k, num_classes = self.config.keep_top_k, stage_scores.shape[1]
+        return select_kept_tokens(confidence, predicted_class, None, num_kept, keep_top_k, num_classes)
 
 
 class DToPForSemanticSegmentation(DToPPreTrainedModel):

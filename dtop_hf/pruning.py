@@ -289,11 +289,11 @@ class TokenPacking:
         # Scattered as integers, then made boolean: torch.compile's CPU backend (inductor, torch 2.13) miscompiles a
         # boolean scatter fused with the `where` that reads it (every token reads as inactive).
         active_mask = token_index.new_zeros(batch_size, num_tokens).scatter(1, token_index, 1).bool()
-        image_start = torch.arange(batch_size, device=device)[:, None] * num_tokens  # (batch, 1)
+        image_start = torch.arange(0, batch_size * num_tokens, num_tokens, device=device)[:, None]  # (batch, 1)
         flat_index = (token_index + image_start).reshape(-1)  # (batch * count,)
         packed_order = torch.arange(batch_size * count, device=device)
         counts = token_index.new_full((batch_size,), count)
-        cu_seqlens = (torch.arange(batch_size + 1, device=device) * count).to(torch.int32)
+        cu_seqlens = torch.arange(0, (batch_size + 1) * count, count, dtype=torch.int32, device=device)
         return cls(active_mask, flat_index, counts, count, packed_order, packed_order, None, cu_seqlens, False)
 
     @property
@@ -440,7 +440,7 @@ def gather_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     `(batch * kept, *feature)`. One `index_select` of whole rows (an ONNX `Gather`, not an element-wise one)."""
     batch_size = rows.shape[0]
     count = packed.shape[0] // batch_size
-    image_start = torch.arange(batch_size, device=rows.device)[:, None] * count  # (batch, 1)
+    image_start = torch.arange(0, batch_size * count, count, device=rows.device)[:, None]  # (batch, 1)
     return packed.index_select(0, (rows + image_start).reshape(-1))
 
 
@@ -571,9 +571,8 @@ class ActiveTokens:
         # Rows hold the active tokens in token order, so the kept token indices stay in increasing order.
         kept_index = self.patches.padded_token_index().gather(1, kept_rows)  # (batch, kept)
         patches = TokenPacking.dense(kept_index, num_tokens)
-        # Every active token has the decode head's exit stage: the ones that did not go on get `stage`, which is
-        # below it; tokens that exited before keep their smaller one.
-        exit_stage = self.exit_stage.clamp(max=stage).scatter(1, kept_index, self.exit_stage.gather(1, kept_index))
+        # The active tokens that did not go on exit at `stage`; tokens that exited before keep their smaller stage.
+        exit_stage = torch.where(patches.active_mask, self.exit_stage, self.exit_stage.clamp(max=stage))
         sequence, sequence_rows = patches, kept_rows
         if self.num_prefix_tokens:
             # The prefix tokens lead every image's rows and never exit.

@@ -305,12 +305,11 @@ def test_compiles_whole_without_recompiles_and_equals_eager(model_tester, varied
 
 
 def test_exit_path_under_inductor_equals_eager(model_tester, varied_images):
-    # Inductor itself, on the capacity exit path of one stage: the head's float32 confidence over the packed rows,
-    # the selection, and the new tokens (their exit stages, the dense packing's active mask, the kept hidden rows).
-    # (torch 2.13's CPU inductor miscompiled a boolean scatter fused with its reader, which made every token read as
-    # inactive.) The whole model takes minutes to compile on a 2-core CPU.
-    from dtop_hf.modeling_dtop import DToPHeadOutput
-    from dtop_hf.pruning import ActiveTokens
+    # Inductor itself, on the capacity exit path of two stages: the stage's float32 scores over the grid, the
+    # selection over the packed rows, and the new tokens (their exit stages, the dense packing's active mask, the
+    # kept hidden rows). (torch 2.13's CPU inductor miscompiled a boolean scatter fused with its reader, which made
+    # every token read as inactive.) The whole model takes minutes to compile on a 2-core CPU.
+    from dtop_hf.pruning import ActiveTokens, update_canvas
 
     model = model_tester(keep_top_k=2).create_model()
     with torch.no_grad():
@@ -321,16 +320,24 @@ def test_exit_path_under_inductor_equals_eager(model_tester, varied_images):
 
     def keep(class_logits, mask_logits, hidden_states):
         tokens = ActiveTokens.all_active(class_logits.shape[0], (8, 8), 0, 3, class_logits.device)
-        head_output = DToPHeadOutput(mask_logits=mask_logits, class_logits=class_logits)
-        kept_rows = model.dtop.select_kept(model.dtop.heads[0], head_output, tokens, CAPACITIES[0])
-        tokens, hidden_states, _ = tokens.keep(kept_rows, 0, hidden_states)
-        return kept_rows, tokens.exit_stage, tokens.active_mask, hidden_states
+        canvas = None
+        results = []
+        for stage, capacity in enumerate(CAPACITIES):
+            # The second stage reads the first's values again, for the rows that went on.
+            head_values = tokens.patches.from_grid(mask_logits.reshape(-1, 64, mask_logits.shape[1]))
+            canvas = update_canvas(canvas, head_values, tokens.patches)
+            scores = model.dtop.stage_scores(model.dtop.heads[stage], class_logits, canvas.transpose(1, 2))
+            kept_rows = model.dtop.select_kept(model.dtop.heads[stage], scores, tokens, capacity)
+            tokens, hidden_states, _ = tokens.keep(kept_rows, stage, hidden_states)
+            results += [kept_rows, tokens.exit_stage, tokens.active_mask, hidden_states]
+        return results
 
     torch._dynamo.reset()
     try:
         compiled = torch.compile(keep, fullgraph=True)  # the default backend, inductor
         expected = keep(class_logits, mask_logits, hidden_states)
         assert expected[2].sum(dim=1).tolist() == [math.ceil(CAPACITIES[0] * 64)] * 3
+        assert expected[6].sum(dim=1).tolist() == [math.ceil(CAPACITIES[1] * 64)] * 3
         for result, reference in zip(compiled(class_logits, mask_logits, hidden_states), expected):
             assert torch.equal(result, reference)
     finally:

@@ -71,19 +71,9 @@ REGIONS_PER_IMAGE = 6
 CAPACITY_SOLVER_STEPS, CAPACITY_SOLVER_LOWEST_SHARE = 40, 1e-9
 
 
-class DrawnScores:
-    """Stands in for an auxiliary head in the model's exit decision: its class scores were drawn in advance.
-
-    The real head's class scores are still computed (and dropped), so baseline and pruned runs pay for the real
-    head; only the numbers the exit decision reads are replaced. They are probabilities already.
-    """
-
-    def __init__(self, head: nn.Module, scores: torch.Tensor):
-        self.head, self.scores = head, scores
-
-    def class_scores(self, class_logits: torch.Tensor | None, canvas: torch.Tensor) -> torch.Tensor:
-        self.head.class_scores(class_logits, canvas)
-        return self.scores.to(canvas.dtype)
+class DrawnProbabilities:
+    """Stands in for an auxiliary head in the model's exit decision when the scores it reads were drawn in advance:
+    they are probabilities already."""
 
     @staticmethod
     def scores_to_probabilities(class_scores: torch.Tensor) -> torch.Tensor:
@@ -111,12 +101,14 @@ class SimulatedExitsModel(DToPModel):
         for index, values in enumerate(scores or []):
             setattr(self, f"drawn_scores_{index}", values)
 
-    def select_exits(self, head: nn.Module, class_logits: torch.Tensor | None, canvas: torch.Tensor, *args, **kwargs):
+    def select_exits(self, head: nn.Module, stage_scores: torch.Tensor, *args, **kwargs):
+        # The stage's own scores were computed (the stage's output), so baseline and pruned runs pay for the real
+        # head; only the numbers the decision reads are replaced.
         if self.uses_drawn_scores:
             for index, auxiliary_head in enumerate(self.heads[:-1]):
                 if auxiliary_head is head:
-                    head = DrawnScores(head, getattr(self, f"drawn_scores_{index}"))
-        return super().select_exits(head, class_logits, canvas, *args, **kwargs)
+                    head, stage_scores = DrawnProbabilities, getattr(self, f"drawn_scores_{index}").float()
+        return super().select_exits(head, stage_scores, *args, **kwargs)
 
 
 class SimulatedExitsSegmenter(DToPForSemanticSegmentation):
