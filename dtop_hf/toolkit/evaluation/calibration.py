@@ -253,16 +253,16 @@ def meets_constraint(
     result: dict,
     target_gflops: float | None,
     max_miou_drop: float | None,
-    baseline_miou: float | None,
+    baseline: dict | None,
     gflops_key: str = GFLOPS_KEY,
-    drop_bound: Callable[[dict], float] | None = None,
+    drop_bound: DropBound | None = None,
 ) -> bool:
-    """Whether one sweep result satisfies the constraint (an mIoU of NaN never does). `drop_bound(result)`, when
-    given, is the drop the mIoU limit reads instead of `baseline_miou - mean_iou`."""
+    """Whether one sweep result satisfies the constraint (an mIoU of NaN never does). For `max_miou_drop`, the drop
+    is measured against the unpruned `baseline` result, or is `drop_bound(result, baseline)` when that is given."""
     if target_gflops is not None:
         return result[gflops_key] <= target_gflops
     miou = result[MIOU_KEY]
-    drop = baseline_miou - miou if drop_bound is None else drop_bound(result)
+    drop = baseline[MIOU_KEY] - miou if drop_bound is None else drop_bound(result, baseline)
     # Tolerance for float noise, so that the baseline always meets a zero drop.
     return not math.isnan(miou) and drop <= max_miou_drop + 1e-12
 
@@ -297,12 +297,10 @@ def choose_threshold(
     if not results:
         raise ValueError("`results` is empty: evaluate at least one threshold before choosing.")
     baseline = baseline_result(results, key) if max_miou_drop is not None else None
-    baseline_miou = None if baseline is None else baseline[MIOU_KEY]
-    bound = None if drop_bound is None or baseline is None else (lambda result: drop_bound(result, baseline))
     feasible = [
         result
         for result in results
-        if meets_constraint(result, target_gflops, max_miou_drop, baseline_miou, gflops_key, bound)
+        if meets_constraint(result, target_gflops, max_miou_drop, baseline, gflops_key, drop_bound)
     ]
     if not feasible:
         cheapest = min(results, key=lambda result: result[gflops_key])
