@@ -444,10 +444,12 @@ def test_each_layer_and_head_runs_once_per_forward_whatever_the_batch(
         (torch.randn(1, 3, 3, 32), r"at least one patch \(4x4\).*3x32"),
         (torch.randn(1, 3, 32, 2), r"at least one patch \(4x4\)"),
         (torch.full((1, 3, 32, 32), float("nan")), r"NaN or infinite"),
+        # One NaN among finite values: the second image's last value.
+        (torch.randn(6144).index_fill(0, torch.tensor([6143]), float("nan")).view(2, 3, 32, 32), r"NaN or infinite"),
         (torch.randn(1, 3, 32, 32).index_fill(3, torch.tensor([5]), float("inf")), r"NaN or infinite"),
         (torch.randn(1, 3, 32, 32).index_fill(2, torch.tensor([7]), float("-inf")), r"NaN or infinite"),
     ],
-    ids=["grey", "rgba", "empty", "no-batch-dim", "too-short", "too-narrow", "nan", "inf", "-inf"],
+    ids=["grey", "rgba", "empty", "no-batch-dim", "too-short", "too-narrow", "nan", "one-nan", "inf", "-inf"],
 )
 def test_bad_pixel_values_raise_clear_errors(model_tester, pixel_values, message):
     model = model_tester().create_model()
