@@ -70,7 +70,7 @@ from dtop_hf.toolkit.benchmarking import (
     run_benchmark,
     write_reports,
 )
-from dtop_hf.toolkit.benchmarking.cases import MODES
+from dtop_hf.toolkit.benchmarking.cases import DEFAULT_MODES, MODES
 from dtop_hf.toolkit.benchmarking.exits import EXIT_SOURCES
 from dtop_hf.toolkit.benchmarking.probes import AUTOCAST_DTYPES, DEFAULT_TURN_S
 from dtop_hf.toolkit.benchmarking.runner import environment
@@ -131,17 +131,19 @@ class BenchmarkArguments:
         },
     )
     modes: list[str] = field(
-        default_factory=lambda: list(MODES),
+        default_factory=lambda: list(DEFAULT_MODES),
         metadata={
-            "help": "Plain eager PyTorch and/or torch.compile; session: ONNX Runtime (--backend onnxruntime).",
+            "help": "Plain eager PyTorch and/or torch.compile; reduce-overhead: torch.compile(mode='reduce-overhead', "
+            "fullgraph=True), CUDA graphs on a GPU, with --exits capacity (not run by default); session: ONNX Runtime "
+            "(--backend onnxruntime).",
             "choices": list(MODES),
         },
     )
     compiled_cases: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Cases also run compiled, in this order; default: 256x8 on cpu (compiling takes minutes), the "
-            "batch-8 cases with --backend onnxruntime, all on cuda."
+            "help": "Cases also run compiled (and reduce-overhead), in this order; default: 256x8 on cpu (compiling "
+            "takes minutes), the batch-8 cases with --backend onnxruntime, all on cuda."
         },
     )
     repeats: int = field(default=3, metadata={"help": "Rounds; in each, every variant takes a turn of timed calls."})

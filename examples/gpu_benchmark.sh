@@ -22,9 +22,12 @@
 #    PyPI. Nothing else is installed.
 # 2. Runs the CPU tests of the GPU path (-k "sync or compile or varlen" in the model, pruning and benchmark tests;
 #    CUDA-only tests run there too), within a time limit; a failure is reported and the benchmark still runs.
-# 3. Runs examples/benchmark.py --device cuda --sync_debug on the GPU suite (ViT-B/16 512 batch 1, 8, 32;
+# 3. Runs capacity mode (the capacities of the paper's R, ViT-B/16 512, batch 1 and 8, bf16) eager and under CUDA
+#    graphs (torch.compile(mode="reduce-overhead", fullgraph=True)), with --sync_debug, within
+#    $CAPACITY_BUDGET_S: docs/benchmark_cuda_capacity.json and .md.
+# 4. Runs examples/benchmark.py --device cuda --sync_debug on the GPU suite (ViT-B/16 512 batch 1, 8, 32;
 #    ViT-L/16 640 batch 1, 8; bf16 and fp32; eager, then compiled), writing docs/benchmark_cuda.json, the tables in
-#    docs/benchmark_cuda.md and the whole log in docs/benchmark_cuda.log; --copy_to DIR copies the three there.
+#    docs/benchmark_cuda.md and the whole log in docs/benchmark_cuda.log; --copy_to DIR copies them all there.
 # Everything ends within --budget_s (default 550 s, inside a 10-minute slot on an H200): eager runs first, then the
 # compiled ones; a case that would start after the budget is listed as skipped, and the JSON and Markdown are
 # rewritten after every case, so a run cut short keeps what it measured.
@@ -44,6 +47,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 TESTS_LIMIT_S=150      # the CPU tests' share of the budget
+CAPACITY_BUDGET_S=150  # capacity mode's share (its last case may finish after it)
 REPORT_MARGIN_S=45     # left after the last case starts for it to finish and for the tables
 
 run() {  # print a command, then run it unless --dry_run
@@ -80,7 +84,15 @@ run timeout "$TESTS_LIMIT_S" "$PYTHON" -m pytest -q -p no:cacheprovider -k "sync
     tests/test_modeling_dtop.py tests/test_pruning.py tests/test_benchmark.py
 echo "tests: exit status $? (0 passed, 5 none selected, 124 cut at ${TESTS_LIMIT_S} s)"
 
-echo "== 3. benchmark"
+echo "== 3. capacity mode, eager and under CUDA graphs"
+run timeout "$((CAPACITY_BUDGET_S + 90))" "$PYTHON" examples/benchmark.py --device cuda --sync_debug \
+    --exits capacity --cases vit-base:512x8 vit-base:512x1 --dtypes bf16 --modes eager reduce-overhead \
+    --compiled_cases vit-base:512x8 vit-base:512x1 --repeats 15 --warmup 3 --no_vit_reference \
+    --time_budget_s "$CAPACITY_BUDGET_S" \
+    --output_json docs/benchmark_cuda_capacity.json --output_markdown docs/benchmark_cuda_capacity.md
+echo "capacity benchmark: exit status $? (124: cut at its budget)"
+
+echo "== 4. benchmark"
 left=$((BUDGET_S - SECONDS))
 run timeout "$((left > 60 ? left : 60))" "$PYTHON" examples/benchmark.py --device cuda --sync_debug \
     --cases vit-base:512x1 vit-base:512x8 vit-base:512x32 vit-large:640x1 vit-large:640x8 \
@@ -94,7 +106,8 @@ echo "total: $SECONDS s"
 
 if [ -n "$COPY_TO" ] && [ "$DRY_RUN" = 0 ]; then
     mkdir -p "$COPY_TO"
-    cp docs/benchmark_cuda.json docs/benchmark_cuda.md "$COPY_TO"/
+    cp docs/benchmark_cuda.json docs/benchmark_cuda.md docs/benchmark_cuda_capacity.json \
+        docs/benchmark_cuda_capacity.md "$COPY_TO"/ 2>/dev/null
     sleep 1  # let tee write the log's last lines
     cp "$LOG" "$COPY_TO"/
 fi

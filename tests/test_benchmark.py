@@ -167,11 +167,16 @@ def test_gpu_script_runs_the_benchmark_with_flags_it_accepts(capsys):
         env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
-    command = next(line for line in completed.stdout.splitlines() if "examples/benchmark.py" in line).split()
-    flags = command[command.index("examples/benchmark.py") + 1 :]
+    commands = [line.split() for line in completed.stdout.splitlines() if "examples/benchmark.py" in line]
+    capacity_flags, suite_flags = (command[command.index("examples/benchmark.py") + 1 :] for command in commands)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the script uses today's flag names
-        planned = dry_run(flags, capsys)
+        capacity, planned = dry_run(capacity_flags, capsys), dry_run(suite_flags, capsys)
+    # Capacity mode first: eager, then under CUDA graphs, ViT-B/16 only, its own files.
+    assert capacity["settings"]["exits"] == "capacity" and capacity["settings"]["sync_debug"]
+    assert [run["mode"] for run in capacity["runs"]] == ["eager", "eager", "reduce-overhead", "reduce-overhead"]
+    assert {(run["case"]["model_size"], run["case"]["image_size"]) for run in capacity["runs"]} == {("vit-base", 512)}
+    assert capacity["output_json"] == "docs/benchmark_cuda_capacity.json"
     settings = planned["settings"]
     assert settings["device"] == "cuda" and settings["sync_debug"]
     assert {run["dtype"] for run in planned["runs"]} == {"fp32", "bf16"}
@@ -207,6 +212,48 @@ def test_dtypes_and_compiled_mode_write_their_records(tmp_path, monkeypatch):
     assert all({"compile_seconds", "graphs_compiled", "graphs_compiled_while_timing"} <= set(r) for r in records[2:])
     markdown = output_markdown.read_text()
     assert "| case | mode | dtype |" in markdown and markdown.count("| tiny 32x2 |") == 4
+
+
+def test_reduce_overhead_mode_compiles_capacity_mode_whole_against_a_capacity_baseline(tmp_path, monkeypatch):
+    """`--modes reduce-overhead` (CUDA graphs on a GPU): one static full graph, a capacity-1.0 baseline that is one
+    graph too, and its records beside the eager ones. torch.compile is replaced by a recorder of the model's calls
+    (compiling takes minutes on a CPU): this checks the plumbing, `test_capacity_mode.py` the compiler."""
+    compiles, forwards = [], []
+
+    def fake_compile(model, **kwargs):
+        compiles.append(kwargs)
+
+        def compiled(pixel_values, **forward_kwargs):
+            forwards.append(forward_kwargs)
+            return model(pixel_values, **forward_kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    output_json = tmp_path / "bench.json"
+    benchmark_main([
+        "--model_size", "tiny", "--cases", "32x2", "--exits", "capacity", "--exit_capacity", "0.5,0.3",
+        "--modes", "eager", "reduce-overhead", "--compiled_cases", "32x2", "--repeats", "1", "--warmup", "0",
+        "--turn_s", "0", "--no_memory", "--output_json", str(output_json),
+        "--output_markdown", str(tmp_path / "bench.md"),
+    ])  # fmt: skip
+    records = json.loads(output_json.read_text())
+    assert [record["mode"] for record in records] == ["eager", "reduce-overhead"]
+    assert compiles == [{"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}]
+    baseline = {"exit_mode": "capacity", "exit_capacity": 1.0}
+    pruned = {"exit_mode": "capacity", "exit_capacity": [0.5, 0.3]}
+    # Two calls per variant before timing (compile, then record the CUDA graph), then the timed round.
+    assert forwards == [baseline, pruned, baseline, pruned, baseline, pruned]
+    assert {"compile_seconds", "graphs_compiled", "graphs_compiled_while_timing"} <= set(records[1])
+    assert records[1]["exit_capacity"] == [0.5, 0.3] and records[1]["speedup"] > 0
+
+
+def test_reduce_overhead_mode_needs_capacity_exits():
+    with pytest.raises(ValueError, match=r"only capacity mode has: pass `--exits capacity`"):
+        benchmark_main([
+            "--model_size", "tiny", "--cases", "32x2", "--compiled_cases", "32x2", "--modes", "reduce-overhead",
+            "--no_memory",
+        ])  # fmt: skip
 
 
 def test_paper_exits_take_the_drawn_share_of_each_image():

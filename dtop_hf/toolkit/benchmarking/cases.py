@@ -95,9 +95,12 @@ def parse_case(case: str, default_model_size: str | None = None, trained_model: 
     return Case(model_size or default_model_size, image_size, batch_size)
 
 
-TORCH_MODES = ("eager", "compiled")
+# `reduce-overhead`: torch.compile(mode="reduce-overhead", fullgraph=True) of capacity mode, CUDA graphs on a GPU.
+TORCH_MODES = ("eager", "compiled", "reduce-overhead")
+COMPILED_MODES = ("compiled", "reduce-overhead")  # run on `compiled_cases`, after every other run
 ONNX_RUNTIME_MODES = ("session",)  # one ONNX Runtime session per exported file (`create_session`)
 MODES = TORCH_MODES + ONNX_RUNTIME_MODES
+DEFAULT_MODES = ("eager", "compiled", *ONNX_RUNTIME_MODES)  # CUDA graphs only on request (capacity exits)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class BenchmarkSuite:
 
     cases: tuple[Case, ...]
     dtypes: tuple[str, ...]
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     compiled_cases: tuple[Case, ...] = ()
     backends: tuple[str, ...] = ("torch",)
 
@@ -120,12 +123,12 @@ class BenchmarkSuite:
         plan = []
         for backend in self.backends:
             for mode in (mode for mode in BACKENDS[backend].modes if mode in self.modes):
-                if mode == "compiled":
+                if mode in COMPILED_MODES:
                     compiled = [case for case in dict.fromkeys(self.compiled_cases) if case in self.cases]
                     plan += [BenchmarkRun(case, backend, mode, dtype) for dtype in self.dtypes for case in compiled]
                 else:
                     plan += [BenchmarkRun(case, backend, mode, dtype) for case in self.cases for dtype in self.dtypes]
-        return sorted(plan, key=lambda run: run.mode == "compiled")  # stable: the order above otherwise
+        return sorted(plan, key=lambda run: run.mode in COMPILED_MODES)  # stable: the order above otherwise
 
 
 def resolve_suite(
@@ -133,7 +136,7 @@ def resolve_suite(
     cases: list[str] | None = None,
     compiled_cases: list[str] | None = None,
     dtypes: list[str] | None = None,
-    modes: tuple[str, ...] | list[str] = MODES,
+    modes: tuple[str, ...] | list[str] = DEFAULT_MODES,
     backends: tuple[str, ...] | list[str] = ("torch",),
     model_size: str = "vit-base",
     trained_model: bool = False,

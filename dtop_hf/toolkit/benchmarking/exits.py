@@ -59,6 +59,9 @@ ExitSource = Literal["paper", "rate", "model", "capacity"]
 EXIT_SOURCES: tuple[ExitSource, ...] = ("paper", "rate", "model", "capacity")
 # The unpruned baseline's exit rule: threshold 1.0, no token exits (whatever mode the config holds).
 UNPRUNED: dict[str, float] = {"exit_threshold": 1.0}
+# Capacity mode's: capacity 1.0, the same computation bit for bit, and one graph under torch.compile like the pruned
+# capacity run (threshold mode's exit bookkeeping stays out of compiled graphs: a graph break per auxiliary head).
+UNPRUNED_CAPACITY: dict[str, str | float] = {"exit_mode": "capacity", "exit_capacity": 1.0}
 # SegViT + DToP@Finetune on ADE20K, GFLOPs unpruned -> pruned (backbone + decode head): the paper's Table 1
 # (ViT-B/16, 512 crop, 160k + finetune) and Table 7 (ViT-L/16, 640 crop, threshold 0.95).
 PAPER_GFLOPS = {"vit-base": (109.9, 86.8), "vit-large": (617.0, 412.8)}
@@ -119,6 +122,12 @@ class SimulatedExitsSegmenter(DToPForSemanticSegmentation):
             super().__init__(config)
         self.dtop = SimulatedExitsModel(config)
         self.post_init()
+
+
+def unpruned_rule(exits: str | None) -> dict:
+    """The baseline's forward arguments for runs of exit source `exits`: capacity 1.0 beside capacity exits (so
+    that a compiled baseline is one graph, as the pruned run is), threshold 1.0 otherwise."""
+    return UNPRUNED_CAPACITY if exits == "capacity" else UNPRUNED
 
 
 def paper_gflops(config: DToPConfig) -> tuple[float, float]:

@@ -70,7 +70,7 @@ def measure_forward_memory(spec: dict) -> float:
     forward pass's growth is measured, not hidden in reused pages.
     """
     from .cases import Case
-    from .exits import UNPRUNED, prepare_exits
+    from .exits import prepare_exits, unpruned_rule
     from .probes import inference_call
     from .runner import BenchmarkSettings, build_benchmark_model, make_images
 
@@ -83,7 +83,7 @@ def measure_forward_memory(spec: dict) -> float:
         model, pixel_values, settings.exits, settings.exit_rate, settings.seed, settings.exit_capacity,
         settings.target_flops_ratio,
     )  # fmt: skip
-    exit_rule = UNPRUNED if spec["unpruned"] else exit_rule
+    exit_rule = unpruned_rule(settings.exits) if spec["unpruned"] else exit_rule
     forward = inference_call(lambda: model(pixel_values, **exit_rule), settings.device, spec["dtype"])
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -38,8 +38,15 @@ from ..evaluation.flops import (
     flops_from_capacities,
 )
 from ..presets import model_size_kwargs
-from .cases import ALLOWED_UNPRUNED_SYNCS, TORCH_MODES, VIT_REFERENCE_TARGET, BenchmarkRun, speedup_target
-from .exits import EXIT_SOURCES, UNPRUNED, ExitSource, SimulatedExitsSegmenter, prepare_exits
+from .cases import (
+    ALLOWED_UNPRUNED_SYNCS,
+    COMPILED_MODES,
+    TORCH_MODES,
+    VIT_REFERENCE_TARGET,
+    BenchmarkRun,
+    speedup_target,
+)
+from .exits import EXIT_SOURCES, UNPRUNED, ExitSource, SimulatedExitsSegmenter, prepare_exits, unpruned_rule
 from .memory import cpu_peak_memory_mb
 from .probes import (
     DEFAULT_TURN_S,
@@ -209,6 +216,17 @@ def vit_reference(model: DToPForSemanticSegmentation, device: str) -> Callable[[
     return run
 
 
+def cuda_graph_step(function: Callable[..., object]) -> Callable[..., object]:
+    """`function` called as a new step of torch.compile's CUDA graphs, so that a replay may overwrite the outputs of
+    earlier calls (never read again here) instead of refusing to."""
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return function(*args, **kwargs)
+
+    return call
+
+
 class BenchmarkModels:
     """The models of a benchmark, each built once: the DToP model per size, its compiled form, the ViTModel
     reference, and what other backends build from them (`artifacts`, such as exported files and their sessions, by
@@ -229,10 +247,17 @@ class BenchmarkModels:
             )
         return self.models[model_size]
 
-    def compiled(self, model_size: str | None) -> Callable:
-        if model_size not in self.compiled_models:
-            self.compiled_models[model_size] = torch.compile(self.model(model_size), dynamic=True)
-        return self.compiled_models[model_size]
+    def compiled(self, model_size: str | None, mode: str = "compiled") -> Callable:
+        """`compiled`: one dynamic-shape compile that serves every token count (threshold exits included);
+        `reduce-overhead`: capacity mode's single static graph, replayed as a CUDA graph on a GPU."""
+        if (model_size, mode) not in self.compiled_models:
+            model = self.model(model_size)
+            self.compiled_models[model_size, mode] = (
+                torch.compile(model, dynamic=True)
+                if mode == "compiled"
+                else torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            )
+        return self.compiled_models[model_size, mode]
 
     def vit_reference(self, model_size: str | None) -> Callable[[torch.Tensor], None]:
         if model_size not in self.references:
@@ -251,7 +276,8 @@ class TimedCalls:
 
 
 class TorchBackend:
-    """The PyTorch model itself, eager or through `torch.compile` (both variants compiled before timing).
+    """The PyTorch model itself, eager or through `torch.compile` (`compiled`, or `reduce-overhead`: CUDA graphs on a
+    GPU; both variants compiled before timing).
 
     Attributes:
         name: the backend's name in `BACKENDS` and on the command line.
@@ -276,18 +302,23 @@ class TorchBackend:
         """The calls to time: `exit_rule` is the pruned calls' keyword arguments of the forward (from
         `prepare_exits`); the baseline runs at threshold 1.0."""
         model_size, device, dtype = run.case.model_size, settings.device, run.dtype
-        runner = models.compiled(model_size) if run.mode == "compiled" else models.model(model_size)
+        runner = models.model(model_size) if run.mode == "eager" else models.compiled(model_size, run.mode)
+        if run.mode == "reduce-overhead":
+            runner = cuda_graph_step(runner)
+        baseline_rule = unpruned_rule(settings.exits)
         calls = {
-            "baseline": inference_call(lambda: runner(pixel_values, **UNPRUNED), device, dtype),
+            "baseline": inference_call(lambda: runner(pixel_values, **baseline_rule), device, dtype),
             "pruned": inference_call(lambda: runner(pixel_values, **exit_rule), device, dtype),
         }
         if run.mode == "eager" and settings.vit_reference:
             reference = models.vit_reference(model_size)
             calls["vit_plus_heads"] = inference_call(lambda: reference(pixel_values), device, dtype)
-        if run.mode != "compiled":
+        if run.mode == "eager":
             return TimedCalls(calls)
         graphs_before, compile_start = compiled_graph_count(), time.perf_counter()
-        calls["baseline"](), calls["pruned"]()  # compile both variants before timing
+        # Compile both variants before timing; CUDA graphs are recorded on a variant's second call.
+        for _ in range(2 if run.mode == "reduce-overhead" else 1):
+            calls["baseline"](), calls["pruned"]()
         synchronize(device)
         record = {
             "compile_seconds": time.perf_counter() - compile_start,
@@ -483,8 +514,13 @@ def run_benchmark(
         f"{setting['threads']} threads, fp32 matmul precision {setting['float32_matmul_precision']}, exits "
         f"{settings.exits}"
     )
-    if any(run.mode == "compiled" for run in plan):
+    if any(run.mode in COMPILED_MODES for run in plan):
         allow_recompiles()
+    if settings.exits != "capacity" and any(run.mode == "reduce-overhead" for run in plan):
+        raise ValueError(
+            "The reduce-overhead mode compiles the whole model into one static graph (CUDA graphs on a GPU), which "
+            "only capacity mode has: pass `--exits capacity`."
+        )
     for name in dict.fromkeys(run.backend for run in plan):  # before any model is built
         sources = BACKENDS[name].exit_sources
         if settings.exits not in sources:
