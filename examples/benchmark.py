@@ -14,14 +14,15 @@
 """Does DToP's FLOPs saving turn into wall-clock time? Baseline and pruned, side by side, in one process.
 
 For every case (model size, image size, batch size), dtype (fp32, or bf16 under autocast) and mode (eager,
-`torch.compile`), the same model runs the same images at exit threshold 1.0 (the unpruned baseline) and pruned,
-taking turns, several rounds (a turn: about `--turn_s` of back-to-back calls, the first untimed, or one call when a
-call is longer; on CUDA each call is timed with CUDA events on an idle stream). Per case it prints
-R = GFLOPs unpruned / GFLOPs pruned (MACs / 1e9, all heads included), the speed-up (median baseline time / median
-pruned time), the speed-up as a share of R next to its target, images per second, the peak memory of both (CUDA:
-`torch.cuda.max_memory_allocated` over what was allocated before the call; CPU: resident-memory growth, measured in
-a fresh process) and, in eager mode, the unpruned model against transformers' `ViTModel` (sdpa attention) plus the
-same heads. Results go to `--output_json` (default `docs/benchmark_<device>.json`).
+`torch.compile`), the same model runs the same images unpruned (exit threshold 1.0; capacity 1.0 beside capacity
+exits, one compiled graph like the pruned run's) and pruned, taking turns, several rounds (a turn: about `--turn_s` of
+back-to-back calls, the first untimed, or one call when a call is longer; on CUDA each call is timed with CUDA events
+on an idle stream). Per case it prints R = GFLOPs unpruned / GFLOPs pruned (MACs / 1e9, all heads included), the
+speed-up (median baseline time / median pruned time), the speed-up as a share of R next to its target, images per
+second, the peak memory of both (CUDA: `torch.cuda.max_memory_allocated` over what was allocated before the call; CPU:
+resident-memory growth, measured in a fresh process) and, in eager mode, the unpruned model against transformers'
+`ViTModel` (sdpa attention) plus the same heads. Results go to `--output_json` (default
+`docs/benchmark_<device>.json`).
 
     python examples/benchmark.py                        # CPU: ViT-B/16 dims, 512x512 batch 1, 256x256 batch 1 and 8
     python examples/benchmark.py --model_size vit-large # any size of dtop_hf.toolkit.presets.MODEL_SIZES

@@ -300,7 +300,8 @@ class TorchBackend:
         exit_rule: dict,
     ) -> TimedCalls:
         """The calls to time: `exit_rule` is the pruned calls' keyword arguments of the forward (from
-        `prepare_exits`); the baseline runs at threshold 1.0."""
+        `prepare_exits`); the baseline's are `unpruned_rule`'s (capacity 1.0 beside capacity exits, else threshold
+        1.0)."""
         model_size, device, dtype = run.case.model_size, settings.device, run.dtype
         runner = models.model(model_size) if run.mode == "eager" else models.compiled(model_size, run.mode)
         if run.mode == "reduce-overhead":
