@@ -214,6 +214,17 @@ def test_dtypes_and_compiled_mode_write_their_records(tmp_path, monkeypatch):
     assert "| case | mode | dtype |" in markdown and markdown.count("| tiny 32x2 |") == 4
 
 
+def test_gpu_script_skips_the_capacity_step_at_a_zero_budget():
+    completed = subprocess.run(
+        ["bash", str(EXAMPLES / "gpu_benchmark.sh"), "--dry_run", "--capacity_budget_s", "0"], cwd=EXAMPLES.parent,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    commands = [line for line in completed.stdout.splitlines() if "examples/benchmark.py" in line]
+    assert len(commands) == 1 and "--exits capacity" not in commands[0]
+    assert "skipped (--capacity_budget_s 0)" in completed.stdout
+
+
 def test_reduce_overhead_mode_compiles_capacity_mode_whole_against_a_capacity_baseline(tmp_path, monkeypatch):
     """`--modes reduce-overhead` (CUDA graphs on a GPU): one static full graph, a capacity-1.0 baseline that is one
     graph too, and its records beside the eager ones. torch.compile is replaced by a recorder of the model's calls
