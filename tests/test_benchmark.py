@@ -259,12 +259,14 @@ def test_reduce_overhead_mode_compiles_capacity_mode_whole_against_a_capacity_ba
     assert records[1]["exit_capacity"] == [0.5, 0.3] and records[1]["speedup"] > 0
 
 
-def test_reduce_overhead_mode_needs_capacity_exits():
+def test_reduce_overhead_mode_needs_capacity_exits(tmp_path):
+    output_json = tmp_path / "bench.json"
     with pytest.raises(ValueError, match=r"only capacity mode has: pass `--exits capacity`"):
         benchmark_main([
             "--model_size", "tiny", "--cases", "32x2", "--compiled_cases", "32x2", "--modes", "reduce-overhead",
-            "--no_memory",
+            "--no_memory", "--output_json", str(output_json), "--output_markdown", str(tmp_path / "bench.md"),
         ])  # fmt: skip
+    assert not output_json.exists()  # refused before anything ran
 
 
 def test_paper_exits_take_the_drawn_share_of_each_image():
