@@ -21,8 +21,9 @@ on an idle stream). Per case it prints R = GFLOPs unpruned / GFLOPs pruned (MACs
 speed-up (median baseline time / median pruned time), the speed-up as a share of R next to its target, images per
 second, the peak memory of both (CUDA: `torch.cuda.max_memory_allocated` over what was allocated before the call; CPU:
 resident-memory growth, measured in a fresh process) and, in eager mode, the unpruned model against transformers'
-`ViTModel` (sdpa attention) plus the same heads. Results go to `--output_json` (default
-`docs/benchmark_<device>.json`).
+`ViTModel` (sdpa attention) plus the same heads. On a CPU with glibc the C allocator's thresholds are pinned first, so
+that times do not depend on the cases before (`--no_steady_allocator` leaves them). Results go to `--output_json`
+(default `docs/benchmark_<device>.json`).
 
     python examples/benchmark.py                        # CPU: ViT-B/16 dims, 512x512 batch 1, 256x256 batch 1 and 8
     python examples/benchmark.py --model_size vit-large # any size of dtop_hf.toolkit.presets.MODEL_SIZES
@@ -170,6 +171,13 @@ class BenchmarkArguments:
     no_memory: bool = field(default=False, metadata={"help": "Skip the peak-memory probes (CPU: subprocesses)."})
     no_vit_reference: bool = field(default=False, metadata={"help": "Skip the transformers ViTModel comparison."})
     sync_debug: bool = field(default=False, metadata={"help": "CUDA: count device-to-host syncs per forward."})
+    no_steady_allocator: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU: leave glibc's malloc thresholds to its own rule (times then depend on the runs before; "
+            "by default they are pinned, see dtop_hf/toolkit/benchmarking/allocator.py)."
+        },
+    )
     output_json: str | None = field(default=None, metadata={"help": "Default docs/benchmark_<device>.json."})
     output_markdown: str | None = field(default=None, metadata={"help": "Also write the tables as Markdown."})
     dry_run: bool = field(default=False, metadata={"help": "Print the settings and runs as JSON; measure nothing."})
@@ -195,7 +203,7 @@ class BenchmarkArguments:
             exit_capacity=self.exit_capacity, target_flops_ratio=self.target_flops_ratio, repeats=self.repeats,
             warmup=self.warmup, repeat_budget_s=self.repeat_budget_s, turn_s=self.turn_s,
             measure_memory=not self.no_memory, vit_reference=not self.no_vit_reference, sync_debug=self.sync_debug,
-            threads=self.threads, onnx_dir=self.onnx_dir,
+            threads=self.threads, steady_allocator=not self.no_steady_allocator, onnx_dir=self.onnx_dir,
         )  # fmt: skip
 
     def suite(self, model_name_or_path: str | None) -> BenchmarkSuite:

@@ -38,6 +38,7 @@ from dtop_hf.toolkit.benchmarking import (
     resolve_suite,
     seeded_thresholds,
 )
+from dtop_hf.toolkit.benchmarking.allocator import glibc_version
 from dtop_hf.toolkit.benchmarking.exits import (
     exit_rate_grid,
     exit_rate_weights,
@@ -89,6 +90,8 @@ def test_benchmark_writes_one_record_per_case_and_mode(tmp_path, capsys):
         assert record["baseline_over_vit_plus_heads"] > 0
         # One round, but a turn of back-to-back calls per variant: the tiny model's calls take milliseconds.
         assert record["turn_s"] == DEFAULT_TURN_S and len(record["times_seconds"]["baseline"]) > 1
+        if glibc_version():  # the regime the calls were timed in
+            assert record["environment"]["cpu_allocator"].endswith("thresholds pinned")
     # Mixed batch: the images keep different numbers of tokens.
     assert len(set(records[1]["tokens_last_layer_per_image"])) > 1
     printed = capsys.readouterr().out
@@ -101,6 +104,42 @@ def test_old_flag_names_still_work_with_a_warning(capsys):
     assert old == dry_run(["--model_size", "tiny", "--cases", "32x1", "--modes", "eager"], capsys)
     assert old["runs"] == [{"case": {"model_size": "tiny", "image_size": 32, "batch_size": 1}, "backend": "torch",
                             "mode": "eager", "dtype": "fp32"}]  # fmt: skip
+
+
+# Prints the page faults of five forwards of the quick-start model (batch 8, after a first one) in a fresh process
+# whose C allocator is pinned first, or left to glibc's own rule.
+FORWARD_PAGE_FAULTS_SCRIPT = """
+import resource, sys, torch
+from dtop_hf.toolkit.benchmarking import BenchmarkSettings, build_benchmark_model, make_images
+from dtop_hf.toolkit.benchmarking.allocator import steady_allocator
+if sys.argv[1] == "pinned":
+    steady_allocator()
+torch.set_num_threads(1)
+model = build_benchmark_model(BenchmarkSettings(), "quickstart")
+pixel_values = make_images(8, 96, 0, "cpu")
+with torch.no_grad():
+    model(pixel_values)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        model(pixel_values)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(glibc_version() is None, reason="the allocator regime is glibc's")
+def test_steady_allocator_keeps_the_pages_a_forward_frees(capsys):
+    """glibc's own rule hands the freed heap top back after every forward, and the next forward faults it back in
+    page by page; with the pinned thresholds the heap keeps its pages. `--no_steady_allocator` leaves the rule."""
+    faults = {}
+    for regime in ("pinned", "default"):
+        completed = subprocess.run(
+            [sys.executable, "-c", FORWARD_PAGE_FAULTS_SCRIPT, regime], capture_output=True, text=True, check=True
+        )
+        faults[regime] = int(completed.stdout.split()[-1])
+    assert faults["default"] > 10_000  # thousands per forward: its activations, page by page
+    assert faults["pinned"] < faults["default"] / 20
+    assert dry_run(["--cases", "32x1"], capsys)["settings"]["steady_allocator"] is True
+    assert dry_run(["--cases", "32x1", "--no_steady_allocator"], capsys)["settings"]["steady_allocator"] is False
 
 
 def test_seeded_thresholds_hit_the_exit_rate():

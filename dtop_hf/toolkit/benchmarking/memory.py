@@ -18,7 +18,6 @@ forward's growth in reused pages: each measurement runs `python -m dtop_hf.toolk
 reads the number it prints.
 """
 
-import ctypes
 import gc
 import json
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from .allocator import release_free_memory
 
 
 if TYPE_CHECKING:
@@ -66,8 +67,8 @@ def current_rss_bytes() -> int:
 def measure_forward_memory(spec: dict) -> float:
     """In the fresh process: peak resident-memory growth (MB) over one forward pass, sampled every millisecond.
 
-    Model construction leaves freed memory with the C allocator; `malloc_trim` hands it back first so that the
-    forward pass's growth is measured, not hidden in reused pages.
+    Model construction leaves freed memory with the C allocator; it is handed back first so that the forward pass's
+    growth is measured, not hidden in reused pages.
     """
     from .cases import Case
     from .exits import prepare_exits, unpruned_rule
@@ -86,7 +87,7 @@ def measure_forward_memory(spec: dict) -> float:
     exit_rule = unpruned_rule(settings.exits) if spec["unpruned"] else exit_rule
     forward = inference_call(lambda: model(pixel_values, **exit_rule), settings.device, spec["dtype"])
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_free_memory()
     start_rss, peak_rss, running = current_rss_bytes(), [0], [True]
 
     def sample() -> None:

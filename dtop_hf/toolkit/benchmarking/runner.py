@@ -38,6 +38,7 @@ from ..evaluation.flops import (
     flops_from_capacities,
 )
 from ..presets import model_size_kwargs
+from .allocator import allocator_regime, steady_allocator
 from .cases import (
     ALLOWED_UNPRUNED_SYNCS,
     COMPILED_MODES,
@@ -103,6 +104,8 @@ class BenchmarkSettings:
         vit_reference: time transformers' `ViTModel` with the same heads next to the unpruned model (eager).
         sync_debug: count the device-to-host syncs of one eager forward (CUDA).
         threads: torch's CPU threads and ONNX Runtime's intra-op threads (`None`: each library's choice).
+        steady_allocator: on a CPU with glibc, pin the C allocator's mmap and trim thresholds before timing, so that
+            times do not depend on which runs came before (see `allocator.py`); False: glibc's own rule.
         onnx_dir: where the `onnxruntime` backend writes its exports (`None`: a temporary folder).
     """
 
@@ -122,6 +125,7 @@ class BenchmarkSettings:
     vit_reference: bool = True
     sync_debug: bool = False
     threads: int | None = None
+    steady_allocator: bool = True
     onnx_dir: str | None = None
 
     def __post_init__(self):
@@ -341,6 +345,7 @@ BACKENDS = {TorchBackend.name: TorchBackend}
 
 def environment(device: str) -> dict:
     on_cuda = device.startswith("cuda")
+    host = {} if on_cuda else allocator_regime()
     return {
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
@@ -349,6 +354,7 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "load_average_1_5_15_min": list(os.getloadavg()),  # a shared machine's other work, as each run ended
+        **host,
     }
 
 
@@ -509,11 +515,13 @@ def run_benchmark(
     """
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.steady_allocator and torch.device(settings.device).type == "cpu":
+        steady_allocator()
     setting = environment(settings.device)
     progress(
         f"device {setting['device_name']}, torch {setting['torch']}, transformers {setting['transformers']}, "
         f"{setting['threads']} threads, fp32 matmul precision {setting['float32_matmul_precision']}, exits "
-        f"{settings.exits}"
+        f"{settings.exits}" + (f", C allocator: {setting['cpu_allocator']}" if "cpu_allocator" in setting else "")
     )
     if any(run.mode in COMPILED_MODES for run in plan):
         allow_recompiles()
