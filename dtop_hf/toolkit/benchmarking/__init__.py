@@ -14,8 +14,9 @@
 """Benchmarking: does DToP's FLOPs saving turn into wall-clock time?
 
 `cases` (what runs, the default suites, the targets), `exits` (where the tokens of random-weight models exit),
-`probes` (time, CUDA memory, syncs of one call), `memory` (CPU peak memory in a fresh process), `runner` (the
-models, the PyTorch backend and the loop), `onnx_backend` (exports in ONNX Runtime), `reports` (tables and JSON).
+`probes` (time, CUDA memory, syncs of one call), `memory` (CPU peak memory in a fresh process), `allocator` (the C
+allocator's regime under CPU timings), `runner` (the models, the PyTorch backend and the loop), `onnx_backend`
+(exports in ONNX Runtime), `reports` (tables and JSON).
 `examples/benchmark.py` is their command line; another backend (an exported model in another runtime) joins through
 `runner.BACKENDS`, as `onnx_backend` does.
 """
