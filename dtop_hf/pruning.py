@@ -177,33 +177,33 @@ def select_kept_tokens(
     keys = torch.stack([confidence, confidence.neg()], dim=1)
     if active_mask is not None:
         keys = keys.masked_fill(~active_mask[:, None, :], float("inf"))
-    # A token's place in an order (a permutation: scattering the positions by the sort's indices inverts it) is
-    # unique, so every token gets a distinct integer priority and one `topk` picks exactly the kept tokens, with no
-    # tie left to break. The smallest priorities go on.
+    order = keys.sort(dim=2, stable=True).indices  # (batch, 2, tokens): the token at each place
+    # A token's place in an order (a permutation: scattering the positions by the order inverts it) is unique, so
+    # every token gets a distinct integer priority and one `topk` picks exactly the kept tokens, with no tie left to
+    # break. The smallest priorities go on.
     position = torch.arange(num_tokens, device=confidence.device).expand(batch_size, 2, -1)
-    place = position.scatter(2, keys.sort(dim=2, stable=True).indices, position)
+    place = position.scatter(2, order, position)
     least_confident_place, most_confident_place = place.unbind(1)  # (batch, tokens) each, 0 = first
-    # Non-context tokens, least confident first, rank after every context token (priorities below
-    # keep_top_k * tokens).
-    priority = least_confident_place + keep_top_k * num_tokens
+    # Non-context tokens, least confident first, rank after every context token (priorities from
+    # (keep_top_k + 1) * tokens on; context priorities lie below).
+    priority = least_confident_place + (keep_top_k + 1) * num_tokens
     if keep_top_k:
         if num_classes is None:
             num_classes = int(predicted_class.max()) + 1
+        # A token's rank in its class, counted from 1: walking the most-confident-first order, how many tokens of its
+        # class have come so far (a running count per class). Inactive tokens come last, after every active one.
+        # Counting rather than a per-class top-k written back by a minimum-scatter: every scatter of this rule writes
+        # each place once, so the export has no scatter reduction (TensorRT runs those only as a plugin).
+        class_in_order = predicted_class.gather(1, order[:, 1])  # (batch, tokens): the class at each place
         classes = torch.arange(num_classes, device=confidence.device)
-        of_class = predicted_class[:, None, :] == classes[:, None]  # (batch, classes, tokens)
+        seen = (class_in_order[:, None, :] == classes[:, None]).cumsum(dim=2)  # (batch, classes, tokens)
+        rank_in_order = seen.gather(1, class_in_order[:, None, :]).squeeze(1)  # (batch, tokens), by place
+        rank = rank_in_order.gather(1, most_confident_place)  # (batch, tokens), by token
+        is_context = rank <= keep_top_k
         if active_mask is not None:
-            of_class = of_class & active_mask[:, None, :]
-        # Per class, its `keep_top_k` most confident tokens: the smallest places; `tokens`, past every place, marks
-        # the tokens of other classes. (batch, classes, k), the best first.
-        best = torch.where(of_class, most_confident_place[:, None, :], num_tokens)
-        best = best.topk(min(keep_top_k, num_tokens), dim=2, largest=False)
+            is_context = is_context & active_mask
         # Context priority: rank by rank, then the more confident (the smaller place) first.
-        rank_start = torch.arange(0, best.values.shape[2] * num_tokens, num_tokens, device=confidence.device)
-        context_priority = rank_start + best.values
-        # Entries past a class's last token (place `tokens`) point at some other token: they get a priority above
-        # every token's, which the minimum leaves unused.
-        context_priority = torch.where(best.values < num_tokens, context_priority, (keep_top_k + 1) * num_tokens)
-        priority = priority.scatter_reduce(1, best.indices.flatten(1), context_priority.flatten(1), reduce="amin")
+        priority = torch.where(is_context, rank * num_tokens + most_confident_place, priority)
     kept_index = priority.topk(num_kept, dim=1, largest=False).indices  # (batch, num_kept)
     return kept_index.topk(num_kept, dim=1, largest=False).values  # in increasing order
 
