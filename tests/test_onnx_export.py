@@ -100,6 +100,23 @@ def test_the_file_records_its_rule_size_and_processor(atm_export):
     assert read_onnx_metadata(create_session(model_file)) == metadata
 
 
+def test_the_exit_rule_exports_without_scatter_reductions(atm_export):
+    """Every scatter of the graph writes each place once: no `reduction` attribute, which TensorRT's ONNX parser only
+    serves through a plugin (and not at all with more indices than outputs)."""
+    import onnx
+
+    model, model_file = atm_export
+    assert model.config.keep_top_k > 0  # the context tokens are part of the exported rule
+    graph = onnx.load(model_file, load_external_data=False).graph
+    scatters = [node for node in graph.node if node.op_type.startswith("Scatter")]
+    assert any(node.op_type == "ScatterElements" for node in scatters)
+    reductions = {
+        attribute.s.decode() for node in scatters for attribute in node.attribute if attribute.name == "reduction"
+    }
+    assert reductions <= {"none"}
+    assert any(node.op_type == "CumSum" for node in graph.node)  # the rank of a token in its class
+
+
 def test_segment_with_onnx_uses_the_recorded_processor(atm_export):
     model, model_file = atm_export
     session = create_session(model_file)
