@@ -19,7 +19,7 @@ PyTorch's CPU tensors come from `malloc`. glibc serves a block of at least its *
 So the same forward pass runs in one of two regimes, depending on the process's past:
 
 - fresh process, small model: every forward frees its activations, the heap top is trimmed, and the next forward
-  takes its memory back page by page (the quick-start model at batch 8: about 5,000-7,000 page faults and 20% of
+  takes its memory back page by page (the quick-start model at batch 8: thousands of page faults and about a sixth of
   its time per forward);
 - after a larger model ran (as in a suite that starts with ViT-B/16): the thresholds are high, the heap keeps its
   pages, no page faults.
