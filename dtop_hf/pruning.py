@@ -268,6 +268,8 @@ class TokenPacking:
         cu_seqlens: `(batch + 1,)` int32, the packed row where each image starts, then `total` (the cumulative
             lengths of variable-length attention kernels).
         has_empty_image: True when some image has no active token left.
+        token_index: `(batch, max_count)` int64, the grid token of each padded slot, when the packing was built from
+            it (`dense`); `None`: derived on demand (see `padded_token_index`).
     """
 
     active_mask: torch.Tensor
@@ -279,6 +281,7 @@ class TokenPacking:
     key_padding_mask: torch.Tensor | None
     cu_seqlens: torch.Tensor
     has_empty_image: bool = False
+    token_index: torch.Tensor | None = None
 
     @classmethod
     def dense(cls, token_index: torch.Tensor, num_tokens: int) -> "TokenPacking":
@@ -294,7 +297,8 @@ class TokenPacking:
         packed_order = torch.arange(batch_size * count, device=device)
         counts = token_index.new_full((batch_size,), count)
         cu_seqlens = torch.arange(0, (batch_size + 1) * count, count, dtype=torch.int32, device=device)
-        return cls(active_mask, flat_index, counts, count, packed_order, packed_order, None, cu_seqlens, False)
+        packing = (active_mask, flat_index, counts, count, packed_order, packed_order, None, cu_seqlens)
+        return cls(*packing, token_index=token_index)
 
     @property
     def batch_size(self) -> int:
@@ -360,6 +364,8 @@ class TokenPacking:
 
     def padded_token_index(self) -> torch.Tensor:
         """`(batch, max_count)` int64: the grid token index of each padded slot, `tokens` at padding slots."""
+        if self.token_index is not None:  # a dense packing keeps the indices it was built from
+            return self.token_index
         if self.is_uniform:  # the padded layout is the packed one: each row's token, read off its grid position
             return (self.flat_index % self.num_tokens).reshape(self.batch_size, self.max_count)
         slot_to_token = torch.full(

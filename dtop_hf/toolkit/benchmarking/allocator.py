@@ -65,13 +65,17 @@ def steady_allocator() -> dict:
     regime (see `allocator_regime`). Nothing changes on another C library or when glibc refuses a value."""
     global _pinned_regime
     libc = glibc()
-    if libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
-        if libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES):
-            _pinned_regime = {
-                "cpu_allocator": f"{glibc_version()}, thresholds pinned",
-                "malloc_mmap_threshold_bytes": MMAP_THRESHOLD_BYTES,
-                "malloc_trim_threshold_bytes": TRIM_THRESHOLD_BYTES,
-            }
+    pinned = (
+        libc is not None
+        and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
+    if pinned:
+        _pinned_regime = {
+            "cpu_allocator": f"{glibc_version()}, thresholds pinned",
+            "malloc_mmap_threshold_bytes": MMAP_THRESHOLD_BYTES,
+            "malloc_trim_threshold_bytes": TRIM_THRESHOLD_BYTES,
+        }
     return allocator_regime()
 
 
