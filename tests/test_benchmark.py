@@ -108,8 +108,12 @@ def test_old_flag_names_still_work_with_a_warning(capsys):
 
 # Prints the page faults of five forwards of the quick-start model (batch 8, after a first one) in a fresh process
 # whose C allocator is pinned first, or left to glibc's own rule.
-FORWARD_PAGE_FAULTS_SCRIPT = """
-import resource, sys, torch
+# Prints, for five forwards after a warm-up one, how many MiB the process held at its peak but no longer holds once
+# the forward has returned (the pages glibc handed back, which the next forward must fault in again), then the
+# minor page faults of the five. Bytes, not faults, carry the claim: with transparent huge pages one fault maps
+# 2 MiB, so the fault count of the same work differs from machine to machine.
+FORWARD_MEMORY_HANDED_BACK_SCRIPT = """
+import os, resource, sys, torch
 from dtop_hf.toolkit.benchmarking import BenchmarkSettings, build_benchmark_model, make_images
 from dtop_hf.toolkit.benchmarking.allocator import steady_allocator
 if sys.argv[1] == "pinned":
@@ -117,27 +121,39 @@ if sys.argv[1] == "pinned":
 torch.set_num_threads(1)
 model = build_benchmark_model(BenchmarkSettings(), "quickstart")
 pixel_values = make_images(8, 96, 0, "cpu")
+page_size = os.sysconf("SC_PAGE_SIZE")
+def handed_back_mib():
+    resident = int(open("/proc/self/statm").read().split()[1]) * page_size
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident) / 2**20
 with torch.no_grad():
     model(pixel_values)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    handed_back = []
     for _ in range(5):
         model(pixel_values)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+        handed_back.append(handed_back_mib())
+print(*handed_back, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 """
 
 
-@pytest.mark.skipif(glibc_version() is None, reason="the allocator regime is glibc's")
+@pytest.mark.skipif(
+    glibc_version() is None or not Path("/proc/self/statm").exists(), reason="the allocator regime is glibc's"
+)
 def test_steady_allocator_keeps_the_pages_a_forward_frees(capsys):
-    """glibc's own rule hands the freed heap top back after every forward, and the next forward faults it back in
-    page by page; with the pinned thresholds the heap keeps its pages. `--no_steady_allocator` leaves the rule."""
-    faults = {}
+    """glibc's own rule hands part of the freed heap back after a forward, and the next forward faults it back in;
+    with the pinned thresholds the process keeps its peak. `--no_steady_allocator` leaves the rule."""
+    handed_back, faults = {}, {}
     for regime in ("pinned", "default"):
-        completed = subprocess.run(
-            [sys.executable, "-c", FORWARD_PAGE_FAULTS_SCRIPT, regime], capture_output=True, text=True, check=True
-        )
-        faults[regime] = int(completed.stdout.split()[-1])
-    assert faults["default"] > 10_000  # thousands per forward: its activations, page by page
-    assert faults["pinned"] < faults["default"] / 20
+        script = [sys.executable, "-c", FORWARD_MEMORY_HANDED_BACK_SCRIPT, regime]
+        printed = [
+            float(value) for value in subprocess.run(script, capture_output=True, text=True, check=True).stdout.split()
+        ]
+        handed_back[regime], faults[regime] = printed[:-1], printed[-1]
+    # glibc's rule gives megabytes of a forward's working memory back (2-11 MiB in runs on the development machine,
+    # with and without huge pages), the pinned heap nothing beyond rounding (ru_maxrss is in KiB)
+    assert max(handed_back["default"]) > 1.0, handed_back
+    assert max(handed_back["pinned"]) < 0.5, handed_back
+    assert faults["pinned"] < faults["default"], faults
     assert dry_run(["--cases", "32x1"], capsys)["settings"]["steady_allocator"] is True
     assert dry_run(["--cases", "32x1", "--no_steady_allocator"], capsys)["settings"]["steady_allocator"] is False
 
