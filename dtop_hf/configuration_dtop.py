@@ -153,9 +153,10 @@ class DToPConfig(PreTrainedConfig):
             `"threshold"` (DToP's rule): tokens whose top class score is above `exit_threshold` exit, so every image
             keeps its own number of tokens. `"capacity"`: after each auxiliary head exactly
             `ceil(exit_capacity * num_patches)` tokens of every image go on (the per-class top-k context tokens
-            first, then the least confident ones), so every image keeps the same number: dense static-shape tensors,
-            plain attention without a key mask, no host sync, one graph for `torch.compile(fullgraph=True)` and for
-            ONNX export. Exited tokens keep their prediction in both modes.
+            first, rank by rank when they outnumber the places, then the least confident ones, ties to the earlier
+            token), so every image keeps the same number: dense static-shape tensors, plain attention without a key
+            mask, no host sync, one graph for `torch.compile(fullgraph=True)` and for ONNX export. Exited tokens keep
+            their prediction in both modes.
         exit_threshold (`float` or `tuple[float]`, *optional*, defaults to 0.9): a token whose top class score is
             strictly above this value exits after an auxiliary head. One value for every auxiliary head, or one
             per auxiliary head. 1.0 switches pruning off (the unpruned baseline). The decode head never prunes.
