@@ -25,7 +25,9 @@ input size, the labels and the image processor's settings, read back by [`read_o
 
 The exporter is torch's own (`torch.onnx.export(..., dynamo=True)`): it goes through `torch.export`, which handles
 the model's per-call arguments and the symbolic batch dimension, and maps every operation of the forward to
-standard ONNX but one (a stable sort, mapped to ONNX `TopK` below).
+standard ONNX but one (a stable sort, mapped to ONNX `TopK` below). Not Optimum's exporter: optimum-onnx 0.1.0, the
+newest that pip finds, requires transformers < 4.58 and exports through torch's TorchScript exporter, where that
+mapping does not apply (docs/deploy.md).
 """
 
 import json
