@@ -412,7 +412,7 @@ class DToPAttention(nn.Module):
         # (total, heads, head_dim) -> (batch, max_count, heads, head_dim) -> (batch, heads, max_count, head_dim)
         value = self.v_proj(hidden_states).view(head_shape)
         dropout = self.attention_dropout if self.training else 0.0
-        if use_varlen_attention(query, self.config._attn_implementation, dropout):
+        if not packing.padding_rows and use_varlen_attention(query, self.config._attn_implementation, dropout):
             # The packed tokens go straight into the kernel with each image's cumulative length: no padded copy,
             # no key mask. (total, heads, head_dim) -> (total, dim)
             cu_seqlens, max_count = packing.cu_seqlens, packing.max_count
@@ -1016,7 +1016,9 @@ class DToPModel(DToPPreTrainedModel):
                 )
             else:
                 exit_mask = self.select_exits(head, stage_scores, tokens.active_mask, exit_value)
-                tokens, hidden_states, position_embeddings = tokens.after_exit(
+                # An exported graph has no per-image token counts on the host: it pads to the batch's largest.
+                after_exit = tokens.after_exit_padded if torch.compiler.is_exporting() else tokens.after_exit
+                tokens, hidden_states, position_embeddings = after_exit(
                     exit_mask, stage, hidden_states, position_embeddings
                 )
 
@@ -1046,11 +1048,6 @@ class DToPModel(DToPPreTrainedModel):
         """
         exit_mode, values = self.config.exit_rule(exit_mode, exit_threshold, exit_capacity)  # validates overrides
         if not self.training or self.config.prune_during_training:
-            if exit_mode == "threshold" and min(values) < 1.0 and torch.compiler.is_exporting():
-                raise RuntimeError(
-                    "Threshold mode cannot be exported: the tokens that exit, and so the tensor sizes, differ per "
-                    "image and are only known at run time; export capacity mode (exit_mode='capacity') instead."
-                )
             return exit_mode, values
         knob = "exit_capacity" if exit_mode == "capacity" else "exit_threshold"
         if (exit_threshold is not None or exit_capacity is not None) and min(values) < 1.0:

@@ -269,7 +269,9 @@ class TokenPacking:
             lengths of variable-length attention kernels).
         has_empty_image: True when some image has no active token left.
         token_index: `(batch, max_count)` int64, the grid token of each padded slot, when the packing was built from
-            it (`dense`); `None`: derived on demand (see `padded_token_index`).
+            it (`dense`, `padded`); `None`: derived on demand (see `padded_token_index`).
+        padding_rows: the packed sequence holds every padded slot, padding included (`padded`): every image has
+            `max_count` rows, as in a uniform packing, and `key_padding_mask` says which rows are real.
     """
 
     active_mask: torch.Tensor
@@ -282,6 +284,7 @@ class TokenPacking:
     cu_seqlens: torch.Tensor
     has_empty_image: bool = False
     token_index: torch.Tensor | None = None
+    padding_rows: bool = False
 
     @classmethod
     def dense(cls, token_index: torch.Tensor, num_tokens: int) -> "TokenPacking":
@@ -300,6 +303,38 @@ class TokenPacking:
         packing = (active_mask, flat_index, counts, count, packed_order, packed_order, None, cu_seqlens)
         return cls(*packing, token_index=token_index)
 
+    @classmethod
+    def padded(cls, token_index: torch.Tensor, real_mask: torch.Tensor, active_mask: torch.Tensor) -> "TokenPacking":
+        """The packing whose rows are every image's slots, padding included: `token_index` `(batch, slots)` the
+        grid token each slot holds (the real ones first, in increasing order, then tokens that exited), `real_mask`
+        `(batch, slots)` the slots of active tokens, `active_mask` `(batch, tokens)` the grid's. Threshold mode in an
+        exported graph: the slot count, the batch's largest token count, is read from the data, and every other
+        size follows from it, with no list per image."""
+        batch_size, count = token_index.shape
+        device = token_index.device
+        num_tokens = active_mask.shape[1]
+        image_start = torch.arange(0, batch_size * num_tokens, num_tokens, device=device)[:, None]  # (batch, 1)
+        flat_index = (token_index + image_start).reshape(-1)  # (batch * slots,)
+        rows = torch.arange(batch_size * count, device=device)
+        # Each image's run of rows starts at a multiple of the slot count (the padding rows are rows too).
+        cu_seqlens = torch.arange(0, (batch_size + 1) * count, count, dtype=torch.int32, device=device)
+        counts = real_mask.sum(dim=1)
+        # Whether an image has no active token left is only known at run time: always take the safe path.
+        packing = (active_mask, flat_index, counts, count, rows, rows, real_mask, cu_seqlens, True, token_index)
+        return cls(*packing, padding_rows=True)
+
+    def with_prefix(self, num_prefix_tokens: int) -> "TokenPacking":
+        """The packing of the same tokens behind `num_prefix_tokens` prefix tokens that every image keeps, the
+        layers' view of a dense or padded packing of patch tokens."""
+        batch_size, device = self.batch_size, self.active_mask.device
+        prefix = torch.arange(num_prefix_tokens, device=device).expand(batch_size, -1)  # (batch, prefix)
+        token_index = torch.cat([prefix, self.token_index + num_prefix_tokens], dim=1)
+        if not self.padding_rows:
+            return TokenPacking.dense(token_index, num_prefix_tokens + self.num_tokens)
+        prefix_mask = self.active_mask.new_ones(batch_size, num_prefix_tokens)
+        real_mask = torch.cat([prefix_mask, self.key_padding_mask], dim=1)
+        return TokenPacking.padded(token_index, real_mask, torch.cat([prefix_mask, self.active_mask], dim=1))
+
     @property
     def batch_size(self) -> int:
         return self.active_mask.shape[0]
@@ -317,6 +352,11 @@ class TokenPacking:
         return self.key_padding_mask is None
 
     @property
+    def rows_are_slots(self) -> bool:
+        """The packed sequence is the padded layout (uniform, or with its padding rows): no copy between them."""
+        return self.is_uniform or self.padding_rows
+
+    @property
     def is_complete(self) -> bool:
         """Every token of every image is active: the packed sequence is the whole grid. (Read from Python ints only,
         so that it holds for any batch size when the batch dimension is symbolic, as in an exported graph.)"""
@@ -330,14 +370,14 @@ class TokenPacking:
     def to_padded(self, packed: torch.Tensor) -> torch.Tensor:
         """`(total, *feature)` -> `(batch, max_count, *feature)`; padding slots hold copies of real rows."""
         feature_shape = packed.shape[1:]
-        if not self.is_uniform:
+        if not self.rows_are_slots:
             packed = packed.index_select(0, self.slot_source)
         return packed.reshape(self.batch_size, self.max_count, *feature_shape)
 
     def from_padded(self, padded: torch.Tensor) -> torch.Tensor:
         """`(batch, max_count, *feature)` -> `(total, *feature)`."""
         flat = padded.reshape(self.batch_size * self.max_count, *padded.shape[2:])
-        if self.is_uniform:
+        if self.rows_are_slots:
             return flat
         return flat.index_select(0, self.padded_index)
 
@@ -352,7 +392,11 @@ class TokenPacking:
     def write_rows(self, grid: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """`grid` `(batch * tokens, *feature)` with the rows of the active tokens replaced by `packed`
         `(total, *feature)`; out of place. One row copy: in ONNX a `ScatterND` of whole rows, several times faster
-        than an element-wise scatter or a select over the whole grid."""
+        than an element-wise scatter or a select over the whole grid. Padding rows write back what their token
+        holds."""
+        if self.padding_rows:
+            real_rows = self.key_padding_mask.reshape(-1, *(1,) * (packed.dim() - 1))
+            packed = torch.where(real_rows, packed, grid.index_select(0, self.flat_index))
         return grid.index_copy(0, self.flat_index, packed)
 
     def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
@@ -364,7 +408,9 @@ class TokenPacking:
 
     def padded_token_index(self) -> torch.Tensor:
         """`(batch, max_count)` int64: the grid token index of each padded slot, `tokens` at padding slots."""
-        if self.token_index is not None:  # a dense packing keeps the indices it was built from
+        if self.token_index is not None:  # a dense or padded packing keeps the indices it was built from
+            if self.padding_rows:
+                return self.token_index.masked_fill(~self.key_padding_mask, self.num_tokens)
             return self.token_index
         if self.is_uniform:  # the padded layout is the packed one: each row's token, read off its grid position
             return (self.flat_index % self.num_tokens).reshape(self.batch_size, self.max_count)
@@ -495,18 +541,14 @@ class ActiveTokens:
         num_tokens = grid_size[0] * grid_size[1]
         exit_stage = torch.full((batch_size, num_tokens), num_stages - 1, dtype=torch.long, device=device)
         patches = TokenPacking.dense(torch.arange(num_tokens, device=device).expand(batch_size, -1), num_tokens)
-        sequence = patches
-        if num_prefix_tokens:
-            sequence_length = num_prefix_tokens + num_tokens
-            sequence_index = torch.arange(sequence_length, device=device).expand(batch_size, -1)
-            sequence = TokenPacking.dense(sequence_index, sequence_length)
+        sequence = patches.with_prefix(num_prefix_tokens) if num_prefix_tokens else patches
         return cls(patches.active_mask, exit_stage, sequence, patches, num_prefix_tokens)
 
     def patch_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(sequence.total, dim)` -> `(patches.total, dim)`: the packed patch tokens, without the prefix tokens."""
         if self.num_prefix_tokens == 0:
             return hidden_states
-        if self.sequence.is_uniform:
+        if self.sequence.rows_are_slots:
             # Every image has the same rows: (batch, prefix + count, dim) -> (batch, count, dim), a slice.
             per_image = hidden_states.reshape(self.sequence.batch_size, self.sequence.max_count, -1)
             return per_image[:, self.num_prefix_tokens :].reshape(self.patches.total, -1)
@@ -573,20 +615,60 @@ class ActiveTokens:
         """
         if kept_rows is None:
             return self, hidden_states, position_embeddings
-        num_tokens = self.active_mask.shape[1]
         # Rows hold the active tokens in token order, so the kept token indices stay in increasing order.
         kept_index = self.patches.padded_token_index().gather(1, kept_rows)  # (batch, kept)
-        patches = TokenPacking.dense(kept_index, num_tokens)
+        patches = TokenPacking.dense(kept_index, self.active_mask.shape[1])
         # The active tokens that did not go on exit at `stage`; tokens that exited before keep their smaller stage.
         exit_stage = torch.where(patches.active_mask, self.exit_stage, self.exit_stage.clamp(max=stage))
+        return self.go_on(kept_rows, patches, exit_stage, hidden_states, position_embeddings)
+
+    def after_exit_padded(
+        self,
+        exit_mask: torch.Tensor | None,
+        stage: int,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple["ActiveTokens", torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Threshold mode in an exported graph: what [`after_exit`] does, with every image padded to as many slots
+        as the batch's image with the most active tokens left. Padding slots hold tokens that exited: the key mask
+        hides them from attention and the canvas keeps their values, so each image's result is threshold mode's,
+        while the one size read from the data (the slot count) lets `torch.export` trace it with a symbolic batch
+        (where [`after_exit`] needs one count per image on the host). Works from a dense or padded packing.
+        """
+        if exit_mask is None:
+            return self, hidden_states, position_embeddings
+        active_mask = self.active_mask & ~exit_mask
+        slot_token = self.patches.token_index  # (batch, slots): each slot's token, padding slots included
+        slot_active = active_mask.gather(1, slot_token)
+        # At least two slots (as many as there are, if fewer): no tensor is empty when every token of the batch exits,
+        # and transformers' sdpa wrapper, which asks whether a query has more than one row, can tell when tracing.
+        min_slots = min(2, slot_token.shape[1])
+        num_slots = slot_active.sum(dim=1).max().clamp(min=min_slots).item()  # the stage's size read from the data
+        torch._check(num_slots >= min_slots)
+        torch._check(num_slots <= slot_token.shape[1])
+        # The active slots first, in slot order (so in token order), then slots of exited tokens as padding.
+        kept_rows = slot_active.logical_not().long().sort(dim=1, stable=True).indices[:, :num_slots]
+        patches = TokenPacking.padded(slot_token.gather(1, kept_rows), slot_active.gather(1, kept_rows), active_mask)
+        exit_stage = self.exit_stage.masked_fill(exit_mask, stage)
+        return self.go_on(kept_rows, patches, exit_stage, hidden_states, position_embeddings)
+
+    def go_on(
+        self,
+        kept_rows: torch.Tensor,
+        patches: TokenPacking,
+        exit_stage: torch.Tensor,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple["ActiveTokens", torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The tokens of `patches`, the rows `kept_rows` `(batch, kept)` of every image's run in the current heads'
+        packing, go on (`keep`, `after_exit_padded`): the new tokens, and the rows of the packed `hidden_states`
+        (and rotary `position_embeddings`) that go on, moved by one gather."""
         sequence, sequence_rows = patches, kept_rows
         if self.num_prefix_tokens:
             # The prefix tokens lead every image's rows and never exit.
-            batch_size = kept_rows.shape[0]
-            prefix = torch.arange(self.num_prefix_tokens, device=kept_rows.device).expand(batch_size, -1)
-            sequence_rows = torch.cat([prefix, kept_rows + self.num_prefix_tokens], dim=1)
-            sequence_index = torch.cat([prefix, kept_index + self.num_prefix_tokens], dim=1)
-            sequence = TokenPacking.dense(sequence_index, self.num_prefix_tokens + num_tokens)
+            sequence = patches.with_prefix(self.num_prefix_tokens)
+            prefix_rows = sequence.token_index[:, : self.num_prefix_tokens]
+            sequence_rows = torch.cat([prefix_rows, kept_rows + self.num_prefix_tokens], dim=1)
         hidden_states = gather_rows(hidden_states, sequence_rows)
         if position_embeddings is not None:
             position_embeddings = tuple(gather_rows(values, sequence_rows) for values in position_embeddings)

@@ -304,3 +304,39 @@ class TestActiveTokens:
         _, kept, (kept_cos, kept_sin) = tokens.after_exit(exit_mask, 0, hidden_states, (cos, sin))
         assert torch.equal(kept, hidden_states[[0, 2]]) and torch.equal(kept_cos, cos[[0, 2]])
         assert torch.equal(kept_sin, sin[[0, 2]])
+
+    @pytest.mark.parametrize("num_prefix_tokens", [0, 2])
+    def test_padded_exits_keep_what_packed_exits_keep(self, num_prefix_tokens):
+        # Two exits, leaving 3 / 1 / 4 then 2 / 0 / 3 tokens (an empty image): the padded layout gives every image the
+        # batch's largest count of slots, real slots first in token order, padding slots holding exited tokens.
+        tokens = ActiveTokens.all_active(3, (2, 3), num_prefix_tokens, num_stages=3, device=torch.device("cpu"))
+        hidden_states = torch.randn(tokens.sequence.total, 4)
+        exits = [
+            torch.tensor([[True, False, True, False, False, True], [1, 1, 0, 1, 1, 1], [0, 1, 0, 0, 1, 0]]).bool(),
+            torch.tensor([[False, False, False, True, False, False], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]]).bool(),
+        ]
+        packed, padded = (tokens, hidden_states), (tokens, hidden_states)
+        for stage, exit_mask in enumerate(exits):
+            packed = packed[0].after_exit(exit_mask, stage, packed[1])[:2]
+            padded = padded[0].after_exit_padded(exit_mask, stage, padded[1])[:2]
+            (packed_tokens, packed_rows), (padded_tokens, padded_rows) = packed, padded
+            assert torch.equal(padded_tokens.active_mask, packed_tokens.active_mask)
+            assert torch.equal(padded_tokens.exit_stage, packed_tokens.exit_stage)
+            patches = padded_tokens.patches
+            assert patches.padding_rows and patches.max_count == packed_tokens.patches.max_count
+            assert torch.equal(patches.counts, packed_tokens.patches.counts)
+            # The real slots hold the packed rows, in the same order; the grid holds the same values.
+            real_rows = padded_tokens.patch_rows(padded_rows)[patches.key_padding_mask.reshape(-1)]
+            assert torch.equal(real_rows, packed_tokens.patch_rows(packed_rows))
+            # Each slot's token, `tokens` at padding slots, as the packed layout's padded view has them.
+            assert torch.equal(patches.padded_token_index(), packed_tokens.patches.padded_token_index())
+            grid = torch.full((3 * 6, 4), -1.0)
+            assert torch.equal(
+                patches.write_rows(grid, padded_tokens.patch_rows(padded_rows)),
+                packed_tokens.patches.write_rows(grid, packed_tokens.patch_rows(packed_rows)),
+            )
+            if num_prefix_tokens:  # the prefix rows lead every image's slots
+                sequence = padded_tokens.sequence
+                assert sequence.padding_rows and sequence.key_padding_mask[:, :num_prefix_tokens].all()
+        assert padded[0].patches.counts.tolist() == [2, 0, 3]
+        assert padded[0].patches.padded_token_index().tolist() == [[1, 4, 6], [6, 6, 6], [0, 2, 5]]

@@ -99,18 +99,10 @@ def exportable_exit_rule(
     per auxiliary head. Arguments override the config, as in the forward.
 
     Raises:
-        DToPExportError: threshold mode with a threshold below 1.0 (one line, naming capacity mode).
         ValueError: values the config rejects.
     """
     exit_mode, values = config.exit_rule(exit_mode, exit_threshold, exit_capacity)
     auxiliary = list(values[:-1])
-    if exit_mode == "threshold" and min(auxiliary, default=1.0) < 1.0:
-        raise DToPExportError(
-            f"Threshold mode (exit thresholds {auxiliary}) cannot be exported to ONNX: how many tokens each image "
-            "keeps is only known at run time. Export capacity mode instead (exit_mode='capacity' with an "
-            "exit_capacity per auxiliary head; script: --exit_mode capacity --exit_capacity 0.5,0.3), or threshold "
-            "1.0 for the unpruned model."
-        )
     knob = "exit_capacity" if exit_mode == "capacity" else "exit_threshold"
     return {"exit_mode": exit_mode, knob: auxiliary}
 
