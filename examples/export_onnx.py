@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Export a DToP model to one ONNX file that runs at every batch size, in capacity mode (or unpruned).
+"""Export a DToP model to one ONNX file that runs at every batch size, in capacity or threshold mode.
 
     python examples/export_onnx.py --model_name_or_path outputs/quickstart/calibrated --output model.onnx \\
         --image_size 96 96 --exit_mode capacity --exit_capacity 0.5,0.3
@@ -21,9 +21,10 @@ The file has the input `pixel_values` (batch, channels, height, width), with any
 recorded inside it (ONNX metadata `dtop`), for `dtop_hf.toolkit.deploy.onnx_runtime.segment_with_onnx`. After the
 export, the file runs in ONNX Runtime next to the PyTorch model at a few batch sizes (`--check_batch_sizes`).
 
-Threshold mode cannot be exported (each image keeps its own number of tokens, known only at run time): export
-capacity mode, whose capacities give the GFLOPs directly, or threshold 1.0 for the unpruned model. Needs the `onnx`
-extra: pip install "dtop-hf[onnx]".
+Threshold mode exports too (`--exit_threshold 0.9,0.8`): each image keeps its own tokens, and the file pads every
+batch to the token count of its image that keeps the most, so at batch 1 it runs exactly the tokens PyTorch runs and at
+larger batches the easy images pay for the hardest. Capacity mode has the same cost for every image, known from the
+capacities alone; threshold 1.0 is the unpruned model. Needs the `onnx` extra: pip install "dtop-hf[onnx]".
 """
 
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ def describe_export(model_file: Path, config) -> str:
         else f"exit_threshold {metadata['exit_threshold']}"
     )
     line = f"Wrote {model_file} ({rule}; {height}x{width} inputs, any batch size)"
+    if metadata["exit_mode"] == "threshold" and min(metadata["exit_threshold"], default=1.0) < 1.0:
+        line += "; each batch is padded to the tokens of its image that keeps the most"
     if metadata["exit_mode"] == "capacity":
         pruned = flops_from_capacities(config, (height, width), metadata["exit_capacity"]).total.item()
         unpruned = flops_from_capacities(config, (height, width), 1.0).total.item()
@@ -90,19 +93,20 @@ def describe_export(model_file: Path, config) -> str:
 def main(argv: list[str] | None = None) -> Path:
     parser = build_parser((ModelArguments, ExitArguments, ExportArguments), description=__doc__.split("\n")[0])
     model_args, exit_args, export_args = parse_arguments(parser, argv, required=["model_name_or_path"])
-    try:  # before the weights load: one line, no traceback, saying what to export instead
-        exit_rule = exportable_exit_rule(load_dtop_config(model_args.model_name_or_path), **exit_args.model_kwargs())
-    except DToPExportError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    # Checked before the weights load.
+    exit_rule = exportable_exit_rule(load_dtop_config(model_args.model_name_or_path), **exit_args.model_kwargs())
     model, image_processor = load_model_and_processor(model_args.model_name_or_path)
-    model_file = export_onnx(
-        model,
-        export_args.output,
-        image_size=export_args.image_size,
-        image_processor=image_processor,
-        opset_version=export_args.opset_version,
-        **exit_rule,
-    )
+    try:
+        model_file = export_onnx(
+            model,
+            export_args.output,
+            image_size=export_args.image_size,
+            image_processor=image_processor,
+            opset_version=export_args.opset_version,
+            **exit_rule,
+        )
+    except DToPExportError as error:  # one line, no traceback, saying what to export instead
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(describe_export(model_file, model.config))
     if export_args.check_batch_sizes:
         difference = compare_with_pytorch(create_session(model_file), model, export_args.check_batch_sizes)

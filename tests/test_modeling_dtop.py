@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
 
 from dtop_hf import DToPForSemanticSegmentation, DToPImageProcessor, DToPModel
-from dtop_hf.pruning import pack_tokens, select_exiting_tokens
+from dtop_hf.pruning import ActiveTokens, pack_tokens, select_exiting_tokens
 
 
 # Batch invariance: an image alone and inside a batch run the same maths on differently laid out tensors (other
@@ -169,6 +169,33 @@ def test_image_result_does_not_depend_on_its_batch(
     )
     torch.testing.assert_close(with_constant.logits[:1], batch_outputs.logits[:1], rtol=0, atol=BATCH_ATOL)
     assert torch.equal(with_constant.exit_stage[:1], batch_outputs.exit_stage[:1])
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", ["plain", "cls_token_odd_size"])
+def test_exported_graphs_padded_exits_give_threshold_modes_results(
+    model_tester, exit_thresholds, varied_images, head_type, attn_implementation, variant, monkeypatch
+):
+    """What an exported graph runs in threshold mode, run eagerly: every image of the batch padded to the token count
+    of the image with the most tokens left (`ActiveTokens.after_exit_padded`), each image's result threshold
+    mode's."""
+    overrides = {"use_cls_token": True} if variant == "cls_token_odd_size" else {}
+    model = model_tester(head_type=head_type, **overrides).create_model()
+    pixel_values = varied_images(3)
+    if variant == "cls_token_odd_size":
+        pixel_values = pixel_values[..., :30, :21]
+    thresholds = exit_thresholds(model, pixel_values)
+    model.set_attn_implementation(attn_implementation)
+    packed = run(model, pixel_values, exit_threshold=thresholds)
+    assert len(set(packed.tokens_per_layer[:, -1].tolist())) > 1  # the images prune differently: padding is needed
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    padded_exits, after_exit_padded = [], ActiveTokens.after_exit_padded
+    monkeypatch.setattr(
+        ActiveTokens, "after_exit_padded", lambda *args: padded_exits.append(args[2]) or after_exit_padded(*args)
+    )
+    padded = run(model, pixel_values, exit_threshold=thresholds)
+    assert padded_exits == [0, 1, 2]  # the padded path ran after every head (nothing exits at the decode head)
+    assert_outputs_close(padded, packed, BATCH_ATOL)
 
 
 # --- 3. exited tokens really leave ----------------------------------------------------------------------------

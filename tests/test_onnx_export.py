@@ -13,7 +13,7 @@
 # limitations under the License.
 """Tests of the ONNX export: one capacity-mode file runs at every batch size in ONNX Runtime and equals PyTorch (ATM
 and FCN heads); the settings recorded in the file; segmentation with the recorded processor; timing; threshold mode
-refused in one line; `examples/export_onnx.py`."""
+(each batch padded to its image with the most tokens); `examples/export_onnx.py`."""
 
 import numpy as np
 import pytest
@@ -28,8 +28,6 @@ from conftest import run_example  # noqa: E402
 
 from dtop_hf import DToPImageProcessor  # noqa: E402
 from dtop_hf.toolkit.deploy.onnx_export import (  # noqa: E402
-    DToPExportError,
-    DToPOnnxGraph,
     export_onnx,
     read_onnx_metadata,
 )
@@ -160,23 +158,52 @@ def test_unpruned_export_and_timing(atm_export, model_tester, tmp_path):
     assert set(medians) == {"capacity", "unpruned"} and all(seconds > 0 for seconds in medians.values())
 
 
-def test_threshold_mode_is_refused_in_one_line_naming_capacity_mode(atm_export, model_tester, tmp_path, capsys):
-    model = model_tester().create_model()
-    with pytest.raises(DToPExportError) as error:
-        export_onnx(model, tmp_path / "threshold.onnx", exit_threshold=0.9)
-    message = str(error.value)
-    assert "\n" not in message and "capacity mode" in message and "exit_capacity" in message
-    assert not (tmp_path / "threshold.onnx").exists()
-    # The script: the same line as a usage error, no traceback.
-    folder = atm_export[1].parent / "model"
+def test_threshold_mode_exports_and_equals_pytorch_at_every_batch_size(
+    model_tester, exit_thresholds, varied_images, head_type, tmp_path
+):
+    """Threshold mode exports too: the file pads every batch to the token count of its image with the most tokens
+    left, and each image gets threshold mode's exits and logits, at batch sizes 1, 3 and 5 from one file (the FCN
+    model keeps a class token through the layers)."""
+    model = model_tester(head_type=head_type, use_cls_token=head_type == "fcn").create_model()
+    images = varied_images(5)[..., : IMAGE_SIZE[1]]
+    thresholds = exit_thresholds(model, images[:3])
+    model_file = export_onnx(model, tmp_path / "threshold.onnx", IMAGE_SIZE, exit_threshold=thresholds)
+    assert read_onnx_metadata(model_file)["exit_threshold"] == pytest.approx(thresholds)
+    session = create_session(model_file, intra_op_num_threads=1)
+    for batch_size in (1, 3, 5):
+        exported = assert_matches_pytorch(session, model, images[:batch_size], exit_threshold=thresholds)
+    # Control: tokens exited at both auxiliary heads, and the images kept different numbers of them.
+    exit_stage = exported.exit_stage.flatten(1)
+    assert ((exit_stage == 0).any(dim=1) & (exit_stage == 1).any(dim=1)).all()
+    assert len(set((exit_stage == 2).sum(dim=1).tolist())) > 1
+
+
+def test_script_exports_threshold_mode(atm_export, exit_thresholds, varied_images, tmp_path, capsys):
+    model, model_file = atm_export
+    thresholds = exit_thresholds(model, varied_images(3)[..., : IMAGE_SIZE[1]])
+    output = tmp_path / "threshold.onnx"
+    run_example("export_onnx",
+        [
+            "--model_name_or_path", str(model_file.parent / "model"), "--output", str(output),
+            "--image_size", *map(str, IMAGE_SIZE), "--exit_threshold", ",".join(map(str, thresholds)),
+            "--check_batch_sizes", "1", "3",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "threshold mode" in printed and "padded" in printed and "same exit_stage" in printed
+    assert read_onnx_metadata(output)["exit_threshold"] == pytest.approx(thresholds)
+
+
+def test_script_refuses_a_slide_mode_window_other_than_the_export_size_in_one_line(atm_export, tmp_path, capsys):
+    model, _ = atm_export
+    folder = tmp_path / "slide"
+    model.save_pretrained(folder)
+    DToPImageProcessor(do_split_image=True, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    arguments = ["--model_name_or_path", str(folder), "--output", str(tmp_path / "slide.onnx")]
     with pytest.raises(SystemExit) as exit_info:
-        run_example("export_onnx", ["--model_name_or_path", str(folder), "--exit_threshold", "0.9"])
+        run_example("export_onnx", [*arguments, "--image_size", *map(str, IMAGE_SIZE), "--exit_capacity", "0.5"])
     assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err.strip()
-    assert len(stderr.splitlines()) == 1 and "capacity mode" in stderr and "Traceback" not in stderr
-    # Exporting the model directly with torch.export stops at the model's own check, naming capacity mode too.
-    graph = DToPOnnxGraph(model, {"exit_threshold": 0.9}).eval()
-    with pytest.raises(Exception, match="export capacity mode"):
-        torch.export.export(
-            graph, (torch.zeros(2, 3, 32, 32),), dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}
-        )
+    stderr = capsys.readouterr().err.strip()  # progress bars of the saving and loading, then the error
+    assert "Traceback" not in stderr and "32x32 windows" in stderr.splitlines()[-1]
+    assert stderr.splitlines()[-1].startswith("export_onnx.py: error:")
+    assert not (tmp_path / "slide.onnx").exists()

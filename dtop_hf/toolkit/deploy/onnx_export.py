@@ -11,14 +11,15 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Export a DToP model to ONNX: capacity mode is one static-shape graph that serves every batch size.
+"""Export a DToP model to ONNX: one graph that serves every batch size, in capacity or threshold mode.
 
 Capacity mode keeps the same number of tokens in every image after each auxiliary head, so the size of every tensor
 follows from the input size and the capacities alone: `torch.export` traces the whole forward once with a symbolic
-batch dimension, and the one exported file runs at any batch size. Threshold mode cannot be exported: how many
-tokens each image keeps is only known at run time, and the packing that serves images with different token counts
-sizes its tensors from counts read on the host. [`export_onnx`] refuses it with a one-line message that names
-capacity mode; threshold 1.0 (no exit, the unpruned model) exports.
+batch dimension, and the one exported file runs at any batch size with static shapes. Threshold mode exports too:
+how many tokens each image keeps is only known at run time, so under `torch.export` the model pads every image to the
+token count of the batch's image that keeps the most (`ActiveTokens.after_exit_padded`), one size per auxiliary head
+read from the data (an unbacked size, bounded with `torch._check`), where eager PyTorch packs each image's own count
+read on the host. Each image's result is threshold mode's; at batch 1 the file runs exactly the tokens PyTorch runs.
 
 The file records what using it needs as JSON in its ONNX metadata (`metadata_props["dtop"]`): the exit rule, the
 input size, the labels and the image processor's settings, read back by [`read_onnx_metadata`].
@@ -177,7 +178,7 @@ def export_onnx(
         image_size: `(height, width)` of the inputs; the graph is traced at this size (default: see
             [`export_image_size`]).
         exit_mode, exit_threshold, exit_capacity: the exit rule baked into the graph, overriding the config as in
-            the forward: capacity mode, or threshold 1.0 (the unpruned model).
+            the forward: capacity or threshold mode (threshold 1.0: the unpruned model).
         image_processor: its settings are recorded in the file, for [`segment_with_onnx`](onnx_runtime).
         opset_version: the ONNX opset.
 
@@ -185,8 +186,7 @@ def export_onnx(
         The path written.
 
     Raises:
-        DToPExportError: threshold mode with a threshold below 1.0, or a slide-mode processor whose window is not
-            the exported size.
+        DToPExportError: a slide-mode processor whose window is not the exported size.
         ImportError: the `onnx` extra is not installed.
     """
     if onnx_op is None:
