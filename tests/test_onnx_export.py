@@ -204,6 +204,7 @@ def test_script_refuses_a_slide_mode_window_other_than_the_export_size_in_one_li
         run_example("export_onnx", [*arguments, "--image_size", *map(str, IMAGE_SIZE), "--exit_capacity", "0.5"])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err.strip()  # progress bars of the saving and loading, then the error
-    assert "Traceback" not in stderr and "32x32 windows" in stderr.splitlines()[-1]
-    assert stderr.splitlines()[-1].startswith("export_onnx.py: error:")
+    last_line = stderr.splitlines()[-1]
+    assert "Traceback" not in stderr and ": error: The image processor is in slide mode" in last_line
+    assert "32x32 windows" in last_line and "32x24" in last_line
     assert not (tmp_path / "slide.onnx").exists()
