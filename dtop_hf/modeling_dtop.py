@@ -23,7 +23,8 @@ A forward pass in threshold mode reads the device once per auxiliary head that c
 the packed sequence), never per layer, and not at all when no head prunes (threshold 1.0). In capacity mode every
 image keeps the same number of tokens after each head: the active tokens are a dense `(batch, kept, dim)` tensor,
 attention needs no key mask and nothing is read from the device, so the whole forward is one static-shape graph
-(`torch.compile(fullgraph=True)`, ONNX export).
+(`torch.compile(fullgraph=True)`, ONNX export). Threshold mode exports too: under `torch.export` every image of the
+batch is padded to the token count of the image that keeps the most, one size read from the data per pruning head.
 """
 
 import math

@@ -17,7 +17,8 @@ Vocabulary: `tokens` are the h*w patch tokens of an image in row-major order; a 
 still in the network; it *exits* after an auxiliary head when its top class score is high enough (threshold mode)
 or when it is not among the tokens the head's capacity lets go on (capacity mode); the *canvas* holds, per token,
 the per-class values of the last head that saw it; a *packing* lays the active tokens of all images of a batch end
-to end in one sequence, so that the linear layers only touch active tokens.
+to end in one sequence, so that the linear layers only touch active tokens (in an exported graph in threshold mode,
+every image's run is padded to the batch's largest count: `TokenPacking.padded`).
 """
 
 import math
@@ -319,9 +320,9 @@ class TokenPacking:
         # Each image's run of rows starts at a multiple of the slot count (the padding rows are rows too).
         cu_seqlens = torch.arange(0, (batch_size + 1) * count, count, dtype=torch.int32, device=device)
         counts = real_mask.sum(dim=1)
-        # Whether an image has no active token left is only known at run time: always take the safe path.
-        packing = (active_mask, flat_index, counts, count, rows, rows, real_mask, cu_seqlens, True, token_index)
-        return cls(*packing, padding_rows=True)
+        # Whether an image has no active token left is only known at run time: `has_empty_image` takes the safe path.
+        packing = (active_mask, flat_index, counts, count, rows, rows, real_mask, cu_seqlens)
+        return cls(*packing, has_empty_image=True, token_index=token_index, padding_rows=True)
 
     def with_prefix(self, num_prefix_tokens: int) -> "TokenPacking":
         """The packing of the same tokens behind `num_prefix_tokens` prefix tokens that every image keeps, the
