@@ -93,6 +93,19 @@ def pruned_setup(model_tester, exit_thresholds, varied_images, head_type, batch_
     return model, pixel_values, exit_thresholds(model, pixel_values)
 
 
+def variant_setup(model_tester, exit_thresholds, varied_images, head_type, variant, attn_implementation):
+    """Model, 3 images that prune differently and their thresholds. The variant `cls_token_odd_size` keeps the class
+    token through the layers and feeds 30x21 images (padded to a 8x6 grid)."""
+    overrides = {"use_cls_token": True} if variant == "cls_token_odd_size" else {}
+    model = model_tester(head_type=head_type, **overrides).create_model()
+    pixel_values = varied_images(3)
+    if variant == "cls_token_odd_size":
+        pixel_values = pixel_values[..., :30, :21]
+    thresholds = exit_thresholds(model, pixel_values)
+    model.set_attn_implementation(attn_implementation)
+    return model, pixel_values, thresholds
+
+
 # --- 1. threshold 1.0 is the unpruned model -------------------------------------------------------------------
 
 
@@ -138,14 +151,9 @@ def test_keep_top_k_covering_every_token_is_the_dense_forward(model_tester):
 def test_image_result_does_not_depend_on_its_batch(
     model_tester, exit_thresholds, varied_images, head_type, attn_implementation, variant
 ):
-    # The variant keeps the class token through the layers and feeds 30x21 images (padded to a 8x6 grid).
-    overrides = {"use_cls_token": True} if variant == "cls_token_odd_size" else {}
-    model = model_tester(head_type=head_type, **overrides).create_model()
-    pixel_values = varied_images(3)
-    if variant == "cls_token_odd_size":
-        pixel_values = pixel_values[..., :30, :21]
-    thresholds = exit_thresholds(model, pixel_values)
-    model.set_attn_implementation(attn_implementation)
+    model, pixel_values, thresholds = variant_setup(
+        model_tester, exit_thresholds, varied_images, head_type, variant, attn_implementation
+    )
     batch_outputs = run(model, pixel_values, exit_threshold=thresholds)
     # The images prune differently: the batch needs padding and key masks.
     assert len(set(batch_outputs.tokens_per_layer[:, -1].tolist())) > 1
@@ -179,13 +187,9 @@ def test_exported_graphs_padded_exits_give_threshold_modes_results(
     """What an exported graph runs in threshold mode, run eagerly: every image of the batch padded to the token count
     of the image with the most tokens left (`ActiveTokens.after_exit_padded`), each image's result threshold
     mode's."""
-    overrides = {"use_cls_token": True} if variant == "cls_token_odd_size" else {}
-    model = model_tester(head_type=head_type, **overrides).create_model()
-    pixel_values = varied_images(3)
-    if variant == "cls_token_odd_size":
-        pixel_values = pixel_values[..., :30, :21]
-    thresholds = exit_thresholds(model, pixel_values)
-    model.set_attn_implementation(attn_implementation)
+    model, pixel_values, thresholds = variant_setup(
+        model_tester, exit_thresholds, varied_images, head_type, variant, attn_implementation
+    )
     packed = run(model, pixel_values, exit_threshold=thresholds)
     assert len(set(packed.tokens_per_layer[:, -1].tolist())) > 1  # the images prune differently: padding is needed
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
