@@ -163,8 +163,9 @@ def test_threshold_mode_exports_and_equals_pytorch_at_every_batch_size(
 ):
     """Threshold mode exports too: the file pads every batch to the token count of its image with the most tokens
     left, and each image gets threshold mode's exits and logits, at batch sizes 1, 3 and 5 from one file (the FCN
-    model keeps a class token through the layers)."""
-    model = model_tester(head_type=head_type, use_cls_token=head_type == "fcn").create_model()
+    model is DINOv3-like: class and register tokens through the layers, rotary position embeddings)."""
+    dinov3_like = {"use_cls_token": True, "num_register_tokens": 2, "position_embedding_type": "rope"}
+    model = model_tester(head_type=head_type, **(dinov3_like if head_type == "fcn" else {})).create_model()
     images = varied_images(5)[..., : IMAGE_SIZE[1]]
     thresholds = exit_thresholds(model, images[:3])
     model_file = export_onnx(model, tmp_path / "threshold.onnx", IMAGE_SIZE, exit_threshold=thresholds)
