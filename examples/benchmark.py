@@ -50,7 +50,9 @@ holds them side by side. Its default cases are ViT-B/16 at 512 and the quick-sta
 (compiled: batch 8), its exits `--exits capacity`: the capacities at which every auxiliary head keeps the same
 share of the active tokens and R (all heads) is the paper's 1.27 (`--target_flops_ratio`), or `--exit_capacity
 0.74,0.54`. Targets: speed-up >= 0.9 R in ONNX Runtime at every batch size, >= 0.95 R in eager PyTorch capacity
-mode at batch 8. `--repeat_budget_s` lets the quick cases repeat many times and the slow ones three.
+mode at batch 8. `--repeat_budget_s` lets the quick cases repeat many times and the slow ones three. With `--exits
+rate` (or a trained model's own thresholds) the pruned file is the threshold-mode export, which pads every batch to
+the tokens of its image that keeps the most.
 
     python examples/benchmark.py --backend onnxruntime --threads 1 --repeats 21 --repeat_budget_s 60
 """
@@ -121,7 +123,8 @@ class BenchmarkArguments:
     backend: list[str] = field(
         default_factory=lambda: ["torch"],
         metadata={
-            "help": "What runs the model; onnxruntime (CPU, capacity exits) runs torch on the same cases too.",
+            "help": "What runs the model; onnxruntime (CPU; capacity, rate or model exits) runs torch on the same "
+            "cases too.",
             "choices": sorted(BACKENDS),
         },
     )
@@ -195,8 +198,8 @@ class BenchmarkArguments:
             self.exit_capacity = list(capacity) if isinstance(capacity, tuple) else [capacity]
 
     def settings(self, model_name_or_path: str | None) -> BenchmarkSettings:
-        # A backend that only runs capacity mode (an export) makes it the default exits of the whole suite.
-        capacity_only = any(BACKENDS[name].exit_sources == ("capacity",) for name in self.backend)
+        # A backend that cannot run the drawn paper exits (an export) makes capacity mode the suite's default exits.
+        capacity_only = any("paper" not in BACKENDS[name].exit_sources for name in self.backend)
         return BenchmarkSettings(
             device=self.device, seed=self.seed, model_name_or_path=model_name_or_path, num_labels=self.num_labels,
             exits=self.exits or ("capacity" if capacity_only else None), exit_rate=self.exit_rate,

@@ -427,6 +427,28 @@ def test_onnxruntime_backend_runs_beside_pytorch_in_capacity_mode(tmp_path, monk
     assert markdown.count("| tiny 32x2 |") == 3 + 1  # eager, session and compiled rows, then one side by side
 
 
+def test_onnxruntime_backend_times_the_threshold_mode_export_at_rate_exits(tmp_path):
+    """`--exits rate` with `--backend onnxruntime`: the pruned file is the threshold-mode export at the thresholds
+    the case's images give, checked against the PyTorch model, beside PyTorch eager at the same thresholds."""
+    onnx_dir = tmp_path / "onnx"
+    records = benchmark_main([
+        "--backend", "onnxruntime", "--exits", "rate", "--exit_rate", "0.4", "--model_size", "tiny",
+        "--cases", "32x1", "32x3", "--modes", "eager", "session", "--repeats", "2", "--turn_s", "0", "--warmup", "0",
+        "--threads", "1", "--no_memory", "--no_vit_reference", "--onnx_dir", str(onnx_dir),
+        "--output_json", str(tmp_path / "bench.json"),
+    ])  # fmt: skip
+    runs = [(record["backend"], record["mode"], record["batch_size"]) for record in records]
+    assert runs == [("torch", "eager", 1), ("torch", "eager", 3), ("onnxruntime", "session", 1),
+                    ("onnxruntime", "session", 3)]  # fmt: skip
+    for torch_record, exported in zip(records[:2], records[2:]):
+        assert exported["exits"] == "rate" and exported["exit_threshold"] == torch_record["exit_threshold"]
+        assert exported["flops_ratio"] == torch_record["flops_ratio"] > 1.0  # tokens exited
+        assert exported["onnx_files"]["pruned"].startswith("tiny-32-threshold-")
+        for parity in exported["onnx_parity"].values():
+            assert parity["max_abs_logits_difference"] < 1e-4 and parity["exit_stage_agreement"] == 1.0
+    assert (onnx_dir / records[3]["onnx_files"]["pruned"]).exists()
+
+
 def test_onnxruntime_suite_defaults_and_refusals(capsys):
     planned = dry_run(["--backend", "onnxruntime"], capsys)
     assert planned["settings"]["exits"] == "capacity"

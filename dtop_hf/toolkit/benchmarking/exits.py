@@ -38,8 +38,9 @@ tokens exits; `model` exits are a trained model's own thresholds.
 
 `capacity` exits run the model in capacity mode: after auxiliary head i, `ceil(exit_capacity[i] * num_patches)`
 tokens of every image go on, whatever the heads' scores, so the cost is fixed by the capacities and the input size
-(the only rule an exported graph can run). Without given capacities, [`capacities_for_flops_ratio`] solves for the
-ones at which every auxiliary head keeps the same share of the active tokens and R (all heads) is the paper's.
+(the rule whose exported graph has static shapes). Without given capacities, [`capacities_for_flops_ratio`] solves
+for the ones at which every auxiliary head keeps the same share of the active tokens and R (all heads) is the
+paper's.
 """
 
 import math

@@ -11,14 +11,20 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The `onnxruntime` backend: the benchmarked model exported to ONNX twice, in capacity mode and unpruned (threshold
-1.0), and both files run in ONNX Runtime on the CPU, timed like the PyTorch model on the same images.
+"""The `onnxruntime` backend: the benchmarked model exported to ONNX twice, at the run's exit rule and unpruned
+(threshold 1.0), and both files run in ONNX Runtime on the CPU, timed like the PyTorch model on the same images.
 
-An export has a dynamic batch dimension, so the two files of a model size, input size and capacities are exported
+The exit rule is capacity mode (`capacity` exits, the default) or thresholds (`rate` exits, a trained model's own:
+`model`); the drawn `paper` exits cannot run, as an exported graph computes its heads' scores itself. A
+threshold-mode file pads every batch to the tokens of its image that keeps the most, while R counts each image's own
+tokens: at batch > 1 its speed-up / R counts that padding against it.
+
+An export has a dynamic batch dimension, so the two files of a model size, input size and exit rule are exported
 once per benchmark and serve every batch size; their agreement with the PyTorch model is checked once, on the first
 images they run, and recorded with every run. ONNX Runtime's intra-op threads follow the benchmark's `threads`.
 """
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,11 +73,10 @@ def make_exports(
     from ..deploy.onnx_runtime import create_session, onnxruntime, parity_with_pytorch
 
     model = models.model(case.model_size)
-    capacities = "-".join(f"{capacity:.4f}" for capacity in exit_rule["exit_capacity"])
     stem = f"{case.model_size or 'model'}-{case.image_size}"  # a trained model's cases name no model size
     rules = {
         "baseline": (UNPRUNED, f"{stem}-unpruned.onnx"),
-        "pruned": (exit_rule, f"{stem}-capacity-{capacities}.onnx"),
+        "pruned": (exit_rule, f"{stem}-{rule_file_tag(exit_rule)}.onnx"),
     }
     folder, image_size = export_folder(settings, models), (case.image_size, case.image_size)
     files, seconds = {}, {}
@@ -96,14 +101,25 @@ def make_exports(
     return OnnxExports(files, sessions, record)
 
 
+def rule_file_tag(exit_rule: dict) -> str:
+    """An exit rule in a file name: `capacity-0.7380-0.5450`, `threshold-0.4156-0.4460`, or `threshold-config` for
+    the model's own thresholds."""
+    knob = "capacity" if "exit_capacity" in exit_rule else "threshold"
+    values = exit_rule.get(f"exit_{knob}")
+    if values is None:
+        return f"{knob}-config"
+    values = values if isinstance(values, (list, tuple)) else [values]
+    return f"{knob}-" + "-".join(f"{value:.4f}" for value in values)
+
+
 class OnnxRuntimeBackend:
-    """Exported files in ONNX Runtime (CPU, `create_session`'s graph optimisations): the capacity-mode export
-    against the unpruned export of the same model. Exported graphs have static shapes, so only capacity exits run;
-    a suite with this backend also runs PyTorch (`compared_with`) on the same cases and exits."""
+    """Exported files in ONNX Runtime (CPU, `create_session`'s graph optimisations): the export at the run's exit
+    rule (capacity mode, or thresholds) against the unpruned export of the same model; a suite with this backend
+    also runs PyTorch (`compared_with`) on the same cases and exits."""
 
     name = "onnxruntime"
     modes = ONNX_RUNTIME_MODES
-    exit_sources = ("capacity",)
+    exit_sources = ("capacity", "rate", "model")
     compared_with = ("torch",)
 
     def prepare(
@@ -118,7 +134,7 @@ class OnnxRuntimeBackend:
 
         if run.dtype != "fp32":
             raise ValueError(f"The onnxruntime backend runs the fp32 exports, got dtype {run.dtype!r}.")
-        key = ("onnxruntime", run.case.model_size, run.case.image_size, tuple(exit_rule["exit_capacity"]))
+        key = ("onnxruntime", run.case.model_size, run.case.image_size, json.dumps(exit_rule, sort_keys=True))
         if key not in models.artifacts:
             models.artifacts[key] = make_exports(settings, models, run.case, exit_rule, pixel_values)
         exports = models.artifacts[key]
