@@ -22,7 +22,7 @@ every image's run is padded to the batch's largest count: `TokenPacking.padded`)
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -311,18 +311,18 @@ class TokenPacking:
         `(batch, slots)` the slots of active tokens, `active_mask` `(batch, tokens)` the grid's. Threshold mode in an
         exported graph: the slot count, the batch's largest token count, is read from the data, and every other
         size follows from it, with no list per image."""
-        batch_size, count = token_index.shape
-        device = token_index.device
-        num_tokens = active_mask.shape[1]
-        image_start = torch.arange(0, batch_size * num_tokens, num_tokens, device=device)[:, None]  # (batch, 1)
-        flat_index = (token_index + image_start).reshape(-1)  # (batch * slots,)
-        rows = torch.arange(batch_size * count, device=device)
-        # Each image's run of rows starts at a multiple of the slot count (the padding rows are rows too).
-        cu_seqlens = torch.arange(0, (batch_size + 1) * count, count, dtype=torch.int32, device=device)
-        counts = real_mask.sum(dim=1)
-        # Whether an image has no active token left is only known at run time: `has_empty_image` takes the safe path.
-        packing = (active_mask, flat_index, counts, count, rows, rows, real_mask, cu_seqlens)
-        return cls(*packing, has_empty_image=True, token_index=token_index, padding_rows=True)
+        # The layout of a dense packing of these slots (each image's run of rows starts at a multiple of the slot
+        # count), with the grid's active tokens, the real slots' counts and the padding rows' key mask. Whether an
+        # image has no active token left is only known at run time: `has_empty_image` takes the safe path.
+        slots = cls.dense(token_index, active_mask.shape[1])
+        return replace(
+            slots,
+            active_mask=active_mask,
+            counts=real_mask.sum(dim=1),
+            key_padding_mask=real_mask,
+            has_empty_image=True,
+            padding_rows=True,
+        )
 
     def with_prefix(self, num_prefix_tokens: int) -> "TokenPacking":
         """The packing of the same tokens behind `num_prefix_tokens` prefix tokens that every image keeps, the
