@@ -199,10 +199,10 @@ class BenchmarkArguments:
 
     def settings(self, model_name_or_path: str | None) -> BenchmarkSettings:
         # A backend that cannot run the drawn paper exits (an export) makes capacity mode the suite's default exits.
-        capacity_only = any("paper" not in BACKENDS[name].exit_sources for name in self.backend)
+        no_paper_exits = any("paper" not in BACKENDS[name].exit_sources for name in self.backend)
         return BenchmarkSettings(
             device=self.device, seed=self.seed, model_name_or_path=model_name_or_path, num_labels=self.num_labels,
-            exits=self.exits or ("capacity" if capacity_only else None), exit_rate=self.exit_rate,
+            exits=self.exits or ("capacity" if no_paper_exits else None), exit_rate=self.exit_rate,
             exit_capacity=self.exit_capacity, target_flops_ratio=self.target_flops_ratio, repeats=self.repeats,
             warmup=self.warmup, repeat_budget_s=self.repeat_budget_s, turn_s=self.turn_s,
             measure_memory=not self.no_memory, vit_reference=not self.no_vit_reference, sync_debug=self.sync_debug,
