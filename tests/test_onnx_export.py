@@ -15,6 +15,9 @@
 and FCN heads); the settings recorded in the file; segmentation with the recorded processor; timing; threshold mode
 (each batch padded to its image with the most tokens); `examples/export_onnx.py`."""
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -156,6 +159,22 @@ def test_unpruned_export_and_timing(atm_export, model_tester, tmp_path):
         {"capacity": atm_export[1], "unpruned": unpruned_file}, batch_size=2, repeats=2, warmup=1
     )
     assert set(medians) == {"capacity", "unpruned"} and all(seconds > 0 for seconds in medians.values())
+
+
+def test_export_prints_none_of_the_exporters_messages_about_other_libraries(model_tester, tmp_path, capfd):
+    """torch's exporter warns on every export that torchvision's detection operators cannot be registered and that a
+    pytree class of its own is deprecated; neither concerns a DToP model, so an export shows neither (each export:
+    the exporter builds its registry again every time)."""
+    model = model_tester(head_type="fcn").create_model()
+    for index in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_onnx(model, tmp_path / f"model{index}.onnx", IMAGE_SIZE, exit_capacity=CAPACITIES)
+        printed = capfd.readouterr()
+        assert "torchvision" not in printed.err + printed.out
+        assert not [warning for warning in caught if "LeafSpec" in str(warning.message)]
+    # The filters live only as long as the export: the exporter's logger drops nothing afterwards.
+    assert not logging.getLogger("torch.onnx._internal.exporter._registration").filters
 
 
 def test_threshold_mode_exports_and_equals_pytorch_at_every_batch_size(

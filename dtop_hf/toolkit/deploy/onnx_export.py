@@ -32,6 +32,10 @@ mapping does not apply (docs/deploy.md).
 """
 
 import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,13 @@ DEFAULT_OPSET = 18
 # Images in the tracing example: not 0 or 1, which torch.export would specialise the batch dimension to.
 EXAMPLE_BATCH_SIZE = 2
 INSTALL_HINT = 'ONNX export needs the `onnx` extra: pip install "dtop-hf[onnx]" (onnx, onnxruntime, onnxscript).'
+# What torch's exporter (torch 2.13) says on every export that has nothing to do with a DToP model: its operator
+# registry cannot load torchvision's detection operators when torchvision is absent (the model uses none), and torch's
+# own tracing code builds a pytree spec class that torch deprecates. Hidden during the export, every other message
+# shows.
+EXPORTER_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+TORCHVISION_ABSENT_MESSAGE = "torchvision is not installed"
+PYTREE_DEPRECATION_MESSAGE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 class DToPExportError(ValueError):
@@ -159,6 +170,31 @@ def export_metadata(
     }
 
 
+class DropMessage(logging.Filter):
+    """Drops the log records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextmanager
+def exporter_noise_hidden() -> Iterator[None]:
+    """Hide torch's exporter messages that do not concern a DToP export (see `TORCHVISION_ABSENT_MESSAGE`)."""
+    registry_logger = logging.getLogger(EXPORTER_REGISTRY_LOGGER)
+    torchvision_absent = DropMessage(TORCHVISION_ABSENT_MESSAGE)
+    registry_logger.addFilter(torchvision_absent)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PYTREE_DEPRECATION_MESSAGE, category=FutureWarning)
+            yield
+    finally:
+        registry_logger.removeFilter(torchvision_absent)
+
+
 def export_onnx(
     model: nn.Module,
     output_path: str | Path,
@@ -200,17 +236,18 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        program = torch.onnx.export(
-            DToPOnnxGraph(model, exit_kwargs).eval(),
-            (example.to(parameter.device),),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
-            custom_translation_table={torch.ops.aten.sort.stable: onnx_stable_sort},
-            opset_version=opset_version,
-            verbose=False,
-        )
+        with exporter_noise_hidden():
+            program = torch.onnx.export(
+                DToPOnnxGraph(model, exit_kwargs).eval(),
+                (example.to(parameter.device),),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+                custom_translation_table={torch.ops.aten.sort.stable: onnx_stable_sort},
+                opset_version=opset_version,
+                verbose=False,
+            )
     finally:
         model.train(was_training)
     program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(metadata)
