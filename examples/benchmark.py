@@ -48,7 +48,8 @@ unpruned (threshold 1.0), times both files in ONNX Runtime (`--threads` intra-op
 folder or `--onnx_dir`), and runs PyTorch eager and compiled in capacity mode on the same cases, so that one table
 holds them side by side. Its default cases are ViT-B/16 at 512 and the quick-start size at 96, batch 1 and 8
 (compiled: batch 8), its exits `--exits capacity`: the capacities at which every auxiliary head keeps the same
-share of the active tokens and R (all heads) is the paper's 1.27 (`--target_flops_ratio`), or `--exit_capacity
+share of the active tokens and R (all heads) is the paper's 1.27 (`--target_flops_ratio`), each kept count then
+moved onto a multiple of 16 tokens (`--capacity_token_multiple`, what a deployment would pick), or `--exit_capacity
 0.74,0.54`. Targets: speed-up >= 0.9 R in ONNX Runtime at every batch size, >= 0.95 R in eager PyTorch capacity
 mode at batch 8. `--repeat_budget_s` lets the quick cases repeat many times and the slow ones three. With `--exits
 rate` (or a trained model's own thresholds) the pruned file is the threshold-mode export, which pads every batch to
@@ -77,7 +78,7 @@ from dtop_hf.toolkit.benchmarking import (
 from dtop_hf.toolkit.benchmarking.cases import DEFAULT_MODES, MODES
 from dtop_hf.toolkit.benchmarking.exits import EXIT_SOURCES
 from dtop_hf.toolkit.benchmarking.probes import AUTOCAST_DTYPES, DEFAULT_TURN_S
-from dtop_hf.toolkit.benchmarking.runner import environment
+from dtop_hf.toolkit.benchmarking.runner import CAPACITY_TOKEN_MULTIPLE, environment
 from dtop_hf.toolkit.presets import MODEL_SIZES
 
 
@@ -117,6 +118,13 @@ class BenchmarkArguments:
     target_flops_ratio: float | None = field(
         default=None,
         metadata={"help": "--exits capacity: the R (all heads) the solved capacities reach; default: the paper's."},
+    )
+    capacity_token_multiple: int = field(
+        default=CAPACITY_TOKEN_MULTIPLE,
+        metadata={
+            "help": "--exits capacity: solved capacities keep a multiple of this many tokens per image (whole tiles "
+            "of the matrix kernels); 1: the exact shared share."
+        },
     )
     seed: int = field(default=0, metadata={"help": "The run's randomness: random weights, images, drawn exits."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)."})
@@ -203,7 +211,8 @@ class BenchmarkArguments:
         return BenchmarkSettings(
             device=self.device, seed=self.seed, model_name_or_path=model_name_or_path, num_labels=self.num_labels,
             exits=self.exits or ("capacity" if no_paper_exits else None), exit_rate=self.exit_rate,
-            exit_capacity=self.exit_capacity, target_flops_ratio=self.target_flops_ratio, repeats=self.repeats,
+            exit_capacity=self.exit_capacity, target_flops_ratio=self.target_flops_ratio,
+            capacity_token_multiple=self.capacity_token_multiple, repeats=self.repeats,
             warmup=self.warmup, repeat_budget_s=self.repeat_budget_s, turn_s=self.turn_s,
             measure_memory=not self.no_memory, vit_reference=not self.no_vit_reference, sync_debug=self.sync_debug,
             threads=self.threads, steady_allocator=not self.no_steady_allocator, onnx_dir=self.onnx_dir,

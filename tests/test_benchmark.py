@@ -15,6 +15,7 @@
 machines are noisy), and the model compiles with torch.compile, pruned and unpruned, to the eager results."""
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 from dtop_hf import DToPConfig
+from dtop_hf.pruning import num_tokens_kept
 from dtop_hf.toolkit.benchmarking import (
     BenchmarkSettings,
     Case,
@@ -47,7 +49,7 @@ from dtop_hf.toolkit.benchmarking.exits import (
     paper_flops_ratio,
 )
 from dtop_hf.toolkit.benchmarking.memory import cpu_peak_memory_mb
-from dtop_hf.toolkit.benchmarking.probes import DEFAULT_TURN_S, count_device_syncs, time_rounds
+from dtop_hf.toolkit.benchmarking.probes import DEFAULT_TURN_S, count_device_syncs, inference_call, time_rounds
 from dtop_hf.toolkit.evaluation.flops import capacity_flops_ratio
 from dtop_hf.toolkit.presets import model_size_kwargs
 
@@ -406,9 +408,11 @@ def test_onnxruntime_backend_runs_beside_pytorch_in_capacity_mode(tmp_path, monk
                     ("onnxruntime", "session", 2), ("torch", "compiled", 2)]  # fmt: skip
     config = build_benchmark_model(BenchmarkSettings(), "tiny").config
     capacities = records[0]["exit_capacity"]
-    assert capacities == list(capacities_for_flops_ratio(config, (32, 32), paper_flops_ratio(config)))
+    solved = capacities_for_flops_ratio(config, (32, 32), paper_flops_ratio(config), token_multiple=16)
+    assert capacities == list(solved) == [48 / 64, 32 / 64]  # the 8x8 grid's kept counts on multiples of 16
     for record in records:
         assert record["exits"] == "capacity" and record["exit_capacity"] == capacities
+        assert record["capacity_token_multiple"] == 16
         assert record["flops_ratio"] == capacity_flops_ratio(config, (32, 32), capacities)
         assert record["flops_ratio"] == pytest.approx(paper_flops_ratio(config), abs=0.03)
         assert record["speedup"] == pytest.approx(record["baseline_seconds"] / record["pruned_seconds"])
@@ -489,6 +493,38 @@ def test_capacity_solver_hits_its_target_ratio(model_size, image_size):
         capacities_for_flops_ratio(config, size, 1000.0)
 
 
+@pytest.mark.parametrize(
+    "model_size, image_size, num_labels, expected_counts",
+    [("vit-base", 512, 150, (752, 560)), ("quickstart", 96, 10, (128, 96)), ("tiny", 32, 5, (48, 32))],
+)
+def test_capacity_solver_moves_kept_counts_onto_token_multiples(model_size, image_size, num_labels, expected_counts):
+    """With `token_multiple`, every kept count is the exact solution's rounded down or up to a multiple, and of those
+    combinations (never increasing from head to head) the one with the smallest R that still reaches the target."""
+    config = DToPConfig(**model_size_kwargs(model_size), num_labels=num_labels)
+    size, target = (image_size, image_size), paper_flops_ratio(config)
+    num_tokens = (image_size // config.patch_size) ** 2
+    exact = [num_tokens_kept(c, num_tokens) for c in capacities_for_flops_ratio(config, size, target)]
+    aligned = capacities_for_flops_ratio(config, size, target, token_multiple=16)
+    counts = tuple(num_tokens_kept(c, num_tokens) for c in aligned)
+    assert counts == expected_counts and all(count % 16 == 0 for count in counts)
+    assert all(abs(count - exact_count) < 16 for count, exact_count in zip(counts, exact))
+    chosen_ratio = capacity_flops_ratio(config, size, aligned)
+    assert chosen_ratio >= target
+    roundings = [{count // 16 * 16, -(-count // 16) * 16} - {0} for count in exact]  # down and up, at least one
+    for other in itertools.product(*roundings):
+        if other[0] >= other[1] and other != counts:
+            other_ratio = capacity_flops_ratio(config, size, [count / num_tokens for count in other])
+            assert other_ratio < target or other_ratio > chosen_ratio
+    # Exact counts stay when no rounding reaches the target: after the 8x8 grid's first head only 12 tokens may go
+    # on at R 1.8, and 16 would be too many.
+    tiny = DToPConfig(**model_size_kwargs("tiny"), num_labels=5)
+    exact = capacities_for_flops_ratio(tiny, (32, 32), 1.8)
+    assert capacities_for_flops_ratio(tiny, (32, 32), 1.8, token_multiple=16) == exact
+    assert capacities_for_flops_ratio(config, size, target, token_multiple=1) == capacities_for_flops_ratio(
+        config, size, target
+    )
+
+
 def test_capacity_exits_given_and_measured_in_a_fresh_process():
     """Given capacities are validated and used as they are; the CPU memory probe runs capacity mode too."""
     model = tiny_model()
@@ -504,6 +540,21 @@ def test_capacity_exits_given_and_measured_in_a_fresh_process():
     settings = BenchmarkSettings(exit_capacity=[0.5, 0.25], threads=1)
     assert settings.exits == "capacity"
     assert cpu_peak_memory_mb(settings, Case("tiny", 32, 2), "fp32", unpruned=False) >= 0
+
+
+def test_timed_calls_run_in_inference_mode_under_the_dtypes_autocast():
+    """What the benchmark times runs as deployed inference: in `torch.inference_mode` (no version counters, no view
+    tracking), bf16 under autocast; the caller's state is back afterwards."""
+    seen = []
+
+    def probe():
+        seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return torch.ones(2) * 2
+
+    assert not inference_call(probe, "cpu", "fp32")().requires_grad
+    inference_call(probe, "cpu", "bf16")()
+    assert seen == [(True, False, False), (True, False, True)]
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
 
 
 def test_time_budget_per_run_stops_after_three_rounds():

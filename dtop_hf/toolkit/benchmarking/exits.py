@@ -43,6 +43,7 @@ for the ones at which every auxiliary head keeps the same share of the active to
 paper's.
 """
 
+import itertools
 import math
 from typing import Literal
 
@@ -51,6 +52,7 @@ from torch import nn
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
 from dtop_hf.modeling_dtop import DToPModel
+from dtop_hf.pruning import num_tokens_kept
 
 from ..evaluation.flops import capacity_flops_ratio, flops_from_token_counts
 from ..presets import DEEP_BACKBONE_LAYERS
@@ -250,7 +252,11 @@ def shared_share_capacities(config: DToPConfig, keep: float) -> tuple[float, ...
 
 
 def capacities_for_flops_ratio(
-    config: DToPConfig, image_size: tuple[int, int], flops_ratio: float, figure: str = "total"
+    config: DToPConfig,
+    image_size: tuple[int, int],
+    flops_ratio: float,
+    figure: str = "total",
+    token_multiple: int = 1,
 ) -> tuple[float, ...]:
     """Capacities, one per auxiliary head, at which capacity mode reaches R = GFLOPs unpruned / pruned of
     `flops_ratio` at this input size, counted by [`capacity_flops_ratio`] (`figure`: all heads, or the paper's
@@ -259,7 +265,8 @@ def capacities_for_flops_ratio(
     Every head keeps the same share k of the tokens still active ([`shared_share_capacities`]; at ViT-B 512 and
     R 1.27, about (0.734, 0.539)), and k is the largest share whose R is at least `flops_ratio`, found by bisection:
     R only falls as k grows. Token counts are whole numbers, so R moves in steps of about one token's cost: the
-    result lies within one step above the target (a few thousandths at 1024 patches, about 0.02 at 64).
+    result lies within one step above the target (a few thousandths at 1024 patches, about 0.02 at 64). With
+    `token_multiple` above 1, the kept counts are then moved onto multiples of it ([`aligned_capacities`]).
 
     Raises:
         ValueError: `flops_ratio` is out of reach, even with one token left after the first head.
@@ -279,7 +286,47 @@ def capacities_for_flops_ratio(
     for _ in range(CAPACITY_SOLVER_STEPS):
         middle = (low + high) / 2
         low, high = (middle, high) if ratio(middle) >= flops_ratio else (low, middle)
-    return shared_share_capacities(config, low)
+    capacities = shared_share_capacities(config, low)
+    if token_multiple == 1:
+        return capacities
+    return aligned_capacities(config, image_size, capacities, flops_ratio, token_multiple, figure)
+
+
+def aligned_capacities(
+    config: DToPConfig,
+    image_size: tuple[int, int],
+    capacities: tuple[float, ...],
+    flops_ratio: float,
+    token_multiple: int,
+    figure: str = "total",
+) -> tuple[float, ...]:
+    """The capacities next to `capacities` at which every stage's layers see a multiple of `token_multiple` tokens
+    (prefix tokens included) and R is still at least `flops_ratio`: each head's kept count is rounded down or up to
+    such a size (never past the grid), and of the combinations that do not increase from head to head, the one with
+    the smallest R at or above the target wins. `capacities` as they are when none reaches it.
+
+    Matrix-product kernels work in tiles of rows (16 float32 lanes of an AVX-512 register; 8 or 16 rows of a GPU's
+    tensor-core tile), so a token count just past a multiple pays for a tile it barely uses: a deployment picks
+    capacities that land on whole tiles, as it pads a vocabulary to a multiple of 64.
+    """
+    num_tokens = math.prod(math.ceil(side / config.patch_size) for side in image_size)
+    num_prefix = config.num_prefix_tokens
+
+    def rounded(count: int) -> set[int]:
+        below = (count + num_prefix) // token_multiple * token_multiple - num_prefix
+        above = below if below == count else below + token_multiple
+        return {size for size in (below, min(above, num_tokens)) if size >= 1}
+
+    counts = [num_tokens_kept(capacity, num_tokens) for capacity in capacities]
+    best, best_ratio = capacities, math.inf
+    for combination in itertools.product(*(sorted(rounded(count)) for count in counts)):
+        if any(later > earlier for earlier, later in zip(combination, combination[1:])):
+            continue
+        candidate = tuple(count / num_tokens for count in combination)
+        candidate_ratio = capacity_flops_ratio(config, image_size, candidate, figure)
+        if flops_ratio <= candidate_ratio < best_ratio:
+            best, best_ratio = candidate, candidate_ratio
+    return best
 
 
 def capacity_exits(
@@ -287,16 +334,21 @@ def capacity_exits(
     image_size: tuple[int, int],
     exit_capacity: float | list[float] | tuple[float, ...] | None = None,
     flops_ratio: float | None = None,
+    token_multiple: int = 1,
 ) -> tuple[dict, dict]:
     """The exit rule of `capacity` exits: the given capacities, or those solved for `flops_ratio` (default: the
-    paper's R, [`paper_flops_ratio`]) at this input size; and what to record of them."""
+    paper's R, [`paper_flops_ratio`]) at this input size with kept counts on multiples of `token_multiple` (see
+    [`capacities_for_flops_ratio`]); and what to record of them."""
+    solved = {}
     if exit_capacity is None:
         flops_ratio = paper_flops_ratio(config) if flops_ratio is None else flops_ratio
-        exit_capacity = capacities_for_flops_ratio(config, image_size, flops_ratio)
+        exit_capacity = capacities_for_flops_ratio(config, image_size, flops_ratio, token_multiple=token_multiple)
+        solved = {"capacity_token_multiple": token_multiple}
     capacities = list(config.exit_capacities_per_head(exit_capacity)[:-1])  # validated, one per auxiliary head
     return {"exit_mode": "capacity", "exit_capacity": capacities}, {
         "exits": "capacity",
         "target_flops_ratio": flops_ratio,
+        **solved,
     }
 
 
@@ -308,6 +360,7 @@ def prepare_exits(
     seed: int = 0,
     exit_capacity: float | list[float] | tuple[float, ...] | None = None,
     flops_ratio: float | None = None,
+    token_multiple: int = 1,
 ) -> tuple[dict, dict]:
     """Set up the pruned runs' exits for these images.
 
@@ -318,7 +371,7 @@ def prepare_exits(
             `capacity` (capacity mode at `exit_capacity`, or at the capacities that reach `flops_ratio`).
         exit_rate: the share of `rate` exits.
         seed: seed of the drawn exits.
-        exit_capacity, flops_ratio: see [`capacity_exits`].
+        exit_capacity, flops_ratio, token_multiple: see [`capacity_exits`].
 
     Returns:
         The pruned calls' exit rule, as keyword arguments of the model's forward (`exit_threshold`, `None` for the
@@ -329,7 +382,8 @@ def prepare_exits(
         if simulated is not None:
             simulated.use_drawn_scores(None)
         if exits == "capacity":
-            return capacity_exits(model.config, tuple(pixel_values.shape[-2:]), exit_capacity, flops_ratio)
+            image_size = tuple(pixel_values.shape[-2:])
+            return capacity_exits(model.config, image_size, exit_capacity, flops_ratio, token_multiple)
         if exits == "rate":
             threshold = seeded_thresholds(model, pixel_values, exit_rate)
             return {"exit_threshold": threshold}, {"exits": "rate", "exit_rate": exit_rate}

@@ -82,7 +82,7 @@ def measure_forward_memory(spec: dict) -> float:
     pixel_values = make_images(case.batch_size, case.image_size, settings.seed, settings.device)
     exit_rule, _ = prepare_exits(
         model, pixel_values, settings.exits, settings.exit_rate, settings.seed, settings.exit_capacity,
-        settings.target_flops_ratio,
+        settings.target_flops_ratio, settings.capacity_token_multiple,
     )  # fmt: skip
     exit_rule = unpruned_rule(settings.exits) if spec["unpruned"] else exit_rule
     forward = inference_call(lambda: model(pixel_values, **exit_rule), settings.device, spec["dtype"])

@@ -47,10 +47,11 @@ def autocast_context(device: str, dtype: str) -> torch.autocast:
 
 
 def inference_call(function: Callable[[], object], device: str, dtype: str) -> Callable[[], object]:
-    """`function()` as inference: no autograd, under the dtype's autocast."""
+    """`function()` as inference, under the dtype's autocast: in `torch.inference_mode`, PyTorch's context for code
+    that never meets autograd (no version counters, no view tracking), as a deployed model runs."""
 
     def call():
-        with torch.no_grad(), autocast_context(device, dtype):
+        with torch.inference_mode(), autocast_context(device, dtype):
             return function()
 
     return call

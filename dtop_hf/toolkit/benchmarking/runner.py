@@ -67,6 +67,10 @@ from .probes import (
 DEFAULT_NUM_LABELS = 150
 MODEL_SIZE_NUM_LABELS = {"quickstart": NUM_SYNTHETIC_CLASSES, "tiny": 5}
 DEFAULT_EXIT_RATE = 0.4
+# Solved capacities keep a multiple of 16 tokens per image: one AVX-512 register of float32 lanes, and a whole
+# tensor-core tile on a GPU. At the quick-start size on this project's CPU a stage of 122 tokens runs 2% slower per
+# multiply-add than one of 128 (docs/benchmarks.md), as much as the exit rule itself costs.
+CAPACITY_TOKEN_MULTIPLE = 16
 
 
 def print_line(text: str) -> None:
@@ -93,6 +97,9 @@ class BenchmarkSettings:
             head; default: the capacities that reach `target_flops_ratio`.
         target_flops_ratio: `capacity` exits: the R (all heads) the solved capacities reach in every case (default:
             the paper's, `exits.paper_flops_ratio`).
+        capacity_token_multiple: `capacity` exits: the solved capacities keep a multiple of this many tokens per
+            image after every head (a whole number of the matrix kernels' row tiles; see
+            `exits.aligned_capacities`); 1: the exact shared share. Given capacities are used as they are.
         repeats: rounds per run; in each, every variant takes a turn of timed calls (see `turn_s`).
         repeat_budget_s: per run, stop repeating once the timed calls took this long (never below three rounds);
             `None`: always `repeats`.
@@ -117,6 +124,7 @@ class BenchmarkSettings:
     exit_rate: float | None = None
     exit_capacity: list[float] | None = None
     target_flops_ratio: float | None = None
+    capacity_token_multiple: int = CAPACITY_TOKEN_MULTIPLE
     repeats: int = 3
     warmup: int = 1
     repeat_budget_s: float | None = None
@@ -151,6 +159,8 @@ class BenchmarkSettings:
             raise ValueError(
                 "Give `exit_capacity` or `target_flops_ratio` (the capacities are solved for it), not both."
             )
+        if self.capacity_token_multiple < 1:
+            raise ValueError(f"`capacity_token_multiple` must be >= 1, got {self.capacity_token_multiple}.")
         if self.exits == "rate" and self.exit_rate is None:
             self.exit_rate = DEFAULT_EXIT_RATE
         if self.exit_rate is not None and not 0.0 <= self.exit_rate < 1.0:
@@ -461,7 +471,7 @@ def benchmark_run(settings: BenchmarkSettings, models: BenchmarkModels, run: Ben
     pixel_values = make_images(case.batch_size, case.image_size, settings.seed, settings.device)
     exit_rule, exit_record = prepare_exits(
         model, pixel_values, settings.exits, settings.exit_rate, settings.seed, settings.exit_capacity,
-        settings.target_flops_ratio,
+        settings.target_flops_ratio, settings.capacity_token_multiple,
     )  # fmt: skip
     flops = flops_record(model, pixel_values, exit_rule, run.dtype)
     timed = BACKENDS[run.backend]().prepare(settings, models, run, pixel_values, exit_rule)
