@@ -40,7 +40,7 @@ tokens exits; `model` exits are a trained model's own thresholds.
 tokens of every image go on, whatever the heads' scores, so the cost is fixed by the capacities and the input size
 (the rule whose exported graph has static shapes). Without given capacities, [`capacities_for_flops_ratio`] solves
 for the ones at which every auxiliary head keeps the same share of the active tokens and R (all heads) is the
-paper's.
+paper's, and the benchmark moves their kept counts onto multiples of 16 tokens ([`aligned_capacities`]).
 """
 
 import itertools

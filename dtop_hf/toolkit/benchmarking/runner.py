@@ -68,8 +68,8 @@ DEFAULT_NUM_LABELS = 150
 MODEL_SIZE_NUM_LABELS = {"quickstart": NUM_SYNTHETIC_CLASSES, "tiny": 5}
 DEFAULT_EXIT_RATE = 0.4
 # Solved capacities keep a multiple of 16 tokens per image: one AVX-512 register of float32 lanes, and a whole
-# tensor-core tile on a GPU. At the quick-start size on this project's CPU a stage of 122 tokens runs 2% slower per
-# multiply-add than one of 128 (docs/benchmarks.md), as much as the exit rule itself costs.
+# tensor-core tile on a GPU. At the quick-start size on this project's CPU, 128 / 96 kept tokens instead of the exact
+# 122 / 103 took eager capacity mode from 0.94-0.95 R to 0.96-0.97 at batch 8, side by side (docs/benchmarks.md).
 CAPACITY_TOKEN_MULTIPLE = 16
 
 
