@@ -23,12 +23,12 @@ second, the peak memory of both (CUDA: `torch.cuda.max_memory_allocated` over wh
 resident-memory growth, measured in a fresh process) and, in eager mode, the unpruned model against transformers'
 `ViTModel` (sdpa attention) plus the same heads. On a CPU with glibc the C allocator's thresholds are pinned first, so
 that times do not depend on the cases before (`--no_steady_allocator` leaves them). Results go to `--output_json`
-(default `docs/benchmark_<device>.json`).
+(default `outputs/benchmark_<device>.json`, outside the tracked files; the records in `docs/` name their files).
 
     python examples/benchmark.py                        # CPU: ViT-B/16 dims, 512x512 batch 1, 256x256 batch 1 and 8
     python examples/benchmark.py --model_size vit-large # any size of dtop_hf.toolkit.presets.MODEL_SIZES
     python examples/benchmark.py --cases 512x1 512x8 --repeats 7 --output_json bench.json
-    python examples/benchmark.py --device cuda --sync_debug   # the GPU suite -> docs/benchmark_cuda.json
+    python examples/benchmark.py --device cuda --sync_debug   # the GPU suite -> outputs/benchmark_cuda.json
     python examples/benchmark.py --device cuda --dry_run      # what would run, measuring nothing
     bash examples/gpu_benchmark.sh                      # the prepared GPU run: install, tests, benchmark (~9 min)
 
@@ -189,7 +189,7 @@ class BenchmarkArguments:
             "by default they are pinned, see dtop_hf/toolkit/benchmarking/allocator.py)."
         },
     )
-    output_json: str | None = field(default=None, metadata={"help": "Default docs/benchmark_<device>.json."})
+    output_json: str | None = field(default=None, metadata={"help": "Default outputs/benchmark_<device>.json."})
     output_markdown: str | None = field(default=None, metadata={"help": "Also write the tables as Markdown."})
     dry_run: bool = field(default=False, metadata={"help": "Print the settings and runs as JSON; measure nothing."})
 
@@ -200,7 +200,7 @@ class BenchmarkArguments:
             raise ValueError(f"`--time_budget_s` must be > 0, got {self.time_budget_s}.")
         if self.output_json is None:
             exported = "" if self.backend == ["torch"] else "_".join(sorted(set(self.backend) - {"torch"})) + "_"
-            self.output_json = f"docs/benchmark_{exported}{torch.device(self.device).type}.json"
+            self.output_json = f"outputs/benchmark_{exported}{torch.device(self.device).type}.json"
         if self.exit_capacity is not None:
             capacity = normalize_exit_capacity(self.exit_capacity)
             self.exit_capacity = list(capacity) if isinstance(capacity, tuple) else [capacity]

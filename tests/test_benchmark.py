@@ -200,14 +200,14 @@ def test_cuda_defaults_are_the_gpu_suite(capsys):
     assert [(case.model_size, case.image_size, case.batch_size) for case in suite.cases] == expected
     assert suite.dtypes == ("fp32", "bf16") and suite.compiled_cases == suite.cases
     assert BenchmarkSettings(device="cuda").exits == "paper"
-    assert dry_run(["--device", "cuda"], capsys)["output_json"] == "docs/benchmark_cuda.json"
+    assert dry_run(["--device", "cuda"], capsys)["output_json"] == "outputs/benchmark_cuda.json"
     plan = suite.plan()
     assert len(plan) == 5 * 2 * 2
     assert [run.mode for run in plan] == ["eager"] * 10 + ["compiled"] * 10  # compiles last: a budget cuts them
     # The CPU keeps its defaults; sync counting needs CUDA.
     cpu_suite = resolve_suite("cpu")
     assert [case.label for case in cpu_suite.cases] == ["vit-base:512x1", "vit-base:256x1", "vit-base:256x8"]
-    assert cpu_suite.dtypes == ("fp32",) and dry_run([], capsys)["output_json"] == "docs/benchmark_cpu.json"
+    assert cpu_suite.dtypes == ("fp32",) and dry_run([], capsys)["output_json"] == "outputs/benchmark_cpu.json"
     with pytest.raises(ValueError, match="device cuda"):
         BenchmarkSettings(sync_debug=True)
     with pytest.raises(ValueError, match="device cuda"):
@@ -456,7 +456,7 @@ def test_onnxruntime_backend_times_the_threshold_mode_export_at_rate_exits(tmp_p
 def test_onnxruntime_suite_defaults_and_refusals(capsys):
     planned = dry_run(["--backend", "onnxruntime"], capsys)
     assert planned["settings"]["exits"] == "capacity"
-    assert planned["output_json"] == "docs/benchmark_onnxruntime_cpu.json"
+    assert planned["output_json"] == "outputs/benchmark_onnxruntime_cpu.json"
     labels = [(run["case"]["model_size"], run["case"]["image_size"], run["case"]["batch_size"], run["backend"],
                run["mode"]) for run in planned["runs"]]  # fmt: skip
     cases = [("vit-base", 512, 1), ("vit-base", 512, 8), ("quickstart", 96, 1), ("quickstart", 96, 8)]
