@@ -473,6 +473,8 @@ def test_onnxruntime_suite_defaults_and_refusals(capsys):
         benchmark_main(["--backend", "onnxruntime", "--exits", "paper", "--model_size", "tiny", "--cases", "32x1"])
     with pytest.raises(ValueError, match="not both"):  # capacities are given or solved for a target R
         dry_run(["--exit_capacity", "0.5", "--target_flops_ratio", "1.3"], capsys)
+    with pytest.raises(ValueError, match="`capacity_token_multiple` must be >= 1"):
+        dry_run(["--capacity_token_multiple", "0"], capsys)
 
 
 @pytest.mark.parametrize("model_size, image_size", [("vit-base", 512), ("quickstart", 96), ("tiny", 32)])
