@@ -52,9 +52,8 @@ from torch import nn
 
 from dtop_hf import DToPConfig, DToPForSemanticSegmentation
 from dtop_hf.modeling_dtop import DToPModel
-from dtop_hf.pruning import num_tokens_kept
 
-from ..evaluation.flops import capacity_flops_ratio, flops_from_token_counts
+from ..evaluation.flops import capacity_flops_ratio, capacity_token_counts, flops_from_token_counts
 from ..presets import DEEP_BACKBONE_LAYERS
 
 
@@ -309,7 +308,8 @@ def aligned_capacities(
     tensor-core tile), so a token count just past a multiple pays for a tile it barely uses: a deployment picks
     capacities that land on whole tiles, as it pads a vocabulary to a multiple of 64.
     """
-    num_tokens = math.prod(math.ceil(side / config.patch_size) for side in image_size)
+    # Patch tokens each head sees: the whole grid first, then what every auxiliary head keeps.
+    num_tokens, *counts = capacity_token_counts(config, image_size, capacities)[1][0].tolist()
     num_prefix = config.num_prefix_tokens
 
     def rounded(count: int) -> set[int]:
@@ -317,7 +317,6 @@ def aligned_capacities(
         above = below if below == count else below + token_multiple
         return {size for size in (below, min(above, num_tokens)) if size >= 1}
 
-    counts = [num_tokens_kept(capacity, num_tokens) for capacity in capacities]
     best, best_ratio = capacities, math.inf
     for combination in itertools.product(*(sorted(rounded(count)) for count in counts)):
         if any(later > earlier for earlier, later in zip(combination, combination[1:])):
